@@ -1,0 +1,24 @@
+"""fastnn: an article-exact, fast multilayer-perceptron trainer on pluggable array backends."""
+
+from __future__ import annotations
+
+from .config import Config
+from .errors import BackendUnavailable, CheckpointError, ConfigError, DataError, FastnnError
+from .history import History
+from .network import Network
+from .train import Trainer
+
+__version__ = "0.1.0"
+
+
+def load_mnist(path=None, **kwargs):  # noqa: ANN001, ANN201 - thin lazy wrapper
+    """MNIST as (x_train, t_train, x_test, t_test); see `fastnn.datasets.load_mnist`."""
+    from .datasets import load_mnist as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = [
+    "BackendUnavailable", "CheckpointError", "Config", "ConfigError", "DataError",
+    "FastnnError", "History", "Network", "Trainer", "load_mnist", "__version__",
+]

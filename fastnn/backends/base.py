@@ -1,0 +1,213 @@
+"""The reference backend: every op the training core needs, written in plain ``self.xp``.
+
+This file is the specification in code. A fast backend subclasses `Ops`, sets ``xp`` and
+overrides only the hot ops it has kernels for (falling back to ``super()`` for the rest);
+the parity tests hold every override to these definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .. import rng
+from ..functions import ACTIVATIONS
+
+Array = Any
+
+#: floor on the batch-norm standard deviation (article semantics: no epsilon inside the root)
+BN_STD_FLOOR = 1e-7
+#: floor inside the cross-entropy logarithm
+LOG_FLOOR = 1e-7
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    """What one hidden layer does after its affine step."""
+
+    activation: str = "relu"
+    alpha: float = 0.01
+    batch_norm: str = "off"  # off | n | bn | node
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {"alpha": self.alpha}
+
+
+@dataclass
+class HiddenCache:
+    """What the backward pass of a hidden layer needs from its forward pass."""
+
+    pre_activation: Array  # y: the activation's input (normalised when batch norm is on)
+    mask: Array | None  # what z was multiplied by (keep mask, its scaled form, or None)
+    u_hat: Array | None = None  # normalised u (batch norm only)
+    std: Array | None = None  # per-node s (batch norm only)
+    mean: Array | None = None  # per-node batch mean (batch norm only)
+    var: Array | None = None  # per-node population variance (batch norm only)
+
+
+class Ops:
+    """Reference implementation of every op; ``xp`` is the array module."""
+
+    name = "reference"
+    xp: Any = None
+
+    # ---- arrays ----
+    def asarray(self, array: Any, dtype: str | None = None) -> Array:
+        """Move a host array to this backend (copying), optionally casting."""
+        return self.xp.array(array, dtype=dtype)
+
+    def to_numpy(self, array: Array) -> Any:
+        """A host NumPy array of a backend array."""
+        import numpy
+
+        return numpy.asarray(array)
+
+    def to_float(self, value: Array) -> float:
+        """A Python float of a 0-d backend array."""
+        return float(value)
+
+    # ---- random masks (counter-based: the same bits on every backend) ----
+    def article_mask(self, key: int, d: int, keep: float, dtype: str) -> Array:
+        """(d,) mask with exactly round(keep * d) ones chosen without replacement."""
+        xp = self.xp
+        values = rng.uint64_stream(xp, key, d)
+        chosen = xp.argsort(values)[: rng.keep_count(keep, d)]
+        mask = xp.zeros(d, dtype=dtype)
+        mask[chosen] = 1.0
+        return mask
+
+    def bernoulli_mask(self, key: int, shape: tuple[int, int], keep: float, dtype: str) -> Array:
+        """Per-element keep mask (1 with probability keep), the inverted-dropout draw."""
+        xp = self.xp
+        uniforms = rng.uniform01(xp, key, shape[0] * shape[1]).reshape(shape)
+        return (uniforms < keep).astype(dtype)
+
+    # ---- layers ----
+    def affine(self, x: Array, w: Array, b: Array) -> Array:
+        """u = x W + b."""
+        return x @ w + b
+
+    def affine_backward(
+        self, x: Array, w: Array, du: Array, need_dx: bool = True
+    ) -> tuple[Array, Array, Array | None]:
+        """dW = x^T du, db = column sums of du, dx = du W^T (None when not needed)."""
+        dx = du @ w.T if need_dx else None
+        return x.T @ du, du.sum(axis=0), dx
+
+    def apply_mask(self, x: Array, mask: Array | None) -> Array:
+        """x multiplied by a keep mask or an evaluation scale (None: unchanged)."""
+        return x if mask is None else x * mask
+
+    def hidden_forward(
+        self,
+        u: Array,
+        spec: HiddenSpec,
+        gamma: Array | None,
+        beta: Array | None,
+        mask: Array | None,
+        stats: tuple[Array, Array] | None = None,
+    ) -> tuple[Array, HiddenCache]:
+        """Batch norm (if on) + activation + mask: z = act(gamma * u_hat + beta) * mask.
+
+        ``stats`` is (mean, var) to normalise with fixed statistics; None uses the batch's own.
+        """
+        xp = self.xp
+        cache = HiddenCache(pre_activation=u, mask=mask)
+        y = u
+        if spec.batch_norm != "off":
+            if stats is None:
+                mean = u.mean(axis=0)
+                var = ((u - mean) ** 2).mean(axis=0)
+            else:
+                mean, var = stats
+            std = xp.maximum(xp.sqrt(var), BN_STD_FLOOR)
+            u_hat = (u - mean) / std
+            y = u_hat if gamma is None else gamma * u_hat + beta
+            cache = HiddenCache(y, mask, u_hat=u_hat, std=std, mean=mean, var=var)
+        forward, _ = ACTIVATIONS[spec.activation]
+        z = self.apply_mask(forward(xp, y, spec.params), mask)
+        return z, cache
+
+    def hidden_backward(
+        self, dz: Array, cache: HiddenCache, spec: HiddenSpec, gamma: Array | None
+    ) -> tuple[Array, Array | None, Array | None]:
+        """(du, dgamma, dbeta) from the gradient at z; dgamma/dbeta None without parameters."""
+        _, derivative = ACTIVATIONS[spec.activation]
+        da = self.apply_mask(dz, cache.mask)
+        dy = da * derivative(self.xp, cache.pre_activation, spec.params)
+        if spec.batch_norm == "off":
+            return dy, None, None
+        return self.batch_norm_backward(dy, cache, spec.batch_norm, gamma)
+
+    def batch_norm_backward(
+        self, dy: Array, cache: HiddenCache, variant: str, gamma: Array | None
+    ) -> tuple[Array, Array | None, Array | None]:
+        """Exact derivative of the article's batch norm; dgamma/dbeta per the variant."""
+        u_hat, std = cache.u_hat, cache.std
+        g = dy if gamma is None else gamma * dy
+        du = (g - g.mean(axis=0) - u_hat * (g * u_hat).mean(axis=0)) / std
+        if gamma is None:
+            return du, None, None
+        dgamma_nodes = (u_hat * dy).sum(axis=0)
+        dbeta_nodes = dy.sum(axis=0)
+        if variant == "bn":  # one scalar per layer: node gradients averaged over the nodes
+            d = dy.shape[1]
+            return du, (dgamma_nodes.sum() / d).reshape(1), (dbeta_nodes.sum() / d).reshape(1)
+        return du, dgamma_nodes, dbeta_nodes
+
+    # ---- output and loss ----
+    def output_forward(self, u: Array, output: str) -> Array:
+        """Softmax (max subtracted) or identity."""
+        if output == "identity_mse":
+            return u
+        xp = self.xp
+        e = xp.exp(u - u.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def loss(self, y: Array, t: Array, output: str) -> Array:
+        """Cross-entropy -sum(t log max(y, 1e-7)) / N or MSE 0.5 sum((y - t)^2) / N (0-d)."""
+        n = y.shape[0]
+        if output == "identity_mse":
+            return 0.5 * ((y - t) ** 2).sum() / n
+        return -(t * self.xp.log(self.xp.maximum(y, LOG_FLOOR))).sum() / n
+
+    def output_loss_grad(self, u: Array, t: Array, output: str) -> tuple[Array, Array, Array]:
+        """(y, loss, du) with du = (y - t) / N for both output/loss pairs."""
+        y = self.output_forward(u, output)
+        return y, self.loss(y, t, output), (y - t) / y.shape[0]
+
+    def predicted_classes(self, y: Array) -> Any:
+        """Host array of each row's argmax (the predicted class)."""
+        return self.to_numpy(y.argmax(axis=1))
+
+    # ---- weight decay and the update ----
+    def weight_decay(self, w: Array, kind: str, lam: float) -> tuple[Array, Array]:
+        """(penalty, gradient) of one weight matrix: L1 lam*sum|W|, L2 lam/2*sum W^2."""
+        if kind == "l1":
+            return lam * self.xp.abs(w).sum(), lam * self.xp.sign(w)
+        return 0.5 * lam * (w * w).sum(), lam * w
+
+    def sgd_update(
+        self, params: Mapping[str, Array], grads: Mapping[str, Array], rates: Mapping[str, float]
+    ) -> None:
+        """In place: p -= rate * grad for every parameter that has a gradient."""
+        for name, grad in grads.items():
+            rate = rates[name]
+            if rate:
+                params[name] -= rate * grad
+
+    # ---- larger units (a fast backend may compile these whole) ----
+    def warm_up(self, network: Any) -> None:
+        """Compile whatever the backend compiles, before any timing starts (reference: no-op)."""
+    def train_epoch(self, network: Any, x: Array, t: Array, order: Array, epoch: int) -> None:
+        """One epoch of mini-batch SGD over the rows of x in ``order`` (a host index array).
+
+        Step s trains on ``order[s*B:(s+1)*B]`` (a short last batch when B does not divide N)
+        with the dropout masks of (epoch, s).
+        """
+        batch_size = network.config.batch_size
+        for step, start in enumerate(range(0, len(order), batch_size)):
+            index = self.asarray(order[start : start + batch_size])
+            network.train_step(x[index], t[index], epoch, step)

@@ -1,0 +1,106 @@
+"""`History`: per-epoch metrics of a run and the article's summary columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+THRESHOLDS = (0.95, 0.97, 0.98)
+
+
+@dataclass
+class History:
+    """Arrays of length epochs + 1 (index 0 is before training); losses include the penalty.
+
+    ``epoch_seconds[k]`` is the time of epoch k, its evaluation included; ``epoch_seconds[0]``
+    is the initial evaluation, which ``total_seconds`` leaves out.
+    """
+
+    train_acc: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    #: notes on how the run ended: "diverged_at", "stopped_early_at", "best_val_epoch", ...
+    events: dict[str, Any] = field(default_factory=dict)
+
+    def record(
+        self, train: tuple[float, float], test: tuple[float, float], seconds: float,
+        val: tuple[float, float] | None = None,
+    ) -> None:
+        """Append one epoch's (accuracy, loss) pairs and its time."""
+        self.train_acc.append(train[0])
+        self.train_loss.append(train[1])
+        self.test_acc.append(test[0])
+        self.test_loss.append(test[1])
+        self.epoch_seconds.append(seconds)
+        if val is not None:
+            self.val_acc.append(val[0])
+            self.val_loss.append(val[1])
+
+    @property
+    def epochs(self) -> int:
+        """Epochs trained (entries minus the initial one)."""
+        return max(len(self.test_acc) - 1, 0)
+
+    @property
+    def total_seconds(self) -> float:
+        """Time of the epochs, evaluation included, epoch 0 excluded."""
+        return float(sum(self.epoch_seconds[1:]))
+
+    def summary(self) -> dict[str, Any]:
+        """Final train/test accuracy, first epoch reaching 95/97/98 % test accuracy (None when
+        never), best test accuracy and its epoch (the first on ties), lowest test loss."""
+        if not self.test_acc:
+            raise ValueError("empty history")
+        best = max(range(len(self.test_acc)), key=lambda k: (self.test_acc[k], -k))
+        low = min(range(len(self.test_loss)), key=lambda k: (self.test_loss[k], k))
+        out: dict[str, Any] = {
+            "train_acc": self.train_acc[-1],
+            "test_acc": self.test_acc[-1],
+        }
+        for threshold in THRESHOLDS:
+            reached = [k for k, acc in enumerate(self.test_acc) if acc >= threshold]
+            out[f"epoch_{round(threshold * 100)}"] = reached[0] if reached else None
+        out.update(best_test_acc=self.test_acc[best], best_epoch=best,
+                   lowest_test_loss=self.test_loss[low], lowest_loss_epoch=low,
+                   epochs=self.epochs, total_seconds=self.total_seconds)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready arrays and events."""
+        data: dict[str, Any] = {
+            "train_acc": self.train_acc, "train_loss": self.train_loss,
+            "test_acc": self.test_acc, "test_loss": self.test_loss,
+            "epoch_seconds": self.epoch_seconds,
+        }
+        if self.val_acc:
+            data.update(val_acc=self.val_acc, val_loss=self.val_loss)
+        data["events"] = self.events
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        """Inverse of `to_dict`."""
+        keys = ("train_acc", "train_loss", "test_acc", "test_loss", "epoch_seconds",
+                "val_acc", "val_loss")
+        history = cls(**{key: [float(v) for v in data.get(key, [])] for key in keys})
+        history.events = dict(data.get("events", {}))
+        return history
+
+
+def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """The article's result table: name, train %, test %, 95/97/98 epochs, best %, its epoch."""
+    header = f"{'run':<28} {'train':>7} {'test':>7} {'95':>4} {'97':>4} {'98':>4} {'best':>7} {'ep':>4}"
+    lines = [header, "-" * len(header)]
+    for name, s in rows:
+        def ep(key: str) -> str:
+            return "-" if s[key] is None else str(s[key])
+        lines.append(
+            f"{name[:28]:<28} {100 * s['train_acc']:7.2f} {100 * s['test_acc']:7.2f} "
+            f"{ep('epoch_95'):>4} {ep('epoch_97'):>4} {ep('epoch_98'):>4} "
+            f"{100 * s['best_test_acc']:7.2f} {s['best_epoch']:>4}"
+        )
+    return "\n".join(lines)

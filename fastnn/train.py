@@ -1,0 +1,204 @@
+"""`Trainer`: normalisation, shuffling, epochs, evaluation, early stopping, timing."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import rng
+from .config import Config
+from .errors import DataError
+from .history import History
+from .network import Network
+from .preprocessing import Normalizer, as_inputs, labels_and_one_hot
+
+Array = Any
+
+
+class DivergenceWarning(RuntimeWarning):
+    """The run diverged: non-finite loss or a network that predicts one class."""
+
+
+@dataclass
+class Split:
+    """One data set on the backend: normalised inputs, one-hot targets, host labels."""
+
+    x: Array
+    t: Array
+    labels: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run after its last completed epoch."""
+
+    epoch: int
+    history: History
+    arrays: dict[str, np.ndarray]  # parameters and running statistics (host copies)
+    best_arrays: dict[str, np.ndarray] | None = None
+    best_val_loss: float | None = None
+    epochs_without_gain: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+EpochCallback = Callable[["Trainer", int], None]
+
+
+class Trainer:
+    """Trains a `Network` on raw inputs; ``fit`` returns the `History`."""
+
+    def __init__(self, config: Config, on_epoch: EpochCallback | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.on_epoch = on_epoch
+        self.network: Network | None = None
+        self.history = History()
+        self.state: TrainState | None = None  # snapshot after the last completed epoch
+        self.normalizer: Normalizer | None = None
+
+    # ---- data ----
+    def prepare(
+        self, x_train: Any, t_train: Any, x_test: Any, t_test: Any
+    ) -> tuple[Split, Split, Split | None]:
+        """Normalise with training statistics, one-hot the targets, carve the validation split."""
+        cfg = self.config
+        xs = [as_inputs(x_train, cfg.n_inputs, "x_train"), as_inputs(x_test, cfg.n_inputs, "x_test")]
+        ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train"),
+              labels_and_one_hot(t_test, cfg.n_outputs, "t_test")]
+        for name, x, (labels, _) in zip(("train", "test"), xs, ts):
+            if len(x) != len(labels):
+                raise DataError(f"{name}: {len(x)} inputs but {len(labels)} targets")
+            if len(x) == 0:
+                raise DataError(f"{name}: the data set is empty")
+        val_parts = None
+        if cfg.early_stopping is not None:
+            n = len(xs[0])
+            n_val = int(round(cfg.validation_fraction * n))
+            if not 1 <= n_val < n:
+                raise DataError(f"validation split of {n_val} rows out of {n} is not usable")
+            order = np.random.default_rng(rng.fold_key(cfg.seed, rng.STREAM_SPLIT)).permutation(n)
+            val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+            val_parts = (xs[0][val_idx], (ts[0][0][val_idx], ts[0][1][val_idx]))
+            xs[0] = xs[0][train_idx]
+            ts[0] = (ts[0][0][train_idx], ts[0][1][train_idx])
+        self.normalizer = Normalizer(cfg.normalize, cfg.normalize_axis).fit(xs[0])
+        train = self._split(xs[0], ts[0])
+        test = self._split(xs[1], ts[1])
+        val = self._split(*val_parts) if val_parts else None
+        return train, test, val
+
+    def _split(self, x: np.ndarray, target: tuple[np.ndarray, np.ndarray]) -> Split:
+        ops, dtype = self._network_ops(), self.config.dtype
+        x = self.normalizer.transform(x)
+        return Split(ops.asarray(x, dtype), ops.asarray(target[1], dtype), target[0])
+
+    def _network_ops(self) -> Any:
+        from .backends import get_backend
+
+        return get_backend(self.config.backend)
+
+    # ---- the loop ----
+    def fit(
+        self, x_train: Any, t_train: Any, x_test: Any, t_test: Any, *,
+        network: Network | None = None, resume: TrainState | None = None,
+    ) -> History:
+        """Train for ``config.epochs`` epochs (continuing ``resume`` when given)."""
+        cfg = self.config
+        train, test, val = self.prepare(x_train, t_train, x_test, t_test)
+        net = network if network is not None else Network(cfg)
+        self.network = net
+        net.ops.warm_up(net)
+        with np.errstate(all="ignore"):
+            if resume is None:
+                self.history = History()
+                start = time.perf_counter()
+                self._evaluate(net, train, test, val, time.perf_counter() - start, start)
+                self.state = self._snapshot(0, None)
+            else:
+                self.history = resume.history
+                net.load_state_arrays(resume.arrays)
+                self.state = resume
+            self._loop(net, train, test, val)
+        return self.history
+
+    def _loop(self, net: Network, train: Split, test: Split, val: Split | None) -> None:
+        cfg, history = self.config, self.history
+        for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+            if history.events.get("stopped_early_at") or history.events.get("stopped_on_divergence_at"):
+                break
+            start = time.perf_counter()
+            net.ops.train_epoch(net, train.x, train.t, self.epoch_order(epoch, train.size), epoch)
+            self._evaluate(net, train, test, val, None, start)
+            self._after_epoch(net, epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(self, epoch)
+        if self.state.best_arrays is not None:
+            net.load_state_arrays(self.state.best_arrays)
+
+    def epoch_order(self, epoch: int, n: int) -> np.ndarray:
+        """The order in which epoch ``epoch`` visits the training rows (its own random stream)."""
+        if not self.config.shuffle:
+            return np.arange(n)
+        key = rng.fold_key(self.config.seed, rng.STREAM_SHUFFLE, epoch)
+        return np.random.default_rng(key).permutation(n)
+
+    def _evaluate(
+        self, net: Network, train: Split, test: Split, val: Split | None,
+        seconds: float | None, start: float,
+    ) -> None:
+        train_acc, train_loss, predicted = net.evaluate(train.x, train.t, train.labels)
+        test_result = net.evaluate(test.x, test.t, test.labels)[:2]
+        val_result = net.evaluate(val.x, val.t, val.labels)[:2] if val is not None else None
+        elapsed = time.perf_counter() - start if seconds is None else seconds
+        self.history.record((train_acc, train_loss), test_result, elapsed, val_result)
+        self._check_divergence(train_loss, predicted)
+
+    def _check_divergence(self, train_loss: float, predicted: np.ndarray) -> None:
+        history = self.history
+        epoch = len(history.train_loss) - 1
+        if epoch == 0 or "diverged_at" in history.events:
+            return
+        # collapsed: one class predicted for every row, with the loss no better than at the start
+        collapsed = (
+            predicted.size > 1 and bool(np.all(predicted == predicted[0]))
+            and train_loss >= 0.9 * history.train_loss[0]
+        )
+        if np.isfinite(train_loss) and not collapsed:
+            return
+        reason = "non-finite loss" if not np.isfinite(train_loss) else "it predicts one class"
+        history.events["diverged_at"] = epoch
+        history.events["divergence"] = reason
+        message = f"training diverged at epoch {epoch} ({reason}); try a smaller eta or batch norm"
+        if self.config.stop_on_divergence:
+            history.events["stopped_on_divergence_at"] = epoch
+            message += "; stopping (--stop-on-divergence)"
+        warnings.warn(message, DivergenceWarning, stacklevel=3)
+
+    def _after_epoch(self, net: Network, epoch: int) -> None:
+        cfg, state = self.config, self.state
+        best_arrays, best_loss, waited = state.best_arrays, state.best_val_loss, state.epochs_without_gain
+        if cfg.early_stopping is not None:
+            loss = self.history.val_loss[-1]
+            if best_loss is None or loss < best_loss:
+                best_loss, waited, best_arrays = loss, 0, net.state_arrays()
+                self.history.events["best_val_epoch"] = epoch
+            else:
+                waited += 1
+                if waited >= cfg.early_stopping:
+                    self.history.events["stopped_early_at"] = epoch
+        self.state = self._snapshot(epoch, best_arrays, best_loss, waited)
+
+    def _snapshot(
+        self, epoch: int, best_arrays: dict | None, best_loss: float | None = None, waited: int = 0
+    ) -> TrainState:
+        return TrainState(epoch, self.history, self.network.state_arrays(),
+                          best_arrays, best_loss, waited)
