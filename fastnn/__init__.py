@@ -19,6 +19,15 @@ def load_mnist(path=None, **kwargs):  # noqa: ANN001, ANN201 - thin lazy wrapper
 
 
 __all__ = [
-    "BackendUnavailable", "CheckpointError", "Config", "ConfigError", "DataError",
-    "FastnnError", "History", "Network", "Trainer", "load_mnist", "__version__",
+    "BackendUnavailable",
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "FastnnError",
+    "History",
+    "Network",
+    "Trainer",
+    "load_mnist",
+    "__version__",
 ]

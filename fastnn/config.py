@@ -10,12 +10,27 @@ from typing import Any
 from .errors import ConfigError
 
 WEIGHT_INITS = (
-    "lecun_normal", "lecun_uniform", "glorot_normal", "glorot_uniform", "he_normal",
-    "he_uniform", "normal_w", "uniform_w", "zeros_w", "ones_w",
+    "lecun_normal",
+    "lecun_uniform",
+    "glorot_normal",
+    "glorot_uniform",
+    "he_normal",
+    "he_uniform",
+    "normal_w",
+    "uniform_w",
+    "zeros_w",
+    "ones_w",
 )
 BIAS_INITS = ("zeros_b", "ones_b", "normal_b", "uniform_b")
 ACTIVATIONS = (
-    "sigmoid", "tanh", "relu", "leaky_relu", "identity", "softplus", "softsign", "step",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "leaky_relu",
+    "identity",
+    "softplus",
+    "softsign",
+    "step",
 )
 OUTPUTS = ("softmax_cross_entropy", "identity_mse")
 NORMALIZATIONS = ("min_max", "z_score", "none")
@@ -27,8 +42,10 @@ WEIGHT_DECAYS = ("l1", "l2")
 
 #: parameters each initialiser / activation accepts ("var" is the article's alias of "std").
 INIT_PARAMS = {
-    "normal_w": ("mean", "std", "var"), "uniform_w": ("min", "max"),
-    "normal_b": ("mean", "std", "var"), "uniform_b": ("min", "max"),
+    "normal_w": ("mean", "std", "var"),
+    "uniform_w": ("min", "max"),
+    "normal_b": ("mean", "std", "var"),
+    "uniform_b": ("min", "max"),
 }
 ACTIVATION_PARAMS = {"leaky_relu": ("alpha",)}
 
@@ -209,7 +226,9 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}"
+            )
         data = dict(data)
         if data.get("weight_decay") is not None:
             data["weight_decay"] = tuple(data["weight_decay"])

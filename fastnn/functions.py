@@ -17,6 +17,7 @@ Array = Any
 
 # ---- activations: forward f(u) and derivative f'(u), both at the activation's input u ----
 
+
 def _sigmoid(xp: Any, u: Array, p: dict) -> Array:
     return 1.0 / (1.0 + xp.exp(-u))
 
@@ -87,11 +88,14 @@ ACTIVATIONS: dict[str, tuple[ActivationFn, ActivationFn]] = {
 
 # ---- initialisers (host, float64) ----
 
+
 def _std(params: dict, default: float = 1.0) -> float:
     return float(params.get("std", params.get("var", default)))
 
 
-def _weights(rng: np.random.Generator, name: str, fan_in: int, fan_out: int, params: dict) -> np.ndarray:
+def _weights(
+    rng: np.random.Generator, name: str, fan_in: int, fan_out: int, params: dict
+) -> np.ndarray:
     shape = (fan_in, fan_out)
     if name == "lecun_normal":
         return rng.normal(0.0, 1.0 / math.sqrt(fan_in), shape)

@@ -27,7 +27,10 @@ class History:
     events: dict[str, Any] = field(default_factory=dict)
 
     def record(
-        self, train: tuple[float, float], test: tuple[float, float], seconds: float,
+        self,
+        train: tuple[float, float],
+        test: tuple[float, float],
+        seconds: float,
         val: tuple[float, float] | None = None,
     ) -> None:
         """Append one epoch's (accuracy, loss) pairs and its time."""
@@ -64,16 +67,23 @@ class History:
         for threshold in THRESHOLDS:
             reached = [k for k, acc in enumerate(self.test_acc) if acc >= threshold]
             out[f"epoch_{round(threshold * 100)}"] = reached[0] if reached else None
-        out.update(best_test_acc=self.test_acc[best], best_epoch=best,
-                   lowest_test_loss=self.test_loss[low], lowest_loss_epoch=low,
-                   epochs=self.epochs, total_seconds=self.total_seconds)
+        out.update(
+            best_test_acc=self.test_acc[best],
+            best_epoch=best,
+            lowest_test_loss=self.test_loss[low],
+            lowest_loss_epoch=low,
+            epochs=self.epochs,
+            total_seconds=self.total_seconds,
+        )
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready arrays and events."""
         data: dict[str, Any] = {
-            "train_acc": self.train_acc, "train_loss": self.train_loss,
-            "test_acc": self.test_acc, "test_loss": self.test_loss,
+            "train_acc": self.train_acc,
+            "train_loss": self.train_loss,
+            "test_acc": self.test_acc,
+            "test_loss": self.test_loss,
             "epoch_seconds": self.epoch_seconds,
         }
         if self.val_acc:
@@ -84,8 +94,15 @@ class History:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
         """Inverse of `to_dict`."""
-        keys = ("train_acc", "train_loss", "test_acc", "test_loss", "epoch_seconds",
-                "val_acc", "val_loss")
+        keys = (
+            "train_acc",
+            "train_loss",
+            "test_acc",
+            "test_loss",
+            "epoch_seconds",
+            "val_acc",
+            "val_loss",
+        )
         history = cls(**{key: [float(v) for v in data.get(key, [])] for key in keys})
         history.events = dict(data.get("events", {}))
         return history
@@ -93,14 +110,16 @@ class History:
 
 def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """The article's result table: name, train %, test %, 95/97/98 epochs, best %, its epoch."""
-    header = f"{'run':<28} {'train':>7} {'test':>7} {'95':>4} {'97':>4} {'98':>4} {'best':>7} {'ep':>4}"
+    header = (
+        f"{'run':<28} {'train':>7} {'test':>7} {'95':>4} {'97':>4} {'98':>4} {'best':>7} {'ep':>4}"
+    )
     lines = [header, "-" * len(header)]
     for name, s in rows:
-        def ep(key: str) -> str:
-            return "-" if s[key] is None else str(s[key])
+        ep = {k: "-" if s[k] is None else str(s[k]) for k in ("epoch_95", "epoch_97", "epoch_98")}
+
         lines.append(
             f"{name[:28]:<28} {100 * s['train_acc']:7.2f} {100 * s['test_acc']:7.2f} "
-            f"{ep('epoch_95'):>4} {ep('epoch_97'):>4} {ep('epoch_98'):>4} "
+            f"{ep['epoch_95']:>4} {ep['epoch_97']:>4} {ep['epoch_98']:>4} "
             f"{100 * s['best_test_acc']:7.2f} {s['best_epoch']:>4}"
         )
     return "\n".join(lines)

@@ -176,8 +176,12 @@ class Network:
             u = ops.affine(z, p[f"W{k}"], p[f"b{k}"])
             stats = None if batch_stats or not self.running else self.running[k]
             z, cache = ops.hidden_forward(
-                u, self.specs[k - 1], p.get(f"gamma{k}"), p.get(f"beta{k}"),
-                multipliers.get(k), stats,
+                u,
+                self.specs[k - 1],
+                p.get(f"gamma{k}"),
+                p.get(f"beta{k}"),
+                multipliers.get(k),
+                stats,
             )
             inputs.append(z)
             caches.append(cache)
@@ -289,8 +293,12 @@ class Network:
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
         """Write config, parameters and batch-norm state to an .npz file."""
-        meta = {"format": "fastnn-network", "version": FORMAT_VERSION,
-                "config": self.config.to_dict(), **(extra or {})}
+        meta = {
+            "format": "fastnn-network",
+            "version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            **(extra or {}),
+        }
         np.savez(Path(path), __meta__=np.array(json.dumps(meta)), **self.state_arrays())
 
     @classmethod
@@ -320,5 +328,5 @@ def _param_order(name: str) -> tuple[int, int]:
     """Sort key: all W, then b, gamma, beta, each by layer ("beta" tested before "b")."""
     for rank, prefix in ((0, "W"), (3, "beta"), (1, "b"), (2, "gamma")):
         if name.startswith(prefix):
-            return rank, int(name[len(prefix):])
+            return rank, int(name[len(prefix) :])
     return 4, 0

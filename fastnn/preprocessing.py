@@ -28,7 +28,10 @@ class Normalizer:
             low, high = x.min(axis=self.axis), x.max(axis=self.axis)
             self.shift, self.scale = low, np.maximum(high - low, STAT_FLOOR)
         elif self.method == "z_score":
-            self.shift, self.scale = x.mean(axis=self.axis), np.maximum(x.std(axis=self.axis), STAT_FLOOR)
+            self.shift, self.scale = (
+                x.mean(axis=self.axis),
+                np.maximum(x.std(axis=self.axis), STAT_FLOOR),
+            )
         else:
             self.shift, self.scale = 0.0, 1.0
         return self

@@ -71,10 +71,15 @@ class Trainer:
     ) -> tuple[Split, Split, Split | None]:
         """Normalise with training statistics, one-hot the targets, carve the validation split."""
         cfg = self.config
-        xs = [as_inputs(x_train, cfg.n_inputs, "x_train"), as_inputs(x_test, cfg.n_inputs, "x_test")]
-        ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train"),
-              labels_and_one_hot(t_test, cfg.n_outputs, "t_test")]
-        for name, x, (labels, _) in zip(("train", "test"), xs, ts):
+        xs = [
+            as_inputs(x_train, cfg.n_inputs, "x_train"),
+            as_inputs(x_test, cfg.n_inputs, "x_test"),
+        ]
+        ts = [
+            labels_and_one_hot(t_train, cfg.n_outputs, "t_train"),
+            labels_and_one_hot(t_test, cfg.n_outputs, "t_test"),
+        ]
+        for name, x, (labels, _) in zip(("train", "test"), xs, ts, strict=True):
             if len(x) != len(labels):
                 raise DataError(f"{name}: {len(x)} inputs but {len(labels)} targets")
             if len(x) == 0:
@@ -108,8 +113,14 @@ class Trainer:
 
     # ---- the loop ----
     def fit(
-        self, x_train: Any, t_train: Any, x_test: Any, t_test: Any, *,
-        network: Network | None = None, resume: TrainState | None = None,
+        self,
+        x_train: Any,
+        t_train: Any,
+        x_test: Any,
+        t_test: Any,
+        *,
+        network: Network | None = None,
+        resume: TrainState | None = None,
     ) -> History:
         """Train for ``config.epochs`` epochs (continuing ``resume`` when given)."""
         cfg = self.config
@@ -133,7 +144,9 @@ class Trainer:
     def _loop(self, net: Network, train: Split, test: Split, val: Split | None) -> None:
         cfg, history = self.config, self.history
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
-            if history.events.get("stopped_early_at") or history.events.get("stopped_on_divergence_at"):
+            if history.events.get("stopped_early_at") or history.events.get(
+                "stopped_on_divergence_at"
+            ):
                 break
             start = time.perf_counter()
             net.ops.train_epoch(net, train.x, train.t, self.epoch_order(epoch, train.size), epoch)
@@ -152,8 +165,13 @@ class Trainer:
         return np.random.default_rng(key).permutation(n)
 
     def _evaluate(
-        self, net: Network, train: Split, test: Split, val: Split | None,
-        seconds: float | None, start: float,
+        self,
+        net: Network,
+        train: Split,
+        test: Split,
+        val: Split | None,
+        seconds: float | None,
+        start: float,
     ) -> None:
         train_acc, train_loss, predicted = net.evaluate(train.x, train.t, train.labels)
         test_result = net.evaluate(test.x, test.t, test.labels)[:2]
@@ -169,7 +187,8 @@ class Trainer:
             return
         # collapsed: one class predicted for every row, with the loss no better than at the start
         collapsed = (
-            predicted.size > 1 and bool(np.all(predicted == predicted[0]))
+            predicted.size > 1
+            and bool(np.all(predicted == predicted[0]))
             and train_loss >= 0.9 * history.train_loss[0]
         )
         if np.isfinite(train_loss) and not collapsed:
@@ -185,7 +204,11 @@ class Trainer:
 
     def _after_epoch(self, net: Network, epoch: int) -> None:
         cfg, state = self.config, self.state
-        best_arrays, best_loss, waited = state.best_arrays, state.best_val_loss, state.epochs_without_gain
+        best_arrays, best_loss, waited = (
+            state.best_arrays,
+            state.best_val_loss,
+            state.epochs_without_gain,
+        )
         if cfg.early_stopping is not None:
             loss = self.history.val_loss[-1]
             if best_loss is None or loss < best_loss:
@@ -200,5 +223,6 @@ class Trainer:
     def _snapshot(
         self, epoch: int, best_arrays: dict | None, best_loss: float | None = None, waited: int = 0
     ) -> TrainState:
-        return TrainState(epoch, self.history, self.network.state_arrays(),
-                          best_arrays, best_loss, waited)
+        return TrainState(
+            epoch, self.history, self.network.state_arrays(), best_arrays, best_loss, waited
+        )

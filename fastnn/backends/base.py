@@ -201,6 +201,7 @@ class Ops:
     # ---- larger units (a fast backend may compile these whole) ----
     def warm_up(self, network: Any) -> None:
         """Compile whatever the backend compiles, before any timing starts (reference: no-op)."""
+
     def train_epoch(self, network: Any, x: Array, t: Array, order: Array, epoch: int) -> None:
         """One epoch of mini-batch SGD over the rows of x in ``order`` (a host index array).
 

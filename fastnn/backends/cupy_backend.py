@@ -27,7 +27,9 @@ class CupyOps(Ops):
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:  # noqa: BLE001 - any CUDA failure means "not usable here"
-            raise BackendUnavailable(f"backend 'cupy' found no usable CUDA device ({exc})") from None
+            raise BackendUnavailable(
+                f"backend 'cupy' found no usable CUDA device ({exc})"
+            ) from None
         if count < 1:
             raise BackendUnavailable("backend 'cupy' found no CUDA device")
 

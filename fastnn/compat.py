@@ -1,0 +1,174 @@
+"""The article-compatible entry point `learn`: its keyword names, function names and results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .errors import ConfigError
+from .network import Network
+from .train import Trainer
+
+_OUTPUT_PAIRS = {
+    ("softmax", "cross_entropy_error"): "softmax_cross_entropy",
+    ("identity", "mean_squared_error"): "identity_mse",
+}
+_WEIGHT_DECAYS = {"L1_norm": "l1", "L2_norm": "l2"}
+_REGULARIZATION_KEYS = (
+    "weight_decay_func",
+    "weight_decay_lambda",
+    "dropout_input_ratio",
+    "dropout_middle_ratio",
+    "batch_norm",
+    "batch_norm_node",
+    "batch_norm_eta",
+)
+
+
+def _regularization(params: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(_REGULARIZATION_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown regularization_params keys {unknown}; "
+            f"valid: {', '.join(_REGULARIZATION_KEYS)}"
+        )
+    out: dict[str, Any] = {
+        "dropout_input": params.get("dropout_input_ratio", 1.0),
+        "dropout_hidden": params.get("dropout_middle_ratio", 1.0),
+    }
+    if "weight_decay_func" in params:
+        func = params["weight_decay_func"]
+        if func not in _WEIGHT_DECAYS:
+            raise ConfigError(f"weight_decay_func must be one of L1_norm, L2_norm; got {func!r}")
+        out["weight_decay"] = (_WEIGHT_DECAYS[func], params.get("weight_decay_lambda", 0.0))
+    if params.get("batch_norm", False):
+        bn_eta = params.get("batch_norm_eta")
+        if bn_eta == 0:
+            out["batch_norm"] = "n"
+        else:
+            out["batch_norm"] = "node" if params.get("batch_norm_node", False) else "bn"
+            out["batch_norm_eta"] = bn_eta
+    return out
+
+
+def _initial_params(
+    config: Config,
+    weight_init: Callable,
+    weight_params: dict,
+    bias_init: Callable,
+    bias_params: dict,
+) -> dict[str, np.ndarray]:
+    """Call the article-style initialisers for layers 1..L, all weights first, then biases."""
+    net = Network(config)  # default draws for whichever of the two is given by name
+    params = net.numpy_params()
+    d = config.layer_sizes
+    if callable(weight_init):
+        for k in range(1, len(d)):
+            params[f"W{k}"] = np.asarray(weight_init(d[k - 1], d[k], weight_params), np.float64)
+    if callable(bias_init):
+        for k in range(1, len(d)):
+            params[f"b{k}"] = np.asarray(bias_init(d[k], bias_params), np.float64).reshape(d[k])
+    return params
+
+
+def learn(
+    name: str,
+    x_train: Any,
+    t_train: Any,
+    x_test: Any,
+    t_test: Any,
+    md: list[int] = (100, 50),
+    weight_init_func: str | Callable = "he_normal",
+    weight_init_params: dict | None = None,
+    bias_init_func: str | Callable = "zeros_b",
+    bias_init_params: dict | None = None,
+    eta: float = 0.1,
+    batch_size: int = 100,
+    epoch: int = 50,
+    data_norm_func: str = "min_max",
+    data_norm_params: dict | None = None,
+    middle_func: str = "relu",
+    middle_params: dict | None = None,
+    output_func: str = "softmax",
+    output_params: dict | None = None,
+    error_func: str = "cross_entropy_error",
+    regularization_params: dict | None = None,
+    shuffle_flag: bool = True,
+    backend: str = "numpy",
+    seed: int = 0,
+    verbose: bool = False,
+) -> tuple:
+    """Train as the article's function does, in float64.
+
+    Returns ``(y_train, y_test, W, b, train_rate, train_err, test_rate, test_err, total_time)``
+    with W and b dicts keyed by layer 1..L and four history arrays of length epoch + 1.
+    """
+    weight_init_params = dict(weight_init_params or {})
+    bias_init_params = dict(bias_init_params or {})
+    if (output_func, error_func) not in _OUTPUT_PAIRS:
+        raise ConfigError(
+            "output_func/error_func must be softmax/cross_entropy_error or "
+            f"identity/mean_squared_error; got {output_func}/{error_func}"
+        )
+    t_train, t_test = np.asarray(t_train), np.asarray(t_test)
+    n_outputs = t_train.shape[1] if t_train.ndim == 2 else int(max(t_train.max(), t_test.max())) + 1
+    config = Config(
+        hidden=tuple(md),
+        activation=middle_func,
+        activation_params=dict(middle_params or {}),
+        init=weight_init_func if isinstance(weight_init_func, str) else "he_normal",
+        init_params=weight_init_params if isinstance(weight_init_func, str) else {},
+        bias_init=bias_init_func if isinstance(bias_init_func, str) else "zeros_b",
+        bias_init_params=bias_init_params if isinstance(bias_init_func, str) else {},
+        output=_OUTPUT_PAIRS[(output_func, error_func)],
+        normalize=data_norm_func,
+        normalize_axis=(data_norm_params or {}).get("axis"),
+        eta=eta,
+        batch_size=batch_size,
+        epochs=epoch,
+        shuffle=bool(shuffle_flag),
+        dtype="float64",
+        backend=backend,
+        seed=seed,
+        n_inputs=int(np.prod(np.asarray(x_train).shape[1:])),
+        n_outputs=n_outputs,
+        **_regularization(regularization_params or {}),
+    )
+    network = None
+    if callable(weight_init_func) or callable(bias_init_func):
+        params = _initial_params(
+            config, weight_init_func, weight_init_params, bias_init_func, bias_init_params
+        )
+        network = Network(config, params)
+
+    def report(trainer: Trainer, ep: int) -> None:
+        h = trainer.history
+        print(
+            f"{name} epoch {ep}: train {h.train_acc[-1]:.4f} test {h.test_acc[-1]:.4f} "
+            f"loss {h.test_loss[-1]:.5f}"
+        )
+
+    trainer = Trainer(config, on_epoch=report if verbose else None)
+    history = trainer.fit(x_train, t_train, x_test, t_test, network=network)
+    net = trainer.network
+    train_split, test_split, _ = trainer.prepare(x_train, t_train, x_test, t_test)
+    y_train = net.ops.to_numpy(net.forward_eval(train_split.x))
+    y_test = net.ops.to_numpy(net.forward_eval(test_split.x))
+    params = net.numpy_params()
+    layers = range(1, config.n_layers + 1)
+    weights = {k: params[f"W{k}"] for k in layers}
+    biases = {k: params[f"b{k}"] for k in layers}
+    return (
+        y_train,
+        y_test,
+        weights,
+        biases,
+        np.array(history.train_acc),
+        np.array(history.train_loss),
+        np.array(history.test_acc),
+        np.array(history.test_loss),
+        history.total_seconds,
+    )

@@ -1,0 +1,58 @@
+"""Shared fixtures: small generated data sets and IDX folders."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def make_blobs(n: int, n_inputs: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable uint8 'images': each class lights up its own band of pixels, plus noise."""
+    rs = np.random.default_rng(seed)
+    labels = rs.integers(0, n_classes, n)
+    x = rs.integers(0, 60, (n, n_inputs)).astype(np.float64)
+    band = max(n_inputs // n_classes, 1)
+    for c in range(n_classes):
+        rows = labels == c
+        x[np.ix_(rows, np.arange(c * band, min((c + 1) * band, n_inputs)))] += 150
+    return np.clip(x, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write a uint8 array as an IDX file (3-D images: magic 2051; 1-D labels: 2049)."""
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def make_idx_folder(folder: Path, n_train: int = 600, n_test: int = 200, side: int = 28,
+                    compress: bool = False, seed: int = 0) -> Path:
+    """A folder with the four standard MNIST file names holding generated data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x, t = make_blobs(n_train + n_test, side * side, 10, seed)
+    images = x.reshape(-1, side, side)
+    write_idx(folder / "train-images-idx3-ubyte", images[:n_train], compress)
+    write_idx(folder / "train-labels-idx1-ubyte", t[:n_train], compress)
+    write_idx(folder / "t10k-images-idx3-ubyte", images[n_train:], compress)
+    write_idx(folder / "t10k-labels-idx1-ubyte", t[n_train:], compress)
+    return folder
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    return make_idx_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, t = make_blobs(500, 20, 3, seed=1)
+    return x[:400], t[:400], x[400:], t[400:]
