@@ -108,8 +108,8 @@ class Network:
         self._params = converted
 
     def numpy_params(self) -> dict[str, np.ndarray]:
-        """Host copies of every parameter."""
-        return {name: self.ops.to_numpy(value) for name, value in self._params.items()}
+        """Host copies of every parameter (never views of the live arrays)."""
+        return {name: np.array(self.ops.to_numpy(value)) for name, value in self._params.items()}
 
     def rates(self) -> dict[str, float]:
         """The SGD rate of every parameter (eta; batch_norm_eta for gamma and beta)."""
@@ -278,8 +278,8 @@ class Network:
         """Host arrays of the parameters and the running batch-norm statistics."""
         arrays = self.numpy_params()
         for k, (mean, var) in self.running.items():
-            arrays[f"running_mean{k}"] = self.ops.to_numpy(mean)
-            arrays[f"running_var{k}"] = self.ops.to_numpy(var)
+            arrays[f"running_mean{k}"] = np.array(self.ops.to_numpy(mean))
+            arrays[f"running_var{k}"] = np.array(self.ops.to_numpy(var))
         return arrays
 
     def load_state_arrays(self, arrays: Mapping[str, Any]) -> None:
