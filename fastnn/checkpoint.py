@@ -29,8 +29,13 @@ BEST_PREFIX = "best__"
 RESUMABLE_CHANGES = ("epochs", "stop_on_divergence")
 
 
-def save_checkpoint(directory: str | Path, config: Config, state: TrainState) -> Path:
-    """Write ``state`` atomically (temporary file, flush, fsync, rename); return the path."""
+def save_checkpoint(
+    directory: str | Path, config: Config, state: TrainState, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``state`` atomically (temporary file, flush, fsync, rename); return the path.
+
+    ``extra`` (JSON-ready) is stored beside it, e.g. where the data came from.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     header = {
@@ -41,6 +46,7 @@ def save_checkpoint(directory: str | Path, config: Config, state: TrainState) ->
         "history": state.history.to_dict(),
         "best_val_loss": state.best_val_loss,
         "epochs_without_gain": state.epochs_without_gain,
+        "extra": {**state.extra, **(extra or {})},
     }
     arrays = dict(state.arrays)
     for name, value in (state.best_arrays or {}).items():
@@ -92,6 +98,7 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:
         best_arrays=best or None,
         best_val_loss=header.get("best_val_loss"),
         epochs_without_gain=int(header.get("epochs_without_gain", 0)),
+        extra=dict(header.get("extra") or {}),
     )
     if len(history.test_acc) != state.epoch + 1:
         raise CheckpointError(

@@ -288,12 +288,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--checkpoint-every must be >= 1; got {args.checkpoint_every}")
     checkpoint_dir = args.checkpoint or args.resume
     every = args.checkpoint_every or 1
+    if args.resume and not args.data:
+        args.data = resume_state.extra.get("data")
+    extra = {"data": str(Path(args.data).resolve()) if args.data else None}
     data = _load_data(args)
     bar = _progress_bar(config, args, resume_state)
 
     def on_epoch(trainer: Trainer, epoch: int) -> None:
         if checkpoint_dir and (epoch % every == 0 or epoch == config.epochs):
-            ckpt.save_checkpoint(checkpoint_dir, config, trainer.state)
+            ckpt.save_checkpoint(checkpoint_dir, config, trainer.state, extra)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(test_acc=f"{trainer.history.test_acc[-1]:.4f}")
@@ -310,7 +313,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        _save_interrupted(trainer, config, args, checkpoint_dir)
+        _save_interrupted(trainer, config, args, checkpoint_dir, extra)
         return EXIT_INTERRUPTED
     if bar is not None:
         bar.close()
@@ -338,7 +341,7 @@ def _progress_bar(config: Config, args: argparse.Namespace, resume_state: Any) -
 
 
 def _save_interrupted(
-    trainer: Any, config: Config, args: argparse.Namespace, directory: Any
+    trainer: Any, config: Config, args: argparse.Namespace, directory: Any, extra: dict
 ) -> None:
     from . import checkpoint as ckpt
 
@@ -346,7 +349,7 @@ def _save_interrupted(
         print("interrupted before the first evaluation; nothing to save", file=sys.stderr)
         return
     directory = directory or INTERRUPT_DIR
-    ckpt.save_checkpoint(directory, config, trainer.state)
+    ckpt.save_checkpoint(directory, config, trainer.state, extra)
     trainer.history = trainer.state.history
     trainer.history.events["interrupted_after_epoch"] = trainer.state.epoch
     if args.out:

@@ -135,7 +135,7 @@ class Trainer:
                 self._evaluate(net, train, test, val, time.perf_counter() - start, start)
                 self.state = self._snapshot(0, None)
             else:
-                self.history = resume.history
+                self.history = History.from_dict(resume.history.to_dict())
                 net.load_state_arrays(resume.arrays)
                 self.state = resume
             self._loop(net, train, test, val)
@@ -223,6 +223,7 @@ class Trainer:
     def _snapshot(
         self, epoch: int, best_arrays: dict | None, best_loss: float | None = None, waited: int = 0
     ) -> TrainState:
+        history = History.from_dict(self.history.to_dict())  # frozen copy
         return TrainState(
-            epoch, self.history, self.network.state_arrays(), best_arrays, best_loss, waited
+            epoch, history, self.network.state_arrays(), best_arrays, best_loss, waited
         )

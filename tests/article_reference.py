@@ -12,16 +12,31 @@ import numpy as np
 
 ACT = {
     "relu": (lambda u: np.maximum(u, 0.0), lambda u: (u > 0).astype(float)),
-    "sigmoid": (lambda u: 1 / (1 + np.exp(-u)), lambda u: (1 / (1 + np.exp(-u))) * (1 - 1 / (1 + np.exp(-u)))),
+    "sigmoid": (
+        lambda u: 1 / (1 + np.exp(-u)),
+        lambda u: (1 / (1 + np.exp(-u))) * (1 - 1 / (1 + np.exp(-u))),
+    ),
     "tanh": (np.tanh, lambda u: 1 - np.tanh(u) ** 2),
 }
 
 
 def article_run(
-    x_train: np.ndarray, t_train: np.ndarray, x_test: np.ndarray, t_test: np.ndarray,
-    W: dict[int, np.ndarray], b: dict[int, np.ndarray], *, eta: float = 0.1, batch_size: int = 100,
-    epochs: int = 2, act: str = "relu", wd: tuple[str, float] | None = None,
-    keep_in: float = 1.0, keep_mid: float = 1.0, bn: str = "off", bn_eta: float | None = None,
+    x_train: np.ndarray,
+    t_train: np.ndarray,
+    x_test: np.ndarray,
+    t_test: np.ndarray,
+    W: dict[int, np.ndarray],
+    b: dict[int, np.ndarray],
+    *,
+    eta: float = 0.1,
+    batch_size: int = 100,
+    epochs: int = 2,
+    act: str = "relu",
+    wd: tuple[str, float] | None = None,
+    keep_in: float = 1.0,
+    keep_mid: float = 1.0,
+    bn: str = "off",
+    bn_eta: float | None = None,
     order: Callable[[int, int], np.ndarray] | None = None,
     mask: Callable[[int, int, int], np.ndarray] | None = None,
 ) -> dict[str, list[float]]:
@@ -63,8 +78,10 @@ def article_run(
     def penalty():
         if wd is None:
             return 0.0
-        return sum(wd[1] * np.abs(W[k]).sum() if wd[0] == "l1" else wd[1] / 2 * (W[k] ** 2).sum()
-                   for k in W)
+        return sum(
+            wd[1] * np.abs(W[k]).sum() if wd[0] == "l1" else wd[1] / 2 * (W[k] ** 2).sum()
+            for k in W
+        )
 
     def evaluate(x, t):
         y, _, _ = forward(x, {}, False)
@@ -84,7 +101,7 @@ def article_run(
     for epoch in range(1, epochs + 1):
         idx = order(epoch, n) if order else np.arange(n)
         for step, start in enumerate(range(0, n, batch_size)):
-            sel = idx[start:start + batch_size]
+            sel = idx[start : start + batch_size]
             x, t = x_train[sel], t_train[sel]
             masks = {}
             if mask is not None:
@@ -98,7 +115,8 @@ def article_run(
             grads = {}
             for k in range(L, 0, -1):
                 grads[("W", k)] = z[k - 1].T @ delta + (
-                    0 if wd is None else (wd[1] * np.sign(W[k]) if wd[0] == "l1" else wd[1] * W[k]))
+                    0 if wd is None else (wd[1] * np.sign(W[k]) if wd[0] == "l1" else wd[1] * W[k])
+                )
                 grads[("b", k)] = delta.sum(axis=0)
                 if k == 1:
                     break
@@ -113,7 +131,10 @@ def article_run(
                     if gamma:
                         dg, db_ = (uh * dy).sum(axis=0), dy.sum(axis=0)
                         if bn == "bn":
-                            dg, db_ = dg.sum(keepdims=True) / d[k - 1], db_.sum(keepdims=True) / d[k - 1]
+                            dg, db_ = (
+                                dg.sum(keepdims=True) / d[k - 1],
+                                db_.sum(keepdims=True) / d[k - 1],
+                            )
                         grads[("gamma", k - 1)], grads[("beta", k - 1)] = dg, db_
                 else:
                     delta = dy

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 
-def make_blobs(n: int, n_inputs: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_blobs(
+    n: int, n_inputs: int, n_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Learnable uint8 'images': each class lights up its own band of pixels, plus noise."""
     rs = np.random.default_rng(seed)
     labels = rs.integers(0, n_classes, n)
@@ -34,8 +36,14 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     return path
 
 
-def make_idx_folder(folder: Path, n_train: int = 600, n_test: int = 200, side: int = 28,
-                    compress: bool = False, seed: int = 0) -> Path:
+def make_idx_folder(
+    folder: Path,
+    n_train: int = 600,
+    n_test: int = 200,
+    side: int = 28,
+    compress: bool = False,
+    seed: int = 0,
+) -> Path:
     """A folder with the four standard MNIST file names holding generated data."""
     folder.mkdir(parents=True, exist_ok=True)
     x, t = make_blobs(n_train + n_test, side * side, 10, seed)

@@ -13,8 +13,15 @@ from fastnn import Config, Network
 def small_config(**changes: Any) -> Config:
     """A tiny float64 network: 5 inputs, hidden (6, 4), 3 outputs."""
     # non-zero biases keep ReLU inputs off the kink at exactly 0 (dead rows would sit on it)
-    base = dict(hidden=(6, 4), n_inputs=5, n_outputs=3, dtype="float64", seed=3,
-                bias_init="normal_b", bias_init_params={"std": 0.1})
+    base = dict(
+        hidden=(6, 4),
+        n_inputs=5,
+        n_outputs=3,
+        dtype="float64",
+        seed=3,
+        bias_init="normal_b",
+        bias_init_params={"std": 0.1},
+    )
     base.update(changes)
     return Config(**base)
 
@@ -26,8 +33,9 @@ def small_batch(n: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, t
 
 
-def numerical_grads(net: Network, x: np.ndarray, t: np.ndarray,
-                    masks: Mapping[int, Any] | None, h: float = 1e-6) -> dict[str, np.ndarray]:
+def numerical_grads(
+    net: Network, x: np.ndarray, t: np.ndarray, masks: Mapping[int, Any] | None, h: float = 1e-6
+) -> dict[str, np.ndarray]:
     """Central differences of net.loss_and_grads's loss for every parameter element."""
     out = {}
     params = {k: v.copy() for k, v in net.numpy_params().items()}
@@ -44,9 +52,13 @@ def numerical_grads(net: Network, x: np.ndarray, t: np.ndarray,
     return out
 
 
-def assert_grads_close(analytic: Mapping[str, Any], numeric: Mapping[str, np.ndarray],
-                       scale: Mapping[str, float] | None = None,
-                       rtol: float = 1e-5, atol: float = 1e-7) -> None:
+def assert_grads_close(
+    analytic: Mapping[str, Any],
+    numeric: Mapping[str, np.ndarray],
+    scale: Mapping[str, float] | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-7,
+) -> None:
     """Every analytic gradient matches the numeric one (times an optional per-name scale)."""
     assert set(analytic) == set(numeric), (sorted(analytic), sorted(numeric))
     for name, num in numeric.items():

@@ -36,16 +36,29 @@ CASES = {
     "bn-N": {"batch_norm": "n"},
     "bn-BN": {"batch_norm": "bn", "batch_norm_eta": 0.3},
     "bn-BN(n)": {"batch_norm": "node"},
-    "everything": {"batch_norm": "bn", "dropout_input": 0.9, "dropout_hidden": 0.8,
-                   "weight_decay": ("l2", 1e-3), "activation": "tanh"},
+    "everything": {
+        "batch_norm": "bn",
+        "dropout_input": 0.9,
+        "dropout_hidden": 0.8,
+        "weight_decay": ("l2", 1e-3),
+        "activation": "tanh",
+    },
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_trainer_matches_independent_article_loop(case: str) -> None:
     changes = CASES[case]
-    config = Config(hidden=(12, 8), n_inputs=20, n_outputs=3, epochs=3, batch_size=32,
-                    dtype="float64", seed=11, **changes)
+    config = Config(
+        hidden=(12, 8),
+        n_inputs=20,
+        n_outputs=3,
+        epochs=3,
+        batch_size=32,
+        dtype="float64",
+        seed=11,
+        **changes,
+    )
     data = _data()
     history = Trainer(config).fit(*data)
     net0 = Network(config)
@@ -56,11 +69,20 @@ def test_trainer_matches_independent_article_loop(case: str) -> None:
         return net0.ops.to_numpy(net0.dropout_masks(epoch, step, 1)[layer])
 
     reference = article_run(
-        *_normalised(config, *data), {k: params[f"W{k}"] for k in (1, 2, 3)},
-        {k: params[f"b{k}"] for k in (1, 2, 3)}, eta=config.eta, batch_size=32, epochs=3,
-        act=config.activation, wd=config.weight_decay, keep_in=config.dropout_input,
-        keep_mid=config.dropout_hidden, bn=config.batch_norm, bn_eta=config.batch_norm_eta,
-        order=trainer.epoch_order, mask=mask,
+        *_normalised(config, *data),
+        {k: params[f"W{k}"] for k in (1, 2, 3)},
+        {k: params[f"b{k}"] for k in (1, 2, 3)},
+        eta=config.eta,
+        batch_size=32,
+        epochs=3,
+        act=config.activation,
+        wd=config.weight_decay,
+        keep_in=config.dropout_input,
+        keep_mid=config.dropout_hidden,
+        bn=config.batch_norm,
+        bn_eta=config.batch_norm_eta,
+        order=trainer.epoch_order,
+        mask=mask,
     )
     for key, values in reference.items():
         np.testing.assert_allclose(getattr(history, key), values, rtol=1e-10, err_msg=key)
@@ -192,9 +214,13 @@ def test_history_has_epochs_plus_one_entries_and_losses_include_penalty() -> Non
 
 
 def test_summary_columns() -> None:
-    history = History(test_acc=[0.1, 0.96, 0.975, 0.975, 0.97], train_acc=[0.1, 0.9, 1, 1, 1.0],
-                      test_loss=[2, 0.5, 0.3, 0.4, 0.35], train_loss=[2, 1, 1, 1, 1],
-                      epoch_seconds=[0.1, 1, 1, 1, 1])
+    history = History(
+        test_acc=[0.1, 0.96, 0.975, 0.975, 0.97],
+        train_acc=[0.1, 0.9, 1, 1, 1.0],
+        test_loss=[2, 0.5, 0.3, 0.4, 0.35],
+        train_loss=[2, 1, 1, 1, 1],
+        epoch_seconds=[0.1, 1, 1, 1, 1],
+    )
     s = history.summary()
     assert (s["epoch_95"], s["epoch_97"], s["epoch_98"]) == (1, 2, None)
     assert (s["best_test_acc"], s["best_epoch"]) == (0.975, 2)  # first on ties
@@ -204,8 +230,16 @@ def test_summary_columns() -> None:
 
 
 def test_same_seed_gives_identical_bits_and_other_seed_differs() -> None:
-    config = Config(hidden=(10, 6), n_inputs=20, n_outputs=3, epochs=2, batch_norm="bn",
-                    dropout_input=0.8, dropout_hidden=0.6, dtype="float32")
+    config = Config(
+        hidden=(10, 6),
+        n_inputs=20,
+        n_outputs=3,
+        epochs=2,
+        batch_norm="bn",
+        dropout_input=0.8,
+        dropout_hidden=0.6,
+        dtype="float32",
+    )
     runs = []
     for seed in (5, 5, 6):
         trainer = Trainer(config.replace(seed=seed))
@@ -222,7 +256,10 @@ def test_same_seed_gives_identical_bits_and_other_seed_differs() -> None:
 @pytest.mark.parametrize("axis", [None, 0])
 def test_normalisation_is_fitted_on_training_data(method: str, axis: int | None) -> None:
     rs = np.random.default_rng(0)
-    train, test = rs.integers(0, 256, (50, 6)).astype(float), rs.integers(0, 256, (20, 6)).astype(float)
+    train, test = (
+        rs.integers(0, 256, (50, 6)).astype(float),
+        rs.integers(0, 256, (20, 6)).astype(float),
+    )
     train[:, 2] = 7.0  # a constant pixel: statistic floored at 1e-7
     norm = Normalizer(method, axis).fit(train)
     if method == "min_max":
@@ -236,19 +273,29 @@ def test_normalisation_is_fitted_on_training_data(method: str, axis: int | None)
 def test_initialisers_spread_and_var_alias() -> None:
     gen = np.random.default_rng
     from fastnn.functions import init_biases, init_weights
-    for name, std in (("he_normal", np.sqrt(2 / 400)), ("lecun_normal", np.sqrt(1 / 400)),
-                      ("glorot_normal", np.sqrt(2 / 700)), ("he_uniform", np.sqrt(6 / 400) / np.sqrt(3)),
-                      ("lecun_uniform", 1 / np.sqrt(400)), ("glorot_uniform", np.sqrt(6 / 700) / np.sqrt(3))):
+
+    for name, std in (
+        ("he_normal", np.sqrt(2 / 400)),
+        ("lecun_normal", np.sqrt(1 / 400)),
+        ("glorot_normal", np.sqrt(2 / 700)),
+        ("he_uniform", np.sqrt(6 / 400) / np.sqrt(3)),
+        ("lecun_uniform", 1 / np.sqrt(400)),
+        ("glorot_uniform", np.sqrt(6 / 700) / np.sqrt(3)),
+    ):
         w = init_weights(gen(0), name, 400, 300, {})
         assert w.shape == (400, 300)
         assert w.std() == pytest.approx(std, rel=0.02), name
-    np.testing.assert_array_equal(init_weights(gen(1), "normal_w", 3, 4, {"var": 0.3}),
-                                  init_weights(gen(1), "normal_w", 3, 4, {"std": 0.3}))
+    np.testing.assert_array_equal(
+        init_weights(gen(1), "normal_w", 3, 4, {"var": 0.3}),
+        init_weights(gen(1), "normal_w", 3, 4, {"std": 0.3}),
+    )
     w = init_weights(gen(1), "uniform_w", 100, 100, {"min": -2, "max": -1})
     assert w.min() >= -2 and w.max() < -1
     assert np.all(init_weights(gen(0), "ones_w", 2, 2, {}) == 1)
     assert np.all(init_biases(gen(0), "zeros_b", 5, {}) == 0)
-    assert init_biases(gen(0), "normal_b", 10000, {"mean": 3, "var": 0.5}).std() == pytest.approx(0.5, rel=0.03)
+    assert init_biases(gen(0), "normal_b", 10000, {"mean": 3, "var": 0.5}).std() == pytest.approx(
+        0.5, rel=0.03
+    )
 
 
 def test_softmax_is_stable_and_cross_entropy_floored() -> None:
@@ -262,8 +309,15 @@ def test_softmax_is_stable_and_cross_entropy_floored() -> None:
 
 
 def test_early_stopping_uses_a_validation_split_and_restores_the_best() -> None:
-    config = Config(hidden=(16,), n_inputs=20, n_outputs=3, epochs=40, eta=0.5,
-                    early_stopping=2, validation_fraction=0.2)
+    config = Config(
+        hidden=(16,),
+        n_inputs=20,
+        n_outputs=3,
+        epochs=40,
+        eta=0.5,
+        early_stopping=2,
+        validation_fraction=0.2,
+    )
     trainer = Trainer(config)
     history = trainer.fit(*_data())
     assert len(history.val_loss) == len(history.test_loss) <= 41
@@ -287,13 +341,17 @@ def test_divergence_completes_the_run_warns_once_and_can_stop() -> None:
     assert len(history.test_acc) == 5 and "diverged_at" in history.events
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stopped = Trainer(config.replace(stop_on_divergence=True)).fit(x_train, t_train, x_test, t_test)
+        stopped = Trainer(config.replace(stop_on_divergence=True)).fit(
+            x_train, t_train, x_test, t_test
+        )
     assert stopped.events["stopped_on_divergence_at"] == stopped.epochs < 4
 
 
 def test_rng_values_are_distinct_and_reproducible() -> None:
     values = rng.uint64_stream(np, rng.dropout_key(0, 1, 2, 3), 100000)
     assert len(np.unique(values)) == 100000
-    np.testing.assert_array_equal(values, rng.uint64_stream(np, rng.dropout_key(0, 1, 2, 3), 100000))
+    np.testing.assert_array_equal(
+        values, rng.uint64_stream(np, rng.dropout_key(0, 1, 2, 3), 100000)
+    )
     u = rng.uniform01(np, 123, 100000)
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01

@@ -13,8 +13,13 @@ from fastnn.config import ACTIVATIONS, OUTPUTS
 @pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "step"])
 @pytest.mark.parametrize("output", OUTPUTS)
 def test_activation_and_output_gradients(activation: str, output: str) -> None:
-    net = Network(small_config(activation=activation, output=output,
-                               activation_params={"alpha": 0.2} if activation == "leaky_relu" else {}))
+    net = Network(
+        small_config(
+            activation=activation,
+            output=output,
+            activation_params={"alpha": 0.2} if activation == "leaky_relu" else {},
+        )
+    )
     x, t = small_batch()
     _, grads = net.loss_and_grads(x, t)
     assert_grads_close(grads, numerical_grads(net, x, t, None))
@@ -37,8 +42,10 @@ def test_batch_norm_gradients(variant: str, activation: str, bn_eval: str) -> No
     net = Network(small_config(batch_norm=variant, activation=activation, bn_eval=bn_eval))
     if variant != "n":  # move gamma/beta off 1/0 so their gradients are exercised
         rs = np.random.default_rng(5)
-        net.params = {k: (v + rs.normal(0, 0.3, v.shape) if k.startswith(("gamma", "beta")) else v)
-                      for k, v in net.numpy_params().items()}
+        net.params = {
+            k: (v + rs.normal(0, 0.3, v.shape) if k.startswith(("gamma", "beta")) else v)
+            for k, v in net.numpy_params().items()
+        }
     x, t = small_batch(n=9)
     _, grads = net.loss_and_grads(x, t)
     numeric = numerical_grads(net, x, t, None)
@@ -57,8 +64,11 @@ def test_weight_decay_gradients_and_penalty(kind: str) -> None:
     plain_loss, plain_grads = plain.loss_and_grads(x, t)
     assert_grads_close(grads, numerical_grads(net, x, t, None))
     weights = [net.numpy_params()[f"W{k}"] for k in (1, 2, 3)]
-    penalty = (lam * sum(np.abs(w).sum() for w in weights) if kind == "l1"
-               else lam / 2 * sum((w**2).sum() for w in weights))
+    penalty = (
+        lam * sum(np.abs(w).sum() for w in weights)
+        if kind == "l1"
+        else lam / 2 * sum((w**2).sum() for w in weights)
+    )
     assert loss == pytest.approx(plain_loss + penalty, rel=1e-12)
     for k, w in zip((1, 2, 3), weights, strict=True):
         decay = lam * np.sign(w) if kind == "l1" else lam * w
@@ -78,18 +88,27 @@ def test_weight_decay_spares_batch_norm_parameters() -> None:
 @pytest.mark.parametrize("mode", ["article", "inverted"])
 @pytest.mark.parametrize("batch_norm", ["off", "bn"])
 def test_dropout_gradients_with_given_masks(mode: str, batch_norm: str) -> None:
-    net = Network(small_config(dropout_input=0.6, dropout_hidden=0.5, dropout_mode=mode,
-                               batch_norm=batch_norm))
+    net = Network(
+        small_config(
+            dropout_input=0.6, dropout_hidden=0.5, dropout_mode=mode, batch_norm=batch_norm
+        )
+    )
     x, t = small_batch()
     rs = np.random.default_rng(2)
     if mode == "article":
-        masks = {0: np.array([1, 0, 1, 1, 0.0]), 1: np.array([0, 1, 1, 0, 1, 0.0]),
-                 2: np.array([1, 0, 1, 0.0])}
+        masks = {
+            0: np.array([1, 0, 1, 1, 0.0]),
+            1: np.array([0, 1, 1, 0, 1, 0.0]),
+            2: np.array([1, 0, 1, 0.0]),
+        }
     else:
         masks = {k: (rs.random((7, d)) < 0.6).astype(float) for k, d in ((0, 5), (1, 6), (2, 4))}
     loss, grads = net.loss_and_grads(x, t, masks)
-    scale = ({f"{p}{k}": 1 / net.sizes[k] for p in ("gamma", "beta") for k in (1, 2)}
-             if batch_norm == "bn" else None)
+    scale = (
+        {f"{p}{k}": 1 / net.sizes[k] for p in ("gamma", "beta") for k in (1, 2)}
+        if batch_norm == "bn"
+        else None
+    )
     assert_grads_close(grads, numerical_grads(net, x, t, masks), scale)
     if mode == "article":  # dropped input columns get no weight gradient at all
         assert not np.any(grads["W1"][[1, 4]])

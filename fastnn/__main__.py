@@ -1,0 +1,7 @@
+"""``python -m fastnn`` runs the ``fastnn`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,340 @@
+"""The fastnn command end to end on tiny generated IDX data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_idx_folder
+
+from fastnn.cli import main
+
+TINY = ["--hidden", "16,8", "--epochs", "2", "--batch-size", "50"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTNN_DATA": "/nonexistent-fastnn-cache"}
+    return subprocess.run(
+        [sys.executable, "-m", "fastnn", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_train_writes_json_and_summary(idx_folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run.json"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(idx_folder),
+                *TINY,
+                "--out",
+                str(out),
+                "--batch-norm",
+                "bn",
+                "--dropout-hidden",
+                "0.8",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "epoch   2" in printed and "numpy/float32" in printed
+    record = json.loads(out.read_text())
+    assert set(record) == {"config", "history", "summary", "environment"}
+    assert len(record["history"]["test_acc"]) == 3 and len(record["history"]["epoch_seconds"]) == 3
+    assert record["config"]["dtype"] == "float32" and record["config"]["batch_norm"] == "bn"
+    assert (
+        record["environment"]["backend"] == "numpy" and "numpy" in record["environment"]["versions"]
+    )
+    assert record["summary"]["test_acc"] > 0.5
+    assert main(["summary", str(out), str(out)]) == 0
+    assert capsys.readouterr().out.count("numpy/float32") == 2
+
+
+def test_every_config_flag_reaches_the_config(idx_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    args = [
+        "train",
+        "--data",
+        str(idx_folder),
+        "--hidden",
+        "12",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--eta",
+        "0.05",
+        "--activation",
+        "leaky_relu",
+        "--alpha",
+        "0.2",
+        "--init",
+        "normal_w",
+        "--init-param",
+        "std=0.05",
+        "--bias-init",
+        "uniform_b",
+        "--bias-init-param",
+        "min=0",
+        "--bias-init-param",
+        "max=0.01",
+        "--output",
+        "identity_mse",
+        "--normalize",
+        "z_score",
+        "--normalize-axis",
+        "0",
+        "--weight-decay",
+        "l1:1e-4",
+        "--dropout-input",
+        "0.9",
+        "--dropout-hidden",
+        "0.7",
+        "--dropout-mode",
+        "inverted",
+        "--batch-norm",
+        "node",
+        "--batch-norm-eta",
+        "0.2",
+        "--bn-eval",
+        "running",
+        "--bn-momentum",
+        "0.8",
+        "--seed",
+        "4",
+        "--no-shuffle",
+        "--dtype",
+        "float64",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    cfg = json.loads(out.read_text())["config"]
+    expected = {
+        "hidden": [12],
+        "epochs": 1,
+        "batch_size": 64,
+        "eta": 0.05,
+        "activation": "leaky_relu",
+        "activation_params": {"alpha": 0.2},
+        "init": "normal_w",
+        "init_params": {"std": 0.05},
+        "bias_init": "uniform_b",
+        "bias_init_params": {"min": 0.0, "max": 0.01},
+        "output": "identity_mse",
+        "normalize": "z_score",
+        "normalize_axis": 0,
+        "weight_decay": ["l1", 1e-4],
+        "dropout_input": 0.9,
+        "dropout_hidden": 0.7,
+        "dropout_mode": "inverted",
+        "batch_norm": "node",
+        "batch_norm_eta": 0.2,
+        "bn_eval": "running",
+        "bn_momentum": 0.8,
+        "seed": 4,
+        "shuffle": False,
+        "dtype": "float64",
+    }
+    for key, value in expected.items():
+        assert cfg[key] == value, key
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train", "--epochs", "x"], "invalid int"),
+        (["train", "--dropout-input", "1.5"], "(0, 1]"),
+        (["train", "--eta", "-1"], "eta must be > 0"),
+        (["train", "--batch-size", "0"], "batch_size"),
+        (["train", "--hidden", "100,-5"], "hidden sizes"),
+        (["train", "--backend", "tpu"], "numpy, numba, cupy"),
+        (["train", "--activation", "swish"], "invalid choice"),
+        (["train", "--weight-decay", "l3:1"], "l1, l2"),
+        (["train", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["train", "--resume", "/nonexistent/ck"], "no checkpoint"),
+        (["summary", "/nonexistent/run.json"], "not a fastnn run file"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_config_and_data_errors_are_one_line_exit_2(args, fragment, capsys) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_data_file_is_exit_2_in_a_subprocess(tmp_path: Path) -> None:
+    folder = make_idx_folder(tmp_path / "d", n_train=50, n_test=20)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x63")
+    result = run_cli("train", "--data", str(folder), *TINY)
+    assert result.returncode == 2, result.stderr
+    assert "t10k-labels-idx1-ubyte" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_info_lists_backends(capsys) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy  available" in out and "cupy" in out and "numba" in out
+
+
+def test_save_model_round_trip(idx_folder: Path, tmp_path: Path) -> None:
+    from fastnn import Network
+
+    model = tmp_path / "model.npz"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(idx_folder),
+                *TINY,
+                "--quiet",
+                "--batch-norm",
+                "bn",
+                "--save-model",
+                str(model),
+            ]
+        )
+        == 0
+    )
+    net = Network.load(model)
+    assert net.config.hidden == (16, 8) and net.params["gamma1"].shape == (1,)
+    assert net.predict(np.zeros((2, 784))).shape == (2, 10)
+
+
+def _history(path: Path) -> dict:
+    record = json.loads(path.read_text())
+    return {k: v for k, v in record["history"].items() if k not in ("epoch_seconds", "events")}
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    folder = make_idx_folder(tmp_path / "d", n_train=4000, n_test=500)
+    common = [
+        "--data",
+        str(folder),
+        "--hidden",
+        "256,128",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "20",
+        "--dropout-hidden",
+        "0.8",
+        "--batch-norm",
+        "bn",
+        "--seed",
+        "2",
+        "--quiet",
+    ]
+    full = tmp_path / "full.json"
+    assert (
+        run_cli(
+            "train", *common, "--out", str(full), "--save-model", str(tmp_path / "full.npz")
+        ).returncode
+        == 0
+    )
+
+    ck = tmp_path / "ck"
+    env = {**os.environ, "FASTNN_DATA": "/nonexistent-fastnn-cache"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnn", "train", *common, "--checkpoint", str(ck)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ck / "checkpoint.npz").exists():
+        time.sleep(0.02)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    from fastnn.checkpoint import load_checkpoint
+
+    _, state = load_checkpoint(ck)
+    assert 1 <= state.epoch < 5, "the kill should land before the run ends"
+    resumed = tmp_path / "resumed.json"
+    result = run_cli(
+        "train",
+        "--resume",
+        str(ck),
+        "--quiet",
+        "--out",
+        str(resumed),
+        "--save-model",
+        str(tmp_path / "resumed.npz"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert _history(resumed) == _history(full)
+    with np.load(tmp_path / "full.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+        for name in a.files:
+            if name != "__meta__":
+                np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_ctrl_c_saves_checkpoint_and_partial_results_exit_130(tmp_path: Path) -> None:
+    folder = make_idx_folder(tmp_path / "d", n_train=4000, n_test=500)
+    out, ck = tmp_path / "partial.json", tmp_path / "ck"
+    env = {**os.environ, "FASTNN_DATA": "/nonexistent-fastnn-cache"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastnn",
+            "train",
+            "--data",
+            str(folder),
+            "--hidden",
+            "256,128",
+            "--epochs",
+            "50",
+            "--batch-size",
+            "20",
+            "--checkpoint",
+            str(ck),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # the first epoch is done
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    record = json.loads(out.read_text())
+    done = record["history"]["events"]["interrupted_after_epoch"]
+    assert len(record["history"]["test_acc"]) == done + 1 >= 2
+
+
+def test_resume_rejects_a_different_config(idx_folder: Path, tmp_path: Path, capsys) -> None:
+    ck = tmp_path / "ck"
+    assert (
+        main(["train", "--data", str(idx_folder), *TINY, "--quiet", "--checkpoint", str(ck)]) == 0
+    )
+    assert main(["train", "--resume", str(ck), "--eta", "0.5"]) == 2
+    assert "eta" in capsys.readouterr().err
+    assert main(["train", "--resume", str(ck), "--epochs", "3", "--quiet"]) == 0  # extend a run
+    (ck / "checkpoint.npz").write_bytes(b"garbage")
+    assert main(["train", "--resume", str(ck)]) == 2
+    assert "unreadable checkpoint" in capsys.readouterr().err
