@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastnn import BackendUnavailable, Config, ConfigError, DataError, Network, Trainer
-from fastnn import backends
+from fastnn import BackendUnavailable, Config, ConfigError, DataError, Network, Trainer, backends
 from fastnn.config import ACTIVATIONS, BIAS_INITS, WEIGHT_INITS
 from fastnn.functions import ACTIVATIONS as ACTIVATION_FUNCTIONS
 
