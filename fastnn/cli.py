@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = sub.add_parser("summary", help="the article-style table of runs")
     summary.add_argument("runs", nargs="+", metavar="RUN.json")
+    plot = sub.add_parser("plot", help="accuracy and loss curves of runs on one chart")
+    plot.add_argument("runs", nargs="+", metavar="RUN.json")
+    plot.add_argument("--out", default="runs.png", metavar="CHART.png")
     sub.add_parser("info", help="backends and why any is unavailable")
     return parser
 
@@ -391,23 +394,39 @@ def _finish(trainer: Any, config: Config, args: argparse.Namespace) -> None:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """Print the article-style table of several runs."""
-    from .errors import DataError
-    from .history import History, format_table
+    from .history import format_table
 
-    rows = []
-    for path in args.runs:
+    rows = [(label, history.summary()) for label, history in _read_runs(args.runs)]
+    print(format_table(rows))
+    return 0
+
+
+def _read_runs(paths: list[str]) -> list[tuple[str, Any]]:
+    """(label, History) of each run file; DataError naming a bad one."""
+    from .errors import DataError
+    from .history import History
+
+    runs = []
+    for path in paths:
         try:
             record = json.loads(Path(path).read_text())
             history = History.from_dict(record["history"])
             cfg = record.get("config", {})
-            summary = history.summary()
+            history.summary()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{path}: not a fastnn run file ({exc.__class__.__name__}: {exc})"
             ) from None
-        label = f"{Path(path).stem} {cfg.get('backend', '')}/{cfg.get('dtype', '')}"
-        rows.append((label, summary))
-    print(format_table(rows))
+        runs.append((f"{Path(path).stem} {cfg.get('backend', '')}/{cfg.get('dtype', '')}", history))
+    return runs
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw the runs' accuracy and loss curves into one PNG."""
+    from .plots import plot_runs
+
+    path = plot_runs(_read_runs(args.runs), args.out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -421,7 +440,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "summary": cmd_summary, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "summary": cmd_summary, "plot": cmd_plot, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

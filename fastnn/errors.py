@@ -15,7 +15,11 @@ class DataError(FastnnError, ValueError):
     """A data file is missing, corrupt or inconsistent; the message names the file."""
 
 
-class BackendUnavailable(FastnnError, ImportError):
+class MissingDependency(FastnnError, ImportError):
+    """An optional dependency is not installed; the message gives the install command."""
+
+
+class BackendUnavailable(MissingDependency):
     """A backend cannot load; the message says what to install."""
 
 

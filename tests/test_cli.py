@@ -338,3 +338,43 @@ def test_resume_rejects_a_different_config(idx_folder: Path, tmp_path: Path, cap
     (ck / "checkpoint.npz").write_bytes(b"garbage")
     assert main(["train", "--resume", str(ck)]) == 2
     assert "unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_internal_error_is_exit_1_without_traceback(monkeypatch, capsys) -> None:
+    import fastnn.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", broken)
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: boom" in err and "Traceback" not in err
+
+
+def test_plot_writes_a_png(idx_folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run.json"
+    assert main(["train", "--data", str(idx_folder), *TINY, "--quiet", "--out", str(run)]) == 0
+    chart = tmp_path / "chart.png"
+    assert main(["plot", str(run), str(run), "--out", str(chart)]) == 0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_gives_the_install_command(tmp_path, monkeypatch, capsys) -> None:
+    run = tmp_path / "run.json"
+    run.write_text(
+        json.dumps(
+            {
+                "history": {
+                    "test_acc": [0.1],
+                    "train_acc": [0.1],
+                    "test_loss": [2.0],
+                    "train_loss": [2.0],
+                }
+            }
+        )
+    )
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", str(run)]) == 2
+    assert 'pip install "fastnn[plot]"' in capsys.readouterr().err
