@@ -78,7 +78,7 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:
             arrays = {name: np.array(data[name]) for name in data.files if name != "__header__"}
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
-    if header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastnn checkpoint")
     if header.get("version") != VERSION:
         raise CheckpointError(
@@ -86,23 +86,34 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:
         )
     try:
         config = Config.from_dict(header["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: invalid config in checkpoint ({exc})") from None
-    best = {k[len(BEST_PREFIX) :]: v for k, v in arrays.items() if k.startswith(BEST_PREFIX)}
-    plain = {k: v for k, v in arrays.items() if not k.startswith(BEST_PREFIX)}
-    history = History.from_dict(header["history"])
-    state = TrainState(
-        epoch=int(header["epoch"]),
-        history=history,
-        arrays=plain,
-        best_arrays=best or None,
-        best_val_loss=header.get("best_val_loss"),
-        epochs_without_gain=int(header.get("epochs_without_gain", 0)),
-        extra=dict(header.get("extra") or {}),
-    )
-    if len(history.test_acc) != state.epoch + 1:
+        history = History.from_dict(header["history"])
+        epoch = header["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        best_val_loss = header.get("best_val_loss")
+        state = TrainState(
+            epoch=epoch,
+            history=history,
+            arrays={k: v for k, v in arrays.items() if not k.startswith(BEST_PREFIX)},
+            best_arrays={
+                k[len(BEST_PREFIX) :]: v for k, v in arrays.items() if k.startswith(BEST_PREFIX)
+            }
+            or None,
+            best_val_loss=None if best_val_loss is None else float(best_val_loss),
+            epochs_without_gain=int(header.get("epochs_without_gain", 0)),
+            extra=dict(header.get("extra") or {}),
+        )
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(
-            f"{path}: history has {len(history.test_acc)} entries for epoch {state.epoch}"
+            f"{path}: damaged checkpoint ({exc.__class__.__name__}: {exc})"
+        ) from None
+    lengths = {
+        len(getattr(history, key))
+        for key in ("train_acc", "train_loss", "test_acc", "test_loss", "epoch_seconds")
+    }
+    if lengths != {epoch + 1}:
+        raise CheckpointError(
+            f"{path}: damaged checkpoint (history lengths {sorted(lengths)} for epoch {epoch})"
         )
     return config, state
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -242,6 +243,33 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _finite(data: Any) -> Any:
+    """``data`` with NaN and infinities replaced by None, so the JSON is strict."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    """Fail before training, not after, when an output file cannot be written."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot create {parent} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not writable")
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename."""
     path = Path(path)
@@ -249,7 +277,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, allow_nan=True)
+            json.dump(_finite(data), handle, indent=1, allow_nan=False)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -267,6 +295,14 @@ def _epoch_line(history: Any, epoch: int) -> str:
 
 
 # ---- commands ----
+
+
+def _fit_to_data(config: Config, data: tuple) -> Config:
+    """Input and output sizes taken from the data (any IDX folder, not only 28x28 digits)."""
+    x_train, t_train, _, t_test = data
+    n_inputs = int(x_train[0].size) if len(x_train) else config.n_inputs
+    top = max(int(t_train.max()) if len(t_train) else 0, int(t_test.max()) if len(t_test) else 0)
+    return config.replace(n_inputs=n_inputs, n_outputs=max(top + 1, 2))
 
 
 def _load_data(args: argparse.Namespace) -> tuple:
@@ -287,14 +323,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpt.check_compatible(saved, config, resume_state, args.resume)
     else:
         config = config_from_args(args)
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be >= 1; got {args.checkpoint_every}")
+    if args.checkpoint_every is not None:
+        if args.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1; got {args.checkpoint_every}")
+        if not (args.checkpoint or args.resume):
+            raise UsageError("--checkpoint-every needs --checkpoint DIR")
+    _check_writable(args.out, "--out")
+    _check_writable(args.save_model, "--save-model")
     checkpoint_dir = args.checkpoint or args.resume
-    every = args.checkpoint_every or 1
+    saved_extra = resume_state.extra if resume_state else {}
+    every = args.checkpoint_every or saved_extra.get("checkpoint_every") or 1
     if args.resume and not args.data:
-        args.data = resume_state.extra.get("data")
-    extra = {"data": str(Path(args.data).resolve()) if args.data else None}
+        args.data = saved_extra.get("data")
+    extra = {
+        "data": str(Path(args.data).resolve()) if args.data else None,
+        "checkpoint_every": every,
+    }
     data = _load_data(args)
+    if resume_state is None:
+        config = _fit_to_data(config, data)
     bar = _progress_bar(config, args, resume_state)
 
     def on_epoch(trainer: Trainer, epoch: int) -> None:
@@ -382,9 +429,9 @@ def _finish(trainer: Any, config: Config, args: argparse.Namespace) -> None:
         write_json_atomic(args.out, _run_record(trainer, config))
     if args.save_model:
         trainer.network.save(args.save_model)
-    for event in ("stopped_early_at", "stopped_on_divergence_at"):
+    for event in ("stopped_early_at", "stopped_on_divergence_at", "restored_best_epoch"):
         if event in history.events:
-            print(f"{event.replace('_', ' ')} epoch {history.events[event]}")
+            print(f"{event.replace('_', ' ')} {history.events[event]}")
     print(format_table([(f"{config.backend}/{config.dtype}", history.summary())]))
     print(
         f"total {history.total_seconds:.2f}s for {history.epochs} epochs "

@@ -39,6 +39,8 @@ def _regularization(params: Mapping[str, Any]) -> dict[str, Any]:
         "dropout_input": params.get("dropout_input_ratio", 1.0),
         "dropout_hidden": params.get("dropout_middle_ratio", 1.0),
     }
+    if "weight_decay_lambda" in params and "weight_decay_func" not in params:
+        raise ConfigError("weight_decay_lambda needs weight_decay_func (L1_norm or L2_norm)")
     if "weight_decay_func" in params:
         func = params["weight_decay_func"]
         if func not in _WEIGHT_DECAYS:
@@ -107,6 +109,13 @@ def learn(
     with W and b dicts keyed by layer 1..L and four history arrays of length epoch + 1.
     """
     weight_init_params = dict(weight_init_params or {})
+    unknown_norm = sorted(set(data_norm_params or {}) - {"axis"})
+    if unknown_norm:
+        raise ConfigError(f"unknown data_norm_params keys {unknown_norm}; valid: axis")
+    if output_params:
+        raise ConfigError(
+            f"output_func {output_func!r} takes no output_params; got {output_params}"
+        )
     bias_init_params = dict(bias_init_params or {})
     if (output_func, error_func) not in _OUTPUT_PAIRS:
         raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,26 +57,38 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+    ):
         raise ConfigError(f"{name} must be a finite number; got {value!r}")
     return float(value)
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
+    return int(value)
 
 
 def _params(name: str, value: Any, allowed: tuple[str, ...]) -> dict[str, float]:
     if not isinstance(value, dict):
         raise ConfigError(f"{name} must be a dict; got {value!r}")
+    out = {}
     for key, item in value.items():
         if key not in allowed:
             valid = ", ".join(allowed) if allowed else "none"
             raise ConfigError(f"{name} has unknown key {key!r}; valid keys: {valid}")
-        _number(f"{name}[{key!r}]", item)
-    return dict(value)
+        out[key] = _number(f"{name}[{key!r}]", item)
+    for spread in ("std", "var"):
+        if out.get(spread, 0.0) < 0:
+            raise ConfigError(f"{name}[{spread!r}] is a standard deviation and must be >= 0")
+    if out.get("min", 0.0) > out.get("max", 1.0):
+        raise ConfigError(
+            f"{name}: min must be <= max; got min={out.get('min', 0.0)}, max={out.get('max', 1.0)}"
+        )
+    return out
 
 
 def _keep_ratio(name: str, value: Any) -> float:
@@ -147,8 +160,8 @@ class Config:
         self.eta = _number("eta", self.eta)
         if self.eta <= 0:
             raise ConfigError(f"eta must be > 0; got {self.eta!r}")
-        _integer("batch_size", self.batch_size, 1)
-        _integer("epochs", self.epochs, 0)
+        self.batch_size = _integer("batch_size", self.batch_size, 1)
+        self.epochs = _integer("epochs", self.epochs, 0)
         if not isinstance(self.shuffle, bool):
             raise ConfigError(f"shuffle must be True or False; got {self.shuffle!r}")
         self._validate_weight_decay()
@@ -161,17 +174,26 @@ class Config:
             if self.batch_norm_eta < 0:
                 raise ConfigError(f"batch_norm_eta must be >= 0; got {self.batch_norm_eta!r}")
         _choice("bn_eval", self.bn_eval, BN_EVALS)
+        if self.batch_norm == "off" and (
+            self.batch_norm_eta is not None or self.bn_eval != "batch"
+        ):
+            raise ConfigError(
+                "batch_norm_eta and bn_eval='running' need batch norm: set batch_norm to "
+                "n, bn or node"
+            )
         self.bn_momentum = _number("bn_momentum", self.bn_momentum)
         if not 0.0 <= self.bn_momentum < 1.0:
             raise ConfigError(f"bn_momentum must be in [0, 1); got {self.bn_momentum!r}")
         _choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a backend name; got {self.backend!r}")
-        _integer("seed", self.seed, 0)
-        _integer("n_inputs", self.n_inputs, 1)
-        _integer("n_outputs", self.n_outputs, 1)
+        self.seed = _integer("seed", self.seed, 0)
+        self.n_inputs = _integer("n_inputs", self.n_inputs, 1)
+        self.n_outputs = _integer("n_outputs", self.n_outputs, 1)
         if self.early_stopping is not None:
-            _integer("early_stopping (patience in epochs)", self.early_stopping, 1)
+            self.early_stopping = _integer(
+                "early_stopping (patience in epochs)", self.early_stopping, 1
+            )
         self.validation_fraction = _number("validation_fraction", self.validation_fraction)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(

@@ -78,7 +78,7 @@ class History:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready arrays and events."""
+        """JSON-ready arrays and events (non-finite values are written as null by the CLI)."""
         data: dict[str, Any] = {
             "train_acc": self.train_acc,
             "train_loss": self.train_loss,
@@ -103,7 +103,12 @@ class History:
             "val_acc",
             "val_loss",
         )
-        history = cls(**{key: [float(v) for v in data.get(key, [])] for key in keys})
+        history = cls(
+            **{
+                key: [float("nan") if v is None else float(v) for v in data.get(key, [])]
+                for key in keys
+            }
+        )
         history.events = dict(data.get("events", {}))
         return history
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,15 +99,23 @@ class Network:
             raise ConfigError(
                 f"params must have exactly {sorted(shapes)}; missing {missing}, unknown {unknown}"
             )
-        converted = {}
-        for name, shape in shapes.items():
-            array = self.ops.asarray(values[name], self.dtype)
-            if array.shape == (1, *shape) or (shape == (1,) and array.shape == ()):
-                array = array.reshape(shape)
-            if tuple(array.shape) != shape:
-                raise ConfigError(f"param {name} must have shape {shape}; got {tuple(array.shape)}")
-            converted[name] = array
-        self._params = converted
+        checked = ParamDict(self)
+        for name in shapes:
+            checked[name] = values[name]
+        self._params = checked
+
+    def checked_param(self, name: str, value: Any) -> Array:
+        """``value`` as a fresh backend array of this network's dtype and the shape of ``name``."""
+        shapes = self.param_shapes()
+        if name not in shapes:
+            raise ConfigError(f"unknown parameter {name!r}; valid: {', '.join(shapes)}")
+        shape = shapes[name]
+        array = self.ops.asarray(value, self.dtype)
+        if array.shape == (1, *shape) or (shape == (1,) and array.shape == ()):
+            array = array.reshape(shape)
+        if tuple(array.shape) != shape:
+            raise ConfigError(f"param {name} must have shape {shape}; got {tuple(array.shape)}")
+        return array
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         """Host copies of every parameter (never views of the live arrays)."""
@@ -292,14 +302,23 @@ class Network:
             )
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
-        """Write config, parameters and batch-norm state to an .npz file."""
+        """Write config, parameters and batch-norm state to an .npz file at exactly ``path``
+        (through a temporary file and a rename)."""
         meta = {
             "format": "fastnn-network",
             "version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             **(extra or {}),
         }
-        np.savez(Path(path), __meta__=np.array(json.dumps(meta)), **self.state_arrays())
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, __meta__=np.array(json.dumps(meta)), **self.state_arrays())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None) -> Network:
@@ -309,11 +328,19 @@ class Network:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["__meta__"]))
                 arrays = {name: data[name] for name in data.files if name != "__meta__"}
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError) as exc:
             raise DataError(f"{path}: not a fastnn network file ({exc})") from None
-        if meta.get("format") != "fastnn-network" or meta.get("version") != FORMAT_VERSION:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != "fastnn-network"
+            or meta.get("version") != FORMAT_VERSION
+            or not isinstance(meta.get("config"), dict)
+        ):
             raise DataError(f"{path}: not a fastnn network file of version {FORMAT_VERSION}")
-        config = Config.from_dict(meta["config"])
+        try:
+            config = Config.from_dict(meta["config"])
+        except (ConfigError, TypeError) as exc:
+            raise DataError(f"{path}: invalid config in network file ({exc})") from None
         if backend is not None:
             config = config.replace(backend=backend)
         net = cls(config)
@@ -322,6 +349,20 @@ class Network:
             raise DataError(f"{path}: missing parameters {missing}")
         net.load_state_arrays(arrays)
         return net
+
+
+class ParamDict(dict):
+    """The live parameters: assigning an item checks its shape and copies it to the backend in
+    the network's dtype (re-assigning the stored array itself, as ``p[k] -= g`` does, is free)."""
+
+    def __init__(self, network: Network) -> None:
+        super().__init__()
+        self._network = network
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if dict.get(self, name) is value:
+            return
+        dict.__setitem__(self, name, self._network.checked_param(name, value))
 
 
 def _param_order(name: str) -> tuple[int, int]:

@@ -154,8 +154,9 @@ class Trainer:
             self._after_epoch(net, epoch)
             if self.on_epoch is not None:
                 self.on_epoch(self, epoch)
-        if self.state.best_arrays is not None:
+        if self.state.best_arrays is not None:  # early stopping: keep the best validation epoch
             net.load_state_arrays(self.state.best_arrays)
+            history.events["restored_best_epoch"] = history.events.get("best_val_epoch")
 
     def epoch_order(self, epoch: int, n: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the training rows (its own random stream)."""

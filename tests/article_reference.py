@@ -17,6 +17,11 @@ ACT = {
         lambda u: (1 / (1 + np.exp(-u))) * (1 - 1 / (1 + np.exp(-u))),
     ),
     "tanh": (np.tanh, lambda u: 1 - np.tanh(u) ** 2),
+    "leaky_relu": (lambda u: np.where(u > 0, u, 0.1 * u), lambda u: np.where(u > 0, 1.0, 0.1)),
+    "identity": (lambda u: u, lambda u: np.ones_like(u)),
+    "softplus": (lambda u: np.log(1 + np.exp(u)), lambda u: 1 / (1 + np.exp(-u))),
+    "softsign": (lambda u: u / (1 + np.abs(u)), lambda u: 1 / (1 + np.abs(u)) ** 2),
+    "step": (lambda u: (u > 0).astype(float), lambda u: np.zeros_like(u)),
 }
 
 
@@ -39,6 +44,7 @@ def article_run(
     bn_eta: float | None = None,
     order: Callable[[int, int], np.ndarray] | None = None,
     mask: Callable[[int, int, int], np.ndarray] | None = None,
+    mse: bool = False,
 ) -> dict[str, list[float]]:
     """Train as the article does; x already normalised, t one-hot. Returns the four histories."""
     f, df = ACT[act]
@@ -58,6 +64,8 @@ def article_run(
         for k in range(1, L + 1):
             u = z[k - 1] @ W[k] + b[k]
             if k == L:
+                if mse:
+                    return u, z, cache
                 e = np.exp(u - u.max(axis=1, keepdims=True))
                 return e / e.sum(axis=1, keepdims=True), z, cache
             y = u
@@ -85,7 +93,10 @@ def article_run(
 
     def evaluate(x, t):
         y, _, _ = forward(x, {}, False)
-        loss = -(t * np.log(np.maximum(y, 1e-7))).sum() / len(x) + penalty()
+        if mse:
+            loss = 0.5 * ((y - t) ** 2).sum() / len(x) + penalty()
+        else:
+            loss = -(t * np.log(np.maximum(y, 1e-7))).sum() / len(x) + penalty()
         return float((y.argmax(1) == t.argmax(1)).mean()), float(loss)
 
     hist = {"train_acc": [], "train_loss": [], "test_acc": [], "test_loss": []}

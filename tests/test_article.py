@@ -36,6 +36,13 @@ CASES = {
     "bn-N": {"batch_norm": "n"},
     "bn-BN": {"batch_norm": "bn", "batch_norm_eta": 0.3},
     "bn-BN(n)": {"batch_norm": "node"},
+    "identity-mse": {"output": "identity_mse", "eta": 0.05},
+    "leaky_relu": {"activation": "leaky_relu", "activation_params": {"alpha": 0.1}},
+    "softplus": {"activation": "softplus"},
+    "softsign": {"activation": "softsign"},
+    "identity": {"activation": "identity", "eta": 0.02},
+    "step": {"activation": "step"},
+    "sigmoid-bn": {"activation": "sigmoid", "batch_norm": "node"},
     "everything": {
         "batch_norm": "bn",
         "dropout_input": 0.9,
@@ -83,6 +90,7 @@ def test_trainer_matches_independent_article_loop(case: str) -> None:
         bn_eta=config.batch_norm_eta,
         order=trainer.epoch_order,
         mask=mask,
+        mse=config.output == "identity_mse",
     )
     for key, values in reference.items():
         np.testing.assert_allclose(getattr(history, key), values, rtol=1e-10, err_msg=key)
@@ -309,25 +317,30 @@ def test_softmax_is_stable_and_cross_entropy_floored() -> None:
 
 
 def test_early_stopping_uses_a_validation_split_and_restores_the_best() -> None:
+    x, t = make_blobs(300, 20, 3, seed=8)
+    t = np.where(np.random.default_rng(0).random(300) < 0.3, (t + 1) % 3, t)  # noisy labels
+    data = (x[:200], t[:200], x[200:], t[200:])
     config = Config(
-        hidden=(16,),
+        hidden=(64, 64),
         n_inputs=20,
         n_outputs=3,
-        epochs=40,
+        epochs=200,
         eta=0.5,
-        early_stopping=2,
-        validation_fraction=0.2,
+        batch_size=10,
+        early_stopping=3,
+        validation_fraction=0.25,
     )
     trainer = Trainer(config)
-    history = trainer.fit(*_data())
-    assert len(history.val_loss) == len(history.test_loss) <= 41
+    history = trainer.fit(*data)
     events = history.events
-    best = events["best_val_epoch"]
+    best, stopped = events["best_val_epoch"], events["stopped_early_at"]
+    assert stopped - best == 3 and history.epochs == stopped < 200
+    assert len(history.val_loss) == len(history.test_loss) == stopped + 1
     assert history.val_loss[best] == min(history.val_loss[1:])
-    if "stopped_early_at" in events:
-        assert events["stopped_early_at"] - best == 2
-    restored = trainer.network.predict(trainer.prepare(*_data())[1].x)
-    assert restored.shape == (100, 3)
+    assert events["restored_best_epoch"] == best
+    train, _, val = trainer.prepare(*data)
+    assert train.size == 150 and val.size == 50  # carved out of the training set
+    assert trainer.network.evaluate(val.x, val.t, val.labels)[1] == history.val_loss[best]
 
 
 def test_divergence_completes_the_run_warns_once_and_can_stop() -> None:

@@ -118,6 +118,13 @@ def test_every_config_flag_reaches_the_config(idx_folder: Path, tmp_path: Path) 
         "--seed",
         "4",
         "--no-shuffle",
+        "--early-stopping",
+        "3",
+        "--validation-fraction",
+        "0.25",
+        "--stop-on-divergence",
+        "--backend",
+        "numpy",
         "--dtype",
         "float64",
         "--quiet",
@@ -151,6 +158,10 @@ def test_every_config_flag_reaches_the_config(idx_folder: Path, tmp_path: Path) 
         "seed": 4,
         "shuffle": False,
         "dtype": "float64",
+        "early_stopping": 3,
+        "validation_fraction": 0.25,
+        "stop_on_divergence": True,
+        "backend": "numpy",
     }
     for key, value in expected.items():
         assert cfg[key] == value, key
@@ -378,3 +389,108 @@ def test_plot_without_matplotlib_gives_the_install_command(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["plot", str(run)]) == 2
     assert 'pip install "fastnn[plot]"' in capsys.readouterr().err
+
+
+def test_unwritable_outputs_fail_before_training(idx_folder: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--data", str(idx_folder), *TINY, "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = str(blocker / "sub" / "m.npz")
+    assert main(["train", "--data", str(idx_folder), *TINY, "--save-model", bad]) == 2
+    assert "--save-model" in capsys.readouterr().err
+    assert main(["train", "--data", str(idx_folder), *TINY, "--checkpoint-every", "2"]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def test_sizes_come_from_the_data(tmp_path: Path) -> None:
+    folder = make_idx_folder(tmp_path / "small", n_train=300, n_test=100, side=10)
+    out = tmp_path / "run.json"
+    assert main(["train", "--data", str(folder), *TINY, "--quiet", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert (cfg["n_inputs"], cfg["n_outputs"]) == (100, 10)
+
+
+def test_diverged_run_json_is_strict(idx_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    args = ["train", "--data", str(idx_folder), *TINY, "--quiet", "--out", str(out)]
+    assert main([*args, "--eta", "1e6", "--output", "identity_mse", "--dtype", "float32"]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    record = json.loads(text)
+    assert None in record["history"]["train_loss"] and "diverged_at" in record["history"]["events"]
+    assert main(["summary", str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        ([1, 2], "not a fastnn checkpoint"),
+        ({"format": "fastnn-checkpoint", "version": 99}, "version 99"),
+        ({"format": "fastnn-checkpoint", "version": 1, "config": {}}, "damaged"),
+        (
+            {
+                "format": "fastnn-checkpoint",
+                "version": 1,
+                "config": {},
+                "history": {},
+                "epoch": "x",
+            },
+            "damaged",
+        ),
+        (
+            {"format": "fastnn-checkpoint", "version": 1, "config": {}, "epoch": -1, "history": {}},
+            "damaged",
+        ),
+        (
+            {
+                "format": "fastnn-checkpoint",
+                "version": 1,
+                "config": {"eta": "fast"},
+                "history": {},
+                "epoch": 0,
+            },
+            "damaged",
+        ),
+        (
+            {
+                "format": "fastnn-checkpoint",
+                "version": 1,
+                "config": {},
+                "epoch": 1,
+                "history": {"test_acc": [0.1]},
+            },
+            "history lengths",
+        ),
+    ],
+)
+def test_hostile_checkpoints_are_exit_2(tmp_path: Path, header, fragment, capsys) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    np.savez(ck / "checkpoint.npz", __header__=np.array(json.dumps(header)))
+    assert main(["train", "--resume", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
+
+
+def test_resume_to_more_epochs_equals_a_straight_run(idx_folder: Path, tmp_path: Path) -> None:
+    ck, straight, extended = tmp_path / "ck", tmp_path / "straight.json", tmp_path / "ext.json"
+    base = [
+        "train",
+        "--data",
+        str(idx_folder),
+        "--hidden",
+        "16,8",
+        "--batch-size",
+        "50",
+        "--quiet",
+        "--dropout-input",
+        "0.8",
+    ]
+    assert main([*base, "--epochs", "3", "--out", str(straight)]) == 0
+    assert main([*base, "--epochs", "2", "--checkpoint", str(ck)]) == 0
+    assert (
+        main(["train", "--resume", str(ck), "--epochs", "3", "--quiet", "--out", str(extended)])
+        == 0
+    )
+    assert _history(extended) == _history(straight)

@@ -7,7 +7,7 @@ import pytest
 from article_reference import article_run
 from conftest import make_blobs
 
-from fastnn import ConfigError
+from fastnn import Config, ConfigError, Trainer
 from fastnn.compat import learn
 
 
@@ -77,29 +77,50 @@ def test_callable_initialisers_are_called_in_article_order_and_match_article_loo
     np.testing.assert_allclose(out[7], ref["test_loss"], rtol=1e-12)
 
 
-def test_regularization_params_map_to_variants() -> None:
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"batch_norm": True, "batch_norm_eta": 0}, {"batch_norm": "n"}),
+        ({"batch_norm": True}, {"batch_norm": "bn", "batch_norm_eta": None}),
+        ({"batch_norm": True, "batch_norm_eta": 0.5}, {"batch_norm": "bn", "batch_norm_eta": 0.5}),
+        ({"batch_norm": True, "batch_norm_node": True}, {"batch_norm": "node"}),
+        ({"batch_norm": False, "batch_norm_node": True}, {"batch_norm": "off"}),
+        (
+            {"weight_decay_func": "L1_norm", "weight_decay_lambda": 1e-4},
+            {"weight_decay": ("l1", 1e-4)},
+        ),
+        (
+            {"weight_decay_func": "L2_norm", "weight_decay_lambda": 0.1},
+            {"weight_decay": ("l2", 0.1)},
+        ),
+        (
+            {"dropout_input_ratio": 0.8, "dropout_middle_ratio": 0.5},
+            {"dropout_input": 0.8, "dropout_hidden": 0.5},
+        ),
+    ],
+)
+def test_regularization_params_give_the_same_run_as_the_config(params, expected) -> None:
     data = _data()
-    base = dict(md=[8], epoch=1, batch_size=50)
-    n_run = learn(
-        "N", *data, regularization_params={"batch_norm": True, "batch_norm_eta": 0}, **base
+    out = learn("run", *data, md=[8], epoch=2, batch_size=50, seed=4, regularization_params=params)
+    config = Config(
+        hidden=(8,),
+        epochs=2,
+        batch_size=50,
+        seed=4,
+        n_inputs=20,
+        n_outputs=3,
+        dtype="float64",
+        **expected,
     )
-    bn_run = learn("BN", *data, regularization_params={"batch_norm": True}, **base)
-    # N and BN start identical (gamma 1, beta 0); N keeps them fixed, so results differ
-    assert n_run[5][0] == bn_run[5][0] and n_run[5][1] != bn_run[5][1]
-    wd = learn(
-        "L2",
-        *data,
-        regularization_params={"weight_decay_func": "L2_norm", "weight_decay_lambda": 0.1},
-        **base,
-    )
-    assert wd[5][0] > n_run[5][0] - 1  # runs, penalty included
-    drop = learn(
-        "drop",
-        *data,
-        regularization_params={"dropout_input_ratio": 0.5, "dropout_middle_ratio": 0.5},
-        **base,
-    )
-    assert len(drop[6]) == 2
+    history = Trainer(config).fit(*data)
+    assert list(out[7]) == history.test_loss and list(out[4]) == history.train_acc
+    plain = Trainer(
+        Config(
+            hidden=(8,), epochs=2, batch_size=50, seed=4, n_inputs=20, n_outputs=3, dtype="float64"
+        )
+    ).fit(*data)
+    if expected != {"batch_norm": "off"}:
+        assert history.test_loss != plain.test_loss  # the option really changed the run
 
 
 @pytest.mark.parametrize(
@@ -114,6 +135,9 @@ def test_regularization_params_map_to_variants() -> None:
         ({"middle_func": "swish"}, "relu"),
         ({"weight_init_func": "xavier"}, "he_normal"),
         ({"data_norm_func": "l2"}, "min_max"),
+        ({"data_norm_params": {"axes": 0}}, "valid: axis"),
+        ({"output_params": {"t": 1}}, "no output_params"),
+        ({"regularization_params": {"weight_decay_lambda": 0.1}}, "needs weight_decay_func"),
     ],
 )
 def test_learn_rejects_bad_names_with_the_valid_choices(kwargs, match) -> None:

@@ -46,6 +46,13 @@ from fastnn.functions import ACTIVATIONS as ACTIVATION_FUNCTIONS
         ({"seed": -3}, "seed"),
         ({"early_stopping": 0}, "early_stopping"),
         ({"validation_fraction": 1.0}, "(0, 1)"),
+        ({"init": "normal_w", "init_params": {"std": -1}}, "must be >= 0"),
+        (
+            {"bias_init": "uniform_b", "bias_init_params": {"min": 2, "max": 1}},
+            "min must be <= max",
+        ),
+        ({"batch_norm_eta": 0.1}, "need batch norm"),
+        ({"bn_eval": "running"}, "need batch norm"),
     ],
 )
 def test_bad_values_name_the_valid_choices(changes, fragment) -> None:
@@ -115,3 +122,24 @@ def test_trainer_rejects_bad_arrays(x, t, fragment) -> None:
     with pytest.raises(DataError) as info:
         Trainer(config).fit(x, t, np.zeros((3, 20)), np.zeros(3, int))
     assert fragment in str(info.value)
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers() -> None:
+    config = Config(
+        eta=np.float32(0.5), seed=np.int64(3), hidden=list(np.array([7, 5])), epochs=np.int32(2)
+    )
+    assert config.hidden == (7, 5) and type(config.seed) is int and type(config.eta) is float
+    assert type(config.epochs) is int and Config.from_dict(config.to_dict()) == config
+
+
+def test_assigning_one_parameter_is_checked_and_copied() -> None:
+    net = Network(Config(hidden=(4,), n_inputs=3, n_outputs=2, dtype="float32"))
+    mine = np.ones((3, 4))
+    net.params["W1"] = mine
+    assert net.params["W1"].dtype == np.float32 and net.params["W1"] is not mine
+    net.train_step(np.ones((2, 3), np.float32), np.eye(2, dtype=np.float32), 1, 0)
+    assert np.all(mine == 1.0)  # the caller's array is never updated in place
+    with pytest.raises(ConfigError, match=r"W1 must have shape \(3, 4\)"):
+        net.params["W1"] = np.ones((4, 3))
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        net.params["W9"] = np.ones(3)
