@@ -1,0 +1,270 @@
+"""Side-by-side time of one article epoch: NumPy vs Numba backends vs a PyTorch CPU peer.
+
+One "article epoch" = SGD over 60 000 training rows at batch size 100 with hidden (100, 50),
+then evaluating the whole training set and the 10 000-row test set (what `Trainer` times).
+Every configuration runs in its own fresh process (no thread pool left spinning by another
+library), compiles first (not timed), then times ``--epochs-repeat`` epochs; the table shows
+medians.
+
+    python benchmarks/compare.py [--epochs-repeat N] [--data synthetic|mnist] [--rounds R]
+
+PyTorch is optional: when it cannot be imported its column says so. OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE are removed from the workers' environment unless ``--keep-openblas-env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ARTICLE_SECONDS_PER_EPOCH = {"off": 229.0 / 50, "bn": 299.0 / 50}  # 3:49 and 4:59 for 50 epochs
+IMPLEMENTATIONS = ("numpy", "numba", "torch")
+N_TRAIN, N_TEST, N_INPUTS, N_CLASSES = 60_000, 10_000, 784, 10
+
+
+# ---- data ----
+
+def load_data(kind: str, dtype: str) -> tuple[np.ndarray, ...]:
+    """(x_train, t_train, labels_train, x_test, t_test, labels_test), inputs min-max scaled."""
+    if kind == "mnist":
+        import fastnn
+
+        x_train, labels_train, x_test, labels_test = fastnn.load_mnist()
+        x_train = np.asarray(x_train, np.float64).reshape(len(x_train), -1)
+        x_test = np.asarray(x_test, np.float64).reshape(len(x_test), -1)
+        low, high = x_train.min(), x_train.max()
+        x_train, x_test = (x_train - low) / (high - low), (x_test - low) / (high - low)
+        labels_train, labels_test = np.asarray(labels_train), np.asarray(labels_test)
+        if labels_train.ndim == 2:
+            labels_train, labels_test = labels_train.argmax(1), labels_test.argmax(1)
+    else:  # random data of MNIST's shape: the same arithmetic, no download
+        gen = np.random.default_rng(0)
+        x_train = gen.random((N_TRAIN, N_INPUTS))
+        x_test = gen.random((N_TEST, N_INPUTS))
+        labels_train = gen.integers(0, N_CLASSES, N_TRAIN)
+        labels_test = gen.integers(0, N_CLASSES, N_TEST)
+    eye = np.eye(N_CLASSES, dtype=dtype)
+    return (np.ascontiguousarray(x_train, dtype), eye[labels_train], labels_train,
+            np.ascontiguousarray(x_test, dtype), eye[labels_test], labels_test)
+
+
+def epoch_order(epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng(1000 + epoch).permutation(n)
+
+
+# ---- workers (one configuration per process) ----
+
+def time_fastnn(backend: str, dtype: str, batch_norm: str, data: str, repeats: int) -> list[float]:
+    """Seconds of each timed epoch: ops.train_epoch + evaluate(train) + evaluate(test)."""
+    from fastnn import Config, Network
+
+    x, t, labels, x_test, t_test, labels_test = load_data(data, dtype)
+    net = Network(Config(backend=backend, dtype=dtype, batch_norm=batch_norm))
+    ops = net.ops
+    ops.warm_up(net)  # compilation, not timed
+    seconds = []
+    for epoch in range(1, repeats + 1):
+        order = epoch_order(epoch, len(x))
+        start = time.perf_counter()
+        ops.train_epoch(net, x, t, order, epoch)
+        net.evaluate(x, t, labels)
+        net.evaluate(x_test, t_test, labels_test)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def time_torch(dtype: str, batch_norm: str, data: str, repeats: int) -> list[float]:
+    """The same network, batch size, plain SGD and evaluation work in PyTorch on the CPU."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch_dtype = getattr(torch, dtype)
+    x, _, labels, x_test, _, labels_test = load_data(data, dtype)
+    x, x_test = torch.from_numpy(x), torch.from_numpy(x_test)
+    labels, labels_test = torch.from_numpy(labels), torch.from_numpy(labels_test)
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in ((784, 100), (100, 50)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if batch_norm != "off":  # evaluated in training mode: statistics of the evaluated set
+            layers.append(nn.BatchNorm1d(fan_out))
+        layers.append(nn.ReLU())
+    layers.append(nn.Linear(50, 10))
+    model = nn.Sequential(*layers).to(torch_dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def evaluate(inputs: Any, targets: Any) -> tuple[float, float]:
+        with torch.no_grad():
+            outputs = model(inputs)
+            accuracy = (outputs.argmax(1) == targets).double().mean()
+            return float(loss_fn(outputs, targets)), float(accuracy)
+
+    def epoch(number: int) -> None:
+        order = torch.from_numpy(epoch_order(number, len(x)))
+        for start in range(0, len(order), 100):
+            index = order[start:start + 100]
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x[index]), labels[index]).backward()
+            optimizer.step()
+        evaluate(x, labels)
+        evaluate(x_test, labels_test)
+
+    epoch(0)  # warm-up (allocator, thread pool), not timed
+    seconds = []
+    for number in range(1, repeats + 1):
+        start = time.perf_counter()
+        epoch(number)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def blas_description() -> str:
+    """Which BLAS NumPy uses, its core type and threads (threadpoolctl when installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return "; ".join(
+            f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} "
+            f"threads={i.get('num_threads')} ({Path(i.get('filepath', '')).name})"
+            for i in threadpool_info() if i.get("user_api") == "blas"
+        )
+    except ImportError:
+        pass
+    import ctypes
+
+    root = Path(np.__file__).resolve().parent
+    for path in [*root.parent.glob("numpy.libs/*openblas*"), *root.glob(".dylibs/*openblas*")]:
+        try:
+            library = ctypes.CDLL(str(path))
+            core = library.scipy_openblas_get_corename64_
+            core.restype = ctypes.c_char_p
+            threads = library.scipy_openblas_get_num_threads64_()
+            return f"NumPy's OpenBLAS core={core().decode()} threads={threads} ({path.name})"
+        except (OSError, AttributeError):
+            continue
+    return "unknown"
+
+
+def worker(arguments: argparse.Namespace) -> None:
+    implementation, dtype, batch_norm = arguments.worker
+    if implementation == "torch":
+        seconds = time_torch(dtype, batch_norm, arguments.data, arguments.epochs_repeat)
+    else:
+        seconds = time_fastnn(implementation, dtype, batch_norm, arguments.data,
+                              arguments.epochs_repeat)
+    print(json.dumps({"seconds": seconds, "blas": blas_description()}))
+
+
+# ---- the driver ----
+
+def run_worker(implementation: str, dtype: str, batch_norm: str,
+               arguments: argparse.Namespace) -> dict[str, Any]:
+    env = dict(os.environ)
+    if not arguments.keep_openblas_env:
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
+    command = [sys.executable, __file__, "--worker", implementation, dtype, batch_norm,
+               "--epochs-repeat", str(arguments.epochs_repeat), "--data", arguments.data]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": last}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def torch_available() -> str | None:
+    """None when torch imports in a fresh process, else why not."""
+    done = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def format_seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None:
+        return "-"
+    return f"{numerator / denominator:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs-repeat", type=int, default=5, help="timed epochs per config")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole sweep, interleaving configs (medians over all)")
+    parser.add_argument("--data", choices=("synthetic", "mnist"), default="synthetic")
+    parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument("--batch-norm", default="off,bn", help="off and/or bn (the BN variant)")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--keep-openblas-env", action="store_true")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker:
+        worker(arguments)
+        return
+
+    implementations = [i for i in arguments.impls.split(",") if i]
+    torch_missing = torch_available() if "torch" in implementations else None
+    if torch_missing:
+        implementations.remove("torch")
+    configs = [(dtype, bn) for dtype in arguments.dtypes.split(",")
+               for bn in arguments.batch_norm.split(",")]
+    seconds: dict[tuple[str, str, str], list[float]] = {}
+    errors: dict[tuple[str, str, str], str] = {}
+    blas = ""
+    for _ in range(arguments.rounds):
+        for dtype, bn in configs:
+            for implementation in implementations:
+                key = (implementation, dtype, bn)
+                result = run_worker(implementation, dtype, bn, arguments)
+                if "error" in result:
+                    errors[key] = result["error"]
+                    continue
+                seconds.setdefault(key, []).extend(result["seconds"])
+                if implementation == "numba":
+                    blas = result["blas"]
+
+    def median(implementation: str, dtype: str, bn: str) -> float | None:
+        values = seconds.get((implementation, dtype, bn))
+        return statistics.median(values) if values else None
+
+    print(f"one article epoch (train 60k at batch 100, hidden (100, 50), evaluate 60k + 10k); "
+          f"data {arguments.data}; median of {arguments.epochs_repeat * arguments.rounds} epochs")
+    print(f"BLAS: {blas or 'unknown'}; cpus: {os.cpu_count()}")
+    header = (f"{'dtype':<8} {'BN':<4} {'numpy s':>8} {'numba s':>8} {'torch s':>8} "
+              f"{'numba/torch':>11} {'numba/numpy':>11} {'article/numba':>13}")
+    print(header)
+    print("-" * len(header))
+    for dtype, bn in configs:
+        numpy_s, numba_s, torch_s = (median(i, dtype, bn) for i in IMPLEMENTATIONS)
+        article = ARTICLE_SECONDS_PER_EPOCH["bn" if bn != "off" else "off"]
+        print(f"{dtype:<8} {bn:<4} {format_seconds(numpy_s):>8} {format_seconds(numba_s):>8} "
+              f"{format_seconds(torch_s):>8} {format_ratio(numba_s, torch_s):>11} "
+              f"{format_ratio(numba_s, numpy_s):>11} {format_ratio(article, numba_s):>13}")
+    for dtype in arguments.dtypes.split(","):
+        off, on = median("numba", dtype, "off"), median("numba", dtype, "bn")
+        if off and on:
+            print(f"numba {dtype}: batch norm adds {100 * (on / off - 1):+.1f}% to the epoch")
+    print(f"article: {ARTICLE_SECONDS_PER_EPOCH['off']:.2f} s/epoch without BN (229 s / 50), "
+          f"{ARTICLE_SECONDS_PER_EPOCH['bn']:.2f} s/epoch with BN (299 s / 50), 2018 desktop")
+    if torch_missing:
+        print(f"torch: skipped, not importable ({torch_missing})")
+    for (implementation, dtype, bn), message in errors.items():
+        print(f"{implementation} {dtype} {bn}: failed: {message}")
+
+
+if __name__ == "__main__":
+    main()
