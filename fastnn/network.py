@@ -278,10 +278,8 @@ class Network:
 
     def evaluate(self, x: Array, t: Array, labels: Any) -> tuple[float, float, Any]:
         """(accuracy, loss with penalty, predicted classes) on a whole set in evaluation mode."""
-        y = self.forward_eval(x)
-        loss = self.ops.to_float(self.ops.loss(y, t, self.config.output)) + self.penalty()
-        predicted = self.ops.predicted_classes(y)
-        return float((predicted == labels).mean()), loss, predicted
+        data_loss, predicted = self.ops.evaluate(self, x, t)
+        return float((predicted == labels).mean()), data_loss + self.penalty(), predicted
 
     # ---- save and load (.npz, no pickle) ----
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -199,6 +199,14 @@ class Ops:
                 params[name] -= rate * grad
 
     # ---- larger units (a fast backend may compile these whole) ----
+    def evaluate(self, network: Any, x: Array, t: Array) -> tuple[float, Any]:
+        """(data loss, host array of predicted classes) of a whole set in evaluation mode.
+
+        Article batch norm normalises with the statistics of all of ``x`` at once.
+        """
+        y = network.forward_eval(x)
+        return self.to_float(self.loss(y, t, network.config.output)), self.predicted_classes(y)
+
     def warm_up(self, network: Any) -> None:
         """Compile whatever the backend compiles, before any timing starts (reference: no-op)."""
 
