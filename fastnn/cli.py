@@ -120,14 +120,9 @@ _CONFIG_FLAGS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = _Parser(prog="fastnn", description="Article-exact, fast MLP training on MNIST.")
-    parser.add_argument("--version", action="version", version=f"fastnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    train = sub.add_parser("train", help="train a network on MNIST (or any IDX folder)")
-    add = train.add_argument
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every configuration option (shared by ``train`` and ``sweep``)."""
+    add = parser.add_argument
     add("--data", metavar="DIR", help="folder with the four IDX files (default: cache, fetched)")
     add("--backend", help="numpy (default), numba or cupy")
     add("--dtype", choices=DTYPES, help="default float32 (the article computes in float64)")
@@ -168,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--validation-fraction", type=float, help="share of training data held out (0.1)")
     add("--stop-on-divergence", action="store_true", help="end the run when it diverges")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="fastnn", description="Article-exact, fast MLP training on MNIST.")
+    parser.add_argument("--version", action="version", version=f"fastnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a network on MNIST (or any IDX folder)")
+    add_config_flags(train)
+    add = train.add_argument
     add("--out", metavar="RUN.json", help="write config, history, summary and environment")
     add("--save-model", metavar="MODEL.npz", help="write the trained network")
     add("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
@@ -175,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", metavar="DIR", help="continue the run checkpointed in DIR")
     add("--quiet", action="store_true", help="no per-epoch output")
 
+    sweep = sub.add_parser("sweep", help="train every point of a grid of options, then tabulate")
+    add_config_flags(sweep)
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="OPTION=V1,V2,...",
+        help="values to sweep, e.g. eta=0.01,0.1,1 or batch_norm=off,n,bn,node "
+        "or seed=0,1,2 (hidden=100/50,256/128); repeatable: the product",
+    )
+    sweep.add_argument("--out-dir", default="runs", metavar="DIR", help="one RUN.json per point")
+    sweep.add_argument("--quiet", action="store_true", help="no line per finished run")
+    sweep.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    sweep.add_argument(
+        "--dask",
+        metavar="ADDRESS|local",
+        help="run the points on a Dask cluster (needs fastnn[dask])",
+    )
     summary = sub.add_parser("summary", help="the article-style table of runs")
     summary.add_argument("runs", nargs="+", metavar="RUN.json")
     plot = sub.add_parser("plot", help="accuracy and loss curves of runs on one chart")
@@ -297,14 +321,6 @@ def _epoch_line(history: Any, epoch: int) -> str:
 # ---- commands ----
 
 
-def _fit_to_data(config: Config, data: tuple) -> Config:
-    """Input and output sizes taken from the data (any IDX folder, not only 28x28 digits)."""
-    x_train, t_train, _, t_test = data
-    n_inputs = int(x_train[0].size) if len(x_train) else config.n_inputs
-    top = max(int(t_train.max()) if len(t_train) else 0, int(t_test.max()) if len(t_test) else 0)
-    return config.replace(n_inputs=n_inputs, n_outputs=max(top + 1, 2))
-
-
 def _load_data(args: argparse.Namespace) -> tuple:
     from .datasets import load_mnist
 
@@ -314,6 +330,7 @@ def _load_data(args: argparse.Namespace) -> tuple:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, report per epoch, write --out/--save-model/checkpoints."""
     from . import checkpoint as ckpt
+    from .sweep import sized_for
     from .train import Trainer
 
     resume_state = None
@@ -341,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     data = _load_data(args)
     if resume_state is None:
-        config = _fit_to_data(config, data)
+        config = sized_for(config, data)
     bar = _progress_bar(config, args, resume_state)
 
     def on_epoch(trainer: Trainer, epoch: int) -> None:
@@ -487,7 +504,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "summary": cmd_summary, "plot": cmd_plot, "info": cmd_info}
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train each grid point (locally or on Dask), write one run file each, print the table."""
+    from .history import History, format_table
+    from .sweep import parse_grid, run_sweep
+
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1; got {args.workers}")
+    base = config_from_args(args)
+    points = parse_grid(args.grid, base)
+    _load_data(args)  # data errors (and the first-use download) before any run starts
+    data = args.data or None
+    out_dir = Path(args.out_dir)
+    _check_writable(str(out_dir / "x.json"), "--out-dir")
+    print(f"sweeping {len(points)} runs into {out_dir}", flush=True)
+    rows = []
+    for name, record in run_sweep(points, data, workers=args.workers, dask=args.dask):
+        record["environment"] = environment(Config.from_dict(record["config"]))
+        write_json_atomic(out_dir / f"{name}.json", record)
+        history = History.from_dict(record["history"])
+        rows.append((name, history.summary()))
+        if not args.quiet:
+            print(f"done {name}: test acc {history.test_acc[-1]:.4f}", flush=True)
+    print(format_table(rows))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "summary": cmd_summary,
+    "plot": cmd_plot,
+    "info": cmd_info,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

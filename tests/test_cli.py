@@ -494,3 +494,97 @@ def test_resume_to_more_epochs_equals_a_straight_run(idx_folder: Path, tmp_path:
         == 0
     )
     assert _history(extended) == _history(straight)
+
+
+def test_sweep_trains_every_grid_point_and_tabulates(
+    idx_folder: Path, tmp_path: Path, capsys
+) -> None:
+    out_dir = tmp_path / "runs"
+    args = [
+        "sweep",
+        "--data",
+        str(idx_folder),
+        *TINY,
+        "--out-dir",
+        str(out_dir),
+        "--grid",
+        "eta=0.05,0.2",
+        "--grid",
+        "batch_norm=off,node",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    files = sorted(p.name for p in out_dir.glob("*.json"))
+    assert files == [
+        "eta=0.05_batch_norm=node.json",
+        "eta=0.05_batch_norm=off.json",
+        "eta=0.2_batch_norm=node.json",
+        "eta=0.2_batch_norm=off.json",
+    ]
+    record = json.loads((out_dir / "eta=0.2_batch_norm=node.json").read_text())
+    assert record["config"]["eta"] == 0.2 and record["config"]["batch_norm"] == "node"
+    assert len(record["history"]["test_acc"]) == 3 and "environment" in record
+    assert capsys.readouterr().out.count("eta=") >= 4
+
+
+def test_sweep_in_parallel_processes_matches_sequential(idx_folder: Path, tmp_path: Path) -> None:
+    grids = ["--grid", "seed=0,1", "--grid", "hidden=8/4,6"]
+    for workers, folder in (("1", "seq"), ("2", "par")):
+        assert (
+            main(
+                [
+                    "sweep",
+                    "--data",
+                    str(idx_folder),
+                    "--epochs",
+                    "1",
+                    "--quiet",
+                    "--workers",
+                    workers,
+                    "--out-dir",
+                    str(tmp_path / folder),
+                    *grids,
+                ]
+            )
+            == 0
+        )
+    for path in (tmp_path / "seq").glob("*.json"):
+        assert _history(path) == _history(tmp_path / "par" / path.name)
+
+
+@pytest.mark.parametrize(
+    "grid, fragment",
+    [
+        ("eta", "OPTION=V1,V2"),
+        ("n_inputs=3,4", "cannot sweep"),
+        ("eta=fast", "cannot read"),
+        ("batch_norm=on", "off, n, bn, node"),
+    ],
+)
+def test_sweep_rejects_bad_grids(idx_folder: Path, grid: str, fragment: str, capsys) -> None:
+    assert main(["sweep", "--data", str(idx_folder), "--grid", grid]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_sweep_on_dask_without_dask_gives_the_install_command(
+    idx_folder: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, "dask", None)
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)
+    assert (
+        main(
+            [
+                "sweep",
+                "--data",
+                str(idx_folder),
+                "--grid",
+                "eta=0.1",
+                "--dask",
+                "local",
+                "--out-dir",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
+    assert 'pip install "fastnn[dask]"' in capsys.readouterr().err
