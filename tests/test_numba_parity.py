@@ -30,6 +30,10 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "sgd_update": (1e-14, 1e-6),
     "loss_and_grads": (1e-10, 1e-4),
     "evaluate": (1e-10, 1e-4),
+    "evaluate_loss": (1e-10, 1e-4),
+    # rows whose reference top-two outputs are closer than this (relative to max|y|) are
+    # near-ties: the predicted class may differ there (the test data keeps them rare)
+    "evaluate_near_tie": (1e-9, 1e-5),
     "train_epoch": (1e-10, 1e-4),
     "fit": (1e-9, 1e-4),
 }
@@ -273,6 +277,114 @@ def test_loss_and_grads_and_evaluate(dtype: str, options: dict[str, Any]) -> Non
     acc_ref, loss_ref, predicted_ref = ref.evaluate(x, t, labels)
     assert acc == acc_ref and np.array_equal(predicted, predicted_ref)
     assert_close("evaluate", loss, loss_ref, dtype, "loss")
+
+
+# ---- evaluation of a whole set (NumbaOps.evaluate: blocked, one compiled call) ----
+
+EVAL_OUTPUTS = ("softmax_cross_entropy", "identity_mse")
+
+
+def _eval_pair(dtype: str, **options: Any) -> tuple[Network, Network]:
+    """A numba/numpy network pair with trained-looking parameters and running statistics."""
+    ours, ref = _pair({**options, "dtype": dtype, "dropout_input": 0.8, "dropout_hidden": 0.6})
+    gen = np.random.default_rng(21)
+    params = {name: value + gen.normal(scale=0.3, size=value.shape)
+              for name, value in ref.numpy_params().items()}
+    ours.params, ref.params = params, params
+    for k in ref.running:  # non-trivial running statistics for bn_eval="running"
+        size = ref.sizes[k]
+        stats = (gen.normal(scale=0.2, size=size).astype(dtype),
+                 gen.uniform(0.5, 2.0, size=size).astype(dtype))
+        ours.running[k] = ref.running[k] = stats
+    return ours, ref
+
+
+def _eval_data(dtype: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    gen = np.random.default_rng(17)
+    x = (gen.normal(size=(n, 6)) * np.linspace(0.5, 2.0, 6)).astype(dtype)
+    return x, np.eye(3, dtype=dtype)[gen.integers(0, 3, n)]
+
+
+def assert_same_evaluation(ours: Network, ref: Network, x: Any, t: Any, what: str) -> None:
+    """Loss to tolerance; predicted classes identical except at the reference's near-ties."""
+    dtype = ref.dtype
+    loss, predicted = ours.ops.evaluate(ours, x, t)
+    loss_ref, predicted_ref = ref.ops.evaluate(ref, x, t)
+    assert isinstance(loss, float) and isinstance(loss_ref, float)
+    assert predicted.shape == predicted_ref.shape == (len(x),)
+    assert predicted.dtype == predicted_ref.dtype
+    assert_close("evaluate_loss", loss, loss_ref, dtype, what + " loss")
+    y = np.sort(ref.forward_eval(x).astype(np.float64), axis=1)
+    tie = TOLERANCES["evaluate_near_tie"][0 if dtype == "float64" else 1]
+    near_tie = y[:, -1] - y[:, -2] <= tie * max(float(np.abs(y).max()), 1e-30)
+    assert near_tie.sum() <= max(1, len(x) // 50), f"{what}: data has {near_tie.sum()} near-ties"
+    differ = (predicted != predicted_ref) & ~near_tie
+    assert not differ.any(), (
+        f"{what}: predicted classes differ at rows {np.flatnonzero(differ)[:10]}: "
+        f"numba {predicted[differ][:10]} vs numpy {predicted_ref[differ][:10]}"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_norm", BATCH_NORMS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_evaluate_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, numba_ops: Any, dtype: str, batch_norm: str,
+    activation: str
+) -> None:
+    """Every bn_eval x dropout mode x output, on 53 rows in blocks of 16 (a short last one)."""
+    monkeypatch.setattr(numba_ops, "EVAL_BLOCK", 16)
+    x, t = _eval_data(dtype, 53)
+    bn_evals = ("batch", "running") if batch_norm != "off" else ("batch",)
+    for bn_eval, mode, output in itertools.product(bn_evals, ("article", "inverted"),
+                                                   EVAL_OUTPUTS):
+        ours, ref = _eval_pair(dtype, activation=activation, batch_norm=batch_norm,
+                               bn_eval=bn_eval, dropout_mode=mode, output=output)
+        assert ours.ops is numba_ops
+        assert_same_evaluation(ours, ref, x, t, f"{bn_eval} {mode} {output}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_norm", ("off", "bn"))
+def test_evaluate_with_the_default_block(numba_ops: Any, dtype: str, batch_norm: str) -> None:
+    """More rows than two default blocks (not a multiple), then a smaller set that reuses the
+    whole-set buffers, then single rows (batch norm of one row: std at its floor)."""
+    n = 2 * numba_ops.EVAL_BLOCK + 37
+    ours, ref = _eval_pair(dtype, activation="tanh", batch_norm=batch_norm)
+    x, t = _eval_data(dtype, n)
+    assert_same_evaluation(ours, ref, x, t, f"{n} rows")
+    assert_same_evaluation(ours, ref, x[:101], t[:101], "101 rows")
+    loss, predicted = ours.ops.evaluate(ours, x[:1], t[:1])
+    loss_ref, predicted_ref = ref.ops.evaluate(ref, x[:1], t[:1])
+    assert_close("evaluate_loss", loss, loss_ref, dtype, "1 row")
+    assert np.array_equal(predicted, predicted_ref)
+
+
+@pytest.mark.parametrize("output", EVAL_OUTPUTS)
+def test_evaluate_breaks_exact_ties_like_numpy(output: str) -> None:
+    """Every row's outputs tie between classes 1 and 2: the first maximum wins (np.argmax)."""
+    ours, ref = _eval_pair("float64", output=output)
+    for net in (ours, ref):
+        net.params["W3"] = np.zeros_like(net.params["W3"])
+        net.params["b3"] = np.array([0.2, 0.7, 0.7])
+    x, t = _eval_data("float64", 30)
+    loss, predicted = ours.ops.evaluate(ours, x, t)
+    loss_ref, predicted_ref = ref.ops.evaluate(ref, x, t)
+    assert np.array_equal(predicted, predicted_ref) and (predicted == 1).all()
+    assert_close("evaluate_loss", loss, loss_ref, "float64", "loss")
+
+
+def test_evaluate_falls_back_on_unusual_inputs(numba_ops: Any) -> None:
+    """Strided, read-only or mixed-dtype inputs take the reference path (same results)."""
+    ours, ref = _eval_pair("float64", batch_norm="node")
+    x, t = _eval_data("float64", 40)
+    strided = np.repeat(x, 2, axis=0)[::2]
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    for name, (xs, ts) in {"strided": (strided, t), "read-only": (read_only, t),
+                           "float32 targets": (x, t.astype("float32"))}.items():
+        assert numba_ops._evaluate_arguments(ours, xs, ts) is None, name
+        assert_same_evaluation(ours, ref, xs, ts, name)
 
 
 @pytest.mark.parametrize("options", _option_grid()[::3], ids=_grid_id)

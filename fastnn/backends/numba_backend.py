@@ -7,8 +7,11 @@ live in `_numba_kernels` and compile lazily (on first use, or in `warm_up`).
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numba  # noqa: F401 - an ImportError here is turned into an install hint by the registry
@@ -31,6 +34,14 @@ def _same_float_arrays(*arrays: Any) -> bool:
         isinstance(a, np.ndarray) and a.dtype == first.dtype and a.flags.c_contiguous
         for a in arrays
     )
+
+
+def _usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _multiplier(mask: Any, like: np.ndarray) -> np.ndarray | None:
@@ -125,6 +136,7 @@ class NumbaOps(NumpyOps):
         self._kernels: Any = None
         self._threads: Any = None
         self._warmed: set[tuple[str, int]] = set()
+        self._eval_buffers: dict[tuple[str, int], Any] = {}
 
     # ---- set-up ----
     def check_available(self) -> None:
@@ -182,6 +194,18 @@ class NumbaOps(NumpyOps):
         if self._threads is None:
             self._threads = self.kernels.BlasThreads()
         return self._threads
+
+    @contextmanager
+    def _one_blas_thread(self) -> Iterator[None]:
+        """Run the block with the kernels' BLAS on one thread (restored afterwards)."""
+        threads = self._blas_threads().get()
+        if threads is not None and threads > 1:
+            self._blas_threads().set(1)
+        try:
+            yield
+        finally:
+            if threads is not None and threads > 1:
+                self._blas_threads().set(threads)
 
     def _blas(self, dtype: Any) -> tuple[int, int]:
         """(kind, gemm address) of the BLAS the kernels call for this dtype."""
@@ -411,6 +435,168 @@ class NumbaOps(NumpyOps):
             else:
                 kernels.sgd_vector(param, grad, param.dtype.type(rate))
 
+    # ---- evaluation ----
+    #: rows per block of the blocked evaluation (buffers of a few MB: they stay in cache)
+    EVAL_BLOCK = 2048
+    #: threads that share out an evaluation's blocks (None: one per usable CPU)
+    EVAL_THREADS: int | None = None
+
+    def evaluate(self, network: Any, x: Any, t: Any) -> tuple[float, Any]:
+        """Loss and predicted classes of a whole set, ``EVAL_BLOCK`` rows at a time.
+
+        Without batch norm (or with running statistics) no (N, d) activation is ever built;
+        with whole-set statistics the hidden pre-activations go to reused (N, d_k) buffers.
+        Blocks are independent: `_run_blocks` shares them out among threads.
+        """
+        arguments = self._evaluate_arguments(network, x, t)
+        if arguments is None:
+            return super().evaluate(network, x, t)
+        (x, t, weights, biases, gammas, betas, running_means, running_vars, act, alpha, bn,
+         has_gamma, batch_stats, output, scales, full, blas_kind, address, predicted) = arguments
+        kernels, dtype = self.kernels, x.dtype
+        n_rows, n_layers = len(x), len(weights)
+        widest = max(w.shape[1] for w in weights)
+        scale_rows, means, stds, gamma_rows, beta_rows = (
+            np.empty((n_layers, widest), dtype) for _ in range(5)
+        )
+        kernels.evaluate_setup(weights, gammas, betas, running_means, running_vars, bn,
+                               batch_stats, scales, scale_rows, means, stds, gamma_rows,
+                               beta_rows)
+        rows = self.EVAL_BLOCK
+        n_blocks = -(-n_rows // rows)
+        layer_rows = (act, alpha, bn, has_gamma)
+        fixed = (scale_rows, means, stds, gamma_rows, beta_rows, blas_kind, address)
+        first = 1
+        # One BLAS thread: threads take whole blocks instead (a busy core then only slows the
+        # blocks it takes; a multithreaded product waits for its slowest thread every time).
+        with self._one_blas_thread():
+            if bn != kernels.BN_OFF and batch_stats:  # whole-set statistics, layer by layer
+                first = n_layers
+                for k in range(1, n_layers):
+                    def pre_activations(block: int, k: int = k) -> None:
+                        start = block * rows
+                        kernels.pre_activation_block(
+                            x, start, min(rows, n_rows - start), k, weights, biases, full,
+                            *layer_rows, *fixed)
+
+                    self._run_blocks(n_blocks, pre_activations)
+                    d = weights[k - 1].shape[1]
+                    kernels.whole_set_statistics(full[k - 1][:n_rows], means[k - 1, :d],
+                                                 stds[k - 1, :d])
+            totals = np.zeros(n_blocks)
+
+            def outputs(block: int) -> None:
+                start = block * rows
+                totals[block] = kernels.evaluate_block(
+                    x, t, start, min(rows, n_rows - start), weights, biases, first, full,
+                    *layer_rows, output, *fixed[:5], blas_kind, address, predicted)
+
+            self._run_blocks(n_blocks, outputs)
+        total = 0.0
+        for value in totals.tolist():  # in block order: the same sum on every run
+            total += value
+        loss = 0.5 * total / n_rows if output == kernels.OUTPUT_IDENTITY else -total / n_rows
+        return float(dtype.type(loss)), predicted
+
+    def _run_blocks(self, n_blocks: int, run: Any) -> None:
+        """run(0..n_blocks-1), shared out among up to ``EVAL_THREADS`` threads as each frees up
+        (the kernels release the GIL); in this thread alone when there is one block or CPU."""
+        workers = min(n_blocks, self.EVAL_THREADS or _usable_cpus())
+        if workers <= 1:
+            for block in range(n_blocks):
+                run(block)
+            return
+        blocks = iter(range(n_blocks))
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while not errors:
+                with lock:
+                    block = next(blocks, None)
+                if block is None:
+                    return
+                try:
+                    run(block)
+                except BaseException as exc:  # re-raised in the calling thread
+                    errors.append(exc)
+
+        helpers = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+        for helper in helpers:
+            helper.start()
+        work()
+        for helper in helpers:
+            helper.join()
+        if errors:
+            raise errors[0]
+
+    def _evaluate_arguments(self, network: Any, x: Any, t: Any) -> tuple[Any, ...] | None:
+        """The evaluation kernel's arguments; None when this network/data needs the reference."""
+        kernels, cfg = self.kernels, network.config
+        dtype = np.dtype(network.dtype)
+        n_layers, sizes, params = network.n_layers, network.sizes, network.params
+        if dtype not in _FLOAT_DTYPES or cfg.output not in kernels.OUTPUT_CODES:
+            return None
+        if not (_same_float_arrays(x, t) and x.dtype == dtype and x.ndim == 2 and t.ndim == 2
+                and x.flags.writeable and len(x) > 0 and x.shape == (len(x), sizes[0])
+                and t.shape == (len(x), sizes[-1])):
+            return None
+        spec = self._uniform_spec(network)
+        if spec is None:
+            return None
+        weights = tuple(params[f"W{k}"] for k in range(1, n_layers + 1))
+        biases = tuple(params[f"b{k}"] for k in range(1, n_layers + 1))
+        learnable = cfg.batch_norm in ("bn", "node")
+        gammas = tuple(params[f"gamma{k}"] for k in range(1, n_layers)) if learnable else ()
+        betas = tuple(params[f"beta{k}"] for k in range(1, n_layers)) if learnable else ()
+        if not _same_float_arrays(x, *weights, *biases, *gammas, *betas):
+            return None
+        dummy = np.ones(1, dtype)
+        batch_stats = cfg.bn_eval == "batch" or not network.running
+        means: tuple[Any, ...] = ()
+        variances: tuple[Any, ...] = ()
+        if cfg.batch_norm != "off" and not batch_stats:
+            running = [network.running[k] for k in range(1, n_layers)]
+            means = tuple(mean for mean, _ in running)
+            variances = tuple(var for _, var in running)
+            if not all(_same_float_arrays(x, s) and s.shape == (sizes[k],)
+                       for stats in (means, variances) for k, s in enumerate(stats, start=1)):
+                return None
+        full: tuple[Any, ...] = ()
+        if cfg.batch_norm != "off" and batch_stats:
+            full = tuple(self._eval_buffer(dtype, len(x), sizes[k]) for k in range(1, n_layers))
+        rows = np.ones((1, 1), dtype)
+        multipliers = network._eval_multipliers()
+        scales = np.array([multipliers.get(k, 1.0) for k in range(n_layers)], dtype)
+        return (
+            x, t, weights, biases, *(
+                (*group, *([dummy] * (n_layers - len(group))))
+                for group in (gammas, betas, means, variances)
+            ),
+            kernels.ACTIVATION_CODES[spec.activation], dtype.type(spec.alpha),
+            kernels.BATCH_NORM_CODES[cfg.batch_norm], learnable, batch_stats,
+            kernels.OUTPUT_CODES[cfg.output], scales,
+            (*full, *([rows] * (n_layers - len(full)))), *self._blas(dtype),
+            np.empty(len(x), np.intp),
+        )
+
+    def _eval_buffer(self, dtype: Any, n: int, d: int) -> Any:
+        """A reused (at least n, d) buffer for whole-set pre-activations (grown when needed)."""
+        key = (np.dtype(dtype).name, d)
+        buffer = self._eval_buffers.get(key)
+        if buffer is None or len(buffer) < n:
+            buffer = self._eval_buffers[key] = np.empty((n, d), dtype)
+        return buffer
+
+    def _uniform_spec(self, network: Any) -> HiddenSpec | None:
+        """The one spec all hidden layers share when the kernels support it, else None."""
+        specs = set(network.specs)
+        spec = next(iter(specs)) if specs else HiddenSpec(batch_norm=network.config.batch_norm)
+        if (len(specs) > 1 or spec.activation not in self.kernels.ACTIVATION_CODES
+                or spec.batch_norm not in self.kernels.BATCH_NORM_CODES):
+            return None
+        return spec
+
     # ---- the whole epoch ----
     def train_epoch(self, network: Any, x: Any, t: Any, order: Any, epoch: int) -> None:
         """The reference epoch (same batches, masks and update order) as one compiled call."""
@@ -420,14 +606,8 @@ class NumbaOps(NumpyOps):
             return
         # One BLAS thread: a batch's products are too small to gain from a second thread, and
         # a helper thread descheduled by another busy process stalls every product (seen: 40x).
-        threads = self._blas_threads().get()
-        if threads is not None and threads > 1:
-            self._blas_threads().set(1)
-        try:
+        with self._one_blas_thread():
             self.kernels.train_epoch(*arguments)
-        finally:
-            if threads is not None and threads > 1:
-                self._blas_threads().set(threads)
         running_means, running_vars = arguments[7], arguments[8]
         if self._tracks_running(network):
             for k in range(1, network.n_layers):
