@@ -6,10 +6,14 @@ Every configuration runs in its own fresh process (no thread pool left spinning 
 library), compiles first (not timed), then times ``--epochs-repeat`` epochs; the table shows
 medians.
 
-    python benchmarks/compare.py [--epochs-repeat N] [--data synthetic|mnist] [--rounds R]
+    python benchmarks/compare.py [--epochs-repeat N] [--data synthetic,mnist] [--rounds R]
 
-PyTorch is optional: when it cannot be imported its column says so. OPENBLAS_CORETYPE and
-OPENBLAS_L2_SIZE are removed from the workers' environment unless ``--keep-openblas-env``.
+``--data`` takes one kind or a comma-separated list (one table each). MNIST's inputs are ~81%
+exact zeros after min-max scaling, so the numba backend takes its sparse (CSR) first layer
+there; the table header says which first-layer path numba used (FASTNN_NUMBA_SPARSE=0/1/auto
+in the environment forces it). PyTorch is optional: when it cannot be imported its column
+says so. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the workers' environment
+unless ``--keep-openblas-env``.
 """
 
 from __future__ import annotations
@@ -63,14 +67,19 @@ def epoch_order(epoch: int, n: int) -> np.ndarray:
 
 # ---- workers (one configuration per process) ----
 
-def time_fastnn(backend: str, dtype: str, batch_norm: str, data: str, repeats: int) -> list[float]:
-    """Seconds of each timed epoch: ops.train_epoch + evaluate(train) + evaluate(test)."""
+def time_fastnn(
+    backend: str, dtype: str, batch_norm: str, data: str, repeats: int
+) -> tuple[list[float], str]:
+    """(seconds of each timed epoch: ops.train_epoch + evaluate(train) + evaluate(test),
+    the first-layer path the backend took: "sparse", "dense" or "" when it does not say)."""
     from fastnn import Config, Network
 
     x, t, labels, x_test, t_test, labels_test = load_data(data, dtype)
     net = Network(Config(backend=backend, dtype=dtype, batch_norm=batch_norm))
     ops = net.ops
     ops.warm_up(net)  # compilation, not timed
+    paths = getattr(ops, "first_layer_paths", None)
+    before = paths.copy() if paths is not None else None  # warm_up's probe is not counted
     seconds = []
     for epoch in range(1, repeats + 1):
         order = epoch_order(epoch, len(x))
@@ -79,7 +88,10 @@ def time_fastnn(backend: str, dtype: str, batch_norm: str, data: str, repeats: i
         net.evaluate(x, t, labels)
         net.evaluate(x_test, t_test, labels_test)
         seconds.append(time.perf_counter() - start)
-    return seconds
+    if paths is None or before is None:
+        return seconds, ""
+    used = sorted({name.split("_")[-1] for name, count in (paths - before).items() if count})
+    return seconds, "+".join(used)
 
 
 def time_torch(dtype: str, batch_norm: str, data: str, repeats: int) -> list[float]:
@@ -157,24 +169,25 @@ def blas_description() -> str:
 
 def worker(arguments: argparse.Namespace) -> None:
     implementation, dtype, batch_norm = arguments.worker
+    path = ""
     if implementation == "torch":
         seconds = time_torch(dtype, batch_norm, arguments.data, arguments.epochs_repeat)
     else:
-        seconds = time_fastnn(implementation, dtype, batch_norm, arguments.data,
-                              arguments.epochs_repeat)
-    print(json.dumps({"seconds": seconds, "blas": blas_description()}))
+        seconds, path = time_fastnn(implementation, dtype, batch_norm, arguments.data,
+                                    arguments.epochs_repeat)
+    print(json.dumps({"seconds": seconds, "blas": blas_description(), "first_layer": path}))
 
 
 # ---- the driver ----
 
-def run_worker(implementation: str, dtype: str, batch_norm: str,
+def run_worker(implementation: str, dtype: str, batch_norm: str, data: str,
                arguments: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     if not arguments.keep_openblas_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
     command = [sys.executable, __file__, "--worker", implementation, dtype, batch_norm,
-               "--epochs-repeat", str(arguments.epochs_repeat), "--data", arguments.data]
+               "--epochs-repeat", str(arguments.epochs_repeat), "--data", data]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["failed"])[-1]
@@ -205,7 +218,8 @@ def main() -> None:
     parser.add_argument("--epochs-repeat", type=int, default=5, help="timed epochs per config")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the whole sweep, interleaving configs (medians over all)")
-    parser.add_argument("--data", choices=("synthetic", "mnist"), default="synthetic")
+    parser.add_argument("--data", default="synthetic",
+                        help="synthetic and/or mnist, comma-separated (a table each)")
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--batch-norm", default="off,bn", help="off and/or bn (the BN variant)")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
@@ -216,34 +230,54 @@ def main() -> None:
         worker(arguments)
         return
 
+    kinds = [kind for kind in arguments.data.split(",") if kind]
+    unknown = sorted(set(kinds) - {"synthetic", "mnist"})
+    if unknown or not kinds:
+        parser.error(f"--data: synthetic and/or mnist, not {','.join(unknown) or 'nothing'}")
     implementations = [i for i in arguments.impls.split(",") if i]
     torch_missing = torch_available() if "torch" in implementations else None
     if torch_missing:
         implementations.remove("torch")
     configs = [(dtype, bn) for dtype in arguments.dtypes.split(",")
                for bn in arguments.batch_norm.split(",")]
-    seconds: dict[tuple[str, str, str], list[float]] = {}
-    errors: dict[tuple[str, str, str], str] = {}
+    seconds: dict[tuple[str, str, str, str], list[float]] = {}
+    errors: dict[tuple[str, str, str, str], str] = {}
+    paths: dict[str, set[str]] = {kind: set() for kind in kinds}
     blas = ""
     for _ in range(arguments.rounds):
-        for dtype, bn in configs:
-            for implementation in implementations:
-                key = (implementation, dtype, bn)
-                result = run_worker(implementation, dtype, bn, arguments)
-                if "error" in result:
-                    errors[key] = result["error"]
-                    continue
-                seconds.setdefault(key, []).extend(result["seconds"])
-                if implementation == "numba":
-                    blas = result["blas"]
+        for kind in kinds:
+            for dtype, bn in configs:
+                for implementation in implementations:
+                    key = (kind, implementation, dtype, bn)
+                    result = run_worker(implementation, dtype, bn, kind, arguments)
+                    if "error" in result:
+                        errors[key] = result["error"]
+                        continue
+                    seconds.setdefault(key, []).extend(result["seconds"])
+                    if implementation == "numba":
+                        blas = result["blas"]
+                        paths[kind].add(result.get("first_layer") or "unknown")
+    for kind in kinds:
+        print_table(kind, configs, seconds, paths[kind], blas, arguments)
+    if torch_missing:
+        print(f"torch: skipped, not importable ({torch_missing})")
+    for (kind, implementation, dtype, bn), message in errors.items():
+        print(f"{kind} {implementation} {dtype} {bn}: failed: {message}")
 
+
+def print_table(kind: str, configs: list[tuple[str, str]],
+                seconds: dict[tuple[str, str, str, str], list[float]], paths: set[str],
+                blas: str, arguments: argparse.Namespace) -> None:
+    """The medians of one data kind, numba/torch, numba/numpy and article/numba ratios."""
     def median(implementation: str, dtype: str, bn: str) -> float | None:
-        values = seconds.get((implementation, dtype, bn))
+        values = seconds.get((kind, implementation, dtype, bn))
         return statistics.median(values) if values else None
 
     print(f"one article epoch (train 60k at batch 100, hidden (100, 50), evaluate 60k + 10k); "
-          f"data {arguments.data}; median of {arguments.epochs_repeat * arguments.rounds} epochs")
-    print(f"BLAS: {blas or 'unknown'}; cpus: {os.cpu_count()}")
+          f"data {kind}; median of {arguments.epochs_repeat * arguments.rounds} epochs")
+    print(f"BLAS: {blas or 'unknown'}; cpus: {os.cpu_count()}; numba first layer: "
+          f"{'/'.join(sorted(paths)) or '-'} (FASTNN_NUMBA_SPARSE="
+          f"{os.environ.get('FASTNN_NUMBA_SPARSE', 'auto')})")
     header = (f"{'dtype':<8} {'BN':<4} {'numpy s':>8} {'numba s':>8} {'torch s':>8} "
               f"{'numba/torch':>11} {'numba/numpy':>11} {'article/numba':>13}")
     print(header)
@@ -254,16 +288,13 @@ def main() -> None:
         print(f"{dtype:<8} {bn:<4} {format_seconds(numpy_s):>8} {format_seconds(numba_s):>8} "
               f"{format_seconds(torch_s):>8} {format_ratio(numba_s, torch_s):>11} "
               f"{format_ratio(numba_s, numpy_s):>11} {format_ratio(article, numba_s):>13}")
-    for dtype in arguments.dtypes.split(","):
+    for dtype in sorted({dtype for dtype, _ in configs}):
         off, on = median("numba", dtype, "off"), median("numba", dtype, "bn")
         if off and on:
             print(f"numba {dtype}: batch norm adds {100 * (on / off - 1):+.1f}% to the epoch")
     print(f"article: {ARTICLE_SECONDS_PER_EPOCH['off']:.2f} s/epoch without BN (229 s / 50), "
           f"{ARTICLE_SECONDS_PER_EPOCH['bn']:.2f} s/epoch with BN (299 s / 50), 2018 desktop")
-    if torch_missing:
-        print(f"torch: skipped, not importable ({torch_missing})")
-    for (implementation, dtype, bn), message in errors.items():
-        print(f"{implementation} {dtype} {bn}: failed: {message}")
+    print()
 
 
 if __name__ == "__main__":

@@ -463,3 +463,175 @@ def test_gemm_with_both_blas_interfaces(dtype: str) -> None:
             kernels.gemm(kind, address, trans_a, trans_b, alpha, left, right, beta, out)
             what = f"blas {kind} {trans_a} {trans_b}"
             assert_close("affine", out, c - 0.5 * (a @ b), dtype, what)
+
+
+# ---- the sparse first layer (CSR inputs) ----
+
+SPARSE_OPTIONS = [  # dropout mode x batch norm x weight decay, each value at least once
+    dict(batch_norm="off"),
+    dict(batch_norm="off", dropout_input=0.8, dropout_hidden=0.6, weight_decay=("l2", 1e-2)),
+    dict(batch_norm="bn", dropout_input=0.7, dropout_mode="inverted", weight_decay=("l1", 1e-3)),
+    dict(batch_norm="node", dropout_input=0.8, dropout_hidden=0.6, bn_eval="running",
+         output="identity_mse"),
+    dict(batch_norm="bn", dropout_input=0.8, dropout_mode="inverted", bn_eval="running",
+         weight_decay=("l2", 1e-2), activation="tanh"),
+]
+
+
+def sparse_x(dtype: str, n: int, d: int, seed: int = 3) -> np.ndarray:
+    """Min-max scaled inputs, about 80% of them exact zeros."""
+    gen = np.random.default_rng(seed)
+    x = gen.integers(1, 256, (n, d)) * (gen.random((n, d)) < 0.2)
+    return ((x - x.min()) / (x.max() - x.min())).astype(dtype)
+
+
+def sparse_blobs(n: int, n_inputs: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """`make_blobs` with most pixels set to 0: about 25% stay nonzero."""
+    from conftest import make_blobs
+
+    x, labels = make_blobs(n, n_inputs, n_classes, seed=1)
+    keep = np.random.default_rng(2).random(x.shape) < np.where(x >= 150, 0.6, 0.1)
+    return np.where(keep, x, 0).astype(np.uint8), labels
+
+
+def _sparse_pair(dtype: str, options: dict[str, Any], d: int = 24) -> tuple[Network, Network]:
+    return _pair({"n_inputs": d, "dtype": dtype, **options})
+
+
+def test_sparse_data_takes_the_sparse_path_and_dense_data_the_dense_one(numba_ops: Any) -> None:
+    assert numba_ops.sparse_mode == "auto"
+    ours, _ = _sparse_pair("float64", {}, d=6)
+    dense, t, _ = small_data("float64", n=21)
+    sparse = sparse_x("float64", 21, 6)
+    order = np.arange(21)
+    for x, path in ((dense, "dense"), (sparse, "sparse")):
+        before = numba_ops.first_layer_paths.copy()
+        numba_ops.train_epoch(ours, x, t, order, 1)
+        assert numba_ops.last_sparse_steps == (3 if path == "sparse" else 0)
+        ours.evaluate(x, t, t.argmax(1))
+        changes = numba_ops.first_layer_paths - before
+        assert changes == {f"train_{path}": 1, f"evaluate_{path}": 1}, changes
+    assert numba_ops.sparse_form(dense) is None
+    csr = numba_ops.sparse_form(sparse)
+    assert csr is not None and csr is numba_ops.sparse_form(sparse)  # built once
+    indptr, indices, values = csr
+    assert (indptr.dtype, indices.dtype, values.dtype) == (np.int64, np.int32, np.float64)
+    rebuilt = np.zeros_like(sparse)
+    rebuilt[np.repeat(np.arange(21), np.diff(indptr)), indices] = values
+    assert np.array_equal(rebuilt, sparse)
+    sparse[0] = 0.0  # a sampled row changes in place: the cached form is rebuilt
+    changed = numba_ops.sparse_form(sparse)
+    assert changed is not None and changed is not csr
+    assert changed[0][1] == 0 and changed[0][-1] == indptr[-1] - indptr[1]
+    numba_ops.clear_sparse_cache()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_sparse_train_epoch_and_evaluate_match_reference(
+    monkeypatch: pytest.MonkeyPatch, numba_ops: Any, numpy_ops: Any, dtype: str,
+    options: dict[str, Any]
+) -> None:
+    monkeypatch.setattr(numba_ops, "EVAL_BLOCK", 16)
+    monkeypatch.setattr(numba_ops, "sparse_train_dtypes", DTYPES)
+    ours, ref = _sparse_pair(dtype, options)
+    x = sparse_x(dtype, 45, 24)
+    labels = np.random.default_rng(4).integers(0, 3, 45)
+    t = np.eye(3, dtype=dtype)[labels]
+    masks = ref.dropout_masks(epoch=1, step=2, batch=len(x))
+    loss, grads = ours.loss_and_grads(x, t, masks)
+    loss_ref, grads_ref = ref.loss_and_grads(x, t, masks)
+    assert_close("loss_and_grads", loss, loss_ref, dtype, "loss")
+    assert_all_close("loss_and_grads", grads, grads_ref, dtype)
+    for epoch in (1, 2, 3):  # 45 rows at batch 8: a short last batch
+        order = np.random.default_rng(epoch).permutation(len(x))
+        numba_ops.train_epoch(ours, x, t, order, epoch)
+        assert numba_ops.last_sparse_steps == 6
+        numpy_ops.train_epoch(ref, x, t, order, epoch)
+    assert_all_close("train_epoch", ours.params, ref.numpy_params(), dtype)
+    for k, (mean, var) in ref.running.items():
+        assert_close("train_epoch", ours.running[k][0], mean, dtype, f"running mean {k}")
+        assert_close("train_epoch", ours.running[k][1], var, dtype, f"running var {k}")
+    before = numba_ops.first_layer_paths["evaluate_sparse"]
+    assert_same_evaluation(ours, ref, x, t, "sparse")
+    assert numba_ops.first_layer_paths["evaluate_sparse"] == before + 1
+
+
+def test_sparse_mode_switch_and_non_finite_weights(
+    monkeypatch: pytest.MonkeyPatch, numba_ops: Any, numpy_ops: Any
+) -> None:
+    """"1" forces CSR on dense data, "0" keeps sparse data dense; an inf in W1 goes dense."""
+    dtype = "float64"
+    x, t, labels = small_data(dtype, n=21)
+    order = np.random.default_rng(2).permutation(len(x))
+    options = dict(dropout_input=0.8, dropout_hidden=0.6, weight_decay=("l1", 1e-3))
+    for mode, data, steps in (("1", x, 3), ("0", sparse_x(dtype, 21, 6), 0)):
+        monkeypatch.setattr(numba_ops, "sparse_mode", mode)
+        ours, ref = _pair({**options, "dtype": dtype})
+        for epoch in (1, 2):
+            numba_ops.train_epoch(ours, data, t, order, epoch)
+            assert numba_ops.last_sparse_steps == steps, mode
+            numpy_ops.train_epoch(ref, data, t, order, epoch)
+        assert_all_close("train_epoch", ours.params, ref.numpy_params(), dtype)
+        assert_same_evaluation(ours, ref, data, t, f"mode {mode}")
+    monkeypatch.setattr(numba_ops, "sparse_mode", "auto")
+    data = sparse_x(dtype, 21, 6)
+    ours, ref = _pair({"dtype": dtype})
+    for net in (ours, ref):
+        weights = net.numpy_params()["W1"].copy()
+        weights[data[0].argmax(), 0] = np.inf
+        net.params = {**net.numpy_params(), "W1": weights}
+    before = numba_ops.first_layer_paths["evaluate_dense"]
+    with np.errstate(all="ignore"):
+        loss, predicted = ours.ops.evaluate(ours, data, t)
+        loss_ref, predicted_ref = ref.ops.evaluate(ref, data, t)
+        numba_ops.train_epoch(ours, data, t, order, 1)
+        numpy_ops.train_epoch(ref, data, t, order, 1)
+    assert numba_ops.first_layer_paths["evaluate_dense"] == before + 1
+    assert np.isnan(loss) == np.isnan(loss_ref) and np.array_equal(predicted, predicted_ref)
+    assert numba_ops.last_sparse_steps == 0
+    for name, value in ref.numpy_params().items():
+        assert np.array_equal(np.isnan(ours.params[name]), np.isnan(value)), name
+
+
+def _sparse_fit(backend: str, dtype: str = "float64", **changes: Any) -> tuple[Any, dict]:
+    x, t = sparse_blobs(800, 30, 3)
+    options = dict(hidden=(16, 8), n_inputs=30, n_outputs=3, epochs=3, batch_size=64,
+                   backend=backend, dtype=dtype, batch_norm="bn", dropout_input=0.9,
+                   dropout_hidden=0.8, seed=11)
+    options.update(changes)
+    trainer = Trainer(Config(**options))
+    history = trainer.fit(x[:600], t[:600], x[600:], t[600:])
+    return history, {k: v.copy() for k, v in trainer.network.numpy_params().items()}
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"dropout_mode": "inverted", "batch_norm": "node", "bn_eval": "running",
+         "weight_decay": ("l2", 1e-3)},
+    {"batch_norm": "off", "weight_decay": ("l1", 1e-3)},
+])
+def test_sparse_fit_matches_numpy(numba_ops: Any, changes: dict[str, Any]) -> None:
+    before = numba_ops.first_layer_paths.copy()
+    history, params = _sparse_fit("numba", **changes)
+    seen = numba_ops.first_layer_paths - before  # (warm_up's probe is dense)
+    assert (seen["train_sparse"], seen["evaluate_sparse"]) == (3, 8), seen
+    history_ref, params_ref = _sparse_fit("numpy", **changes)
+    assert history.train_acc == history_ref.train_acc
+    assert history.test_acc == history_ref.test_acc
+    for key in ("train_loss", "test_loss"):
+        assert_close("fit", getattr(history, key), getattr(history_ref, key), "float64", key)
+    assert_all_close("fit", params, params_ref, "float64")
+
+
+def test_sparse_fit_float32_and_bit_identical(
+    monkeypatch: pytest.MonkeyPatch, numba_ops: Any
+) -> None:
+    assert numba_ops.sparse_train_dtypes == ("float64",)  # float32 trains dense in "auto"
+    monkeypatch.setattr(numba_ops, "sparse_train_dtypes", DTYPES)
+    history, first = _sparse_fit("numba", dtype="float32")
+    history_ref, _ = _sparse_fit("numpy", dtype="float32")
+    assert_close("fit", history.train_loss, history_ref.train_loss, "float32", "train_loss")
+    assert np.allclose(history.test_acc, history_ref.test_acc, atol=0.01)
+    numba_ops.clear_sparse_cache()  # the second run builds its CSR form again
+    second = _sparse_fit("numba", dtype="float32")[1]
+    assert all(np.array_equal(first[name], second[name]) for name in first)

@@ -731,6 +731,197 @@ def sgd_vector(p, grad, rate):
         p[j] -= rate * grad[j]
 
 
+# ---- a sparse first layer: CSR inputs (the zeros of x are skipped, not multiplied) ----
+
+
+@jit_nogil
+def count_nonzeros(x, counts):
+    """counts[i] = the number of nonzero entries of row i (NaN counts: it is not zero)."""
+    zero = x.dtype.type(0.0)
+    total = 0
+    for i in range(x.shape[0]):
+        row = x[i]
+        count = 0
+        for j in range(x.shape[1]):
+            if row[j] != zero:
+                count += 1
+        counts[i] = count
+        total += count
+    return total
+
+
+@jit_nogil
+def fill_csr(x, indptr, indices, values):
+    """indices/values of x's nonzeros row by row, in column order (indptr already filled)."""
+    zero = x.dtype.type(0.0)
+    for i in range(x.shape[0]):
+        row = x[i]
+        p = indptr[i]
+        for j in range(x.shape[1]):
+            if row[j] != zero:
+                indices[p] = j
+                values[p] = row[j]
+                p += 1
+
+
+@jit
+def sparse_row_product(indices, values, low, high, w, out):
+    """out = the sum over p in low..high of values[p] * w[indices[p]] (four rows a pass)."""
+    m = out.shape[0]
+    out[:] = out.dtype.type(0.0)
+    p = low
+    while p + 4 <= high:
+        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+        w0, w1 = w[indices[p]], w[indices[p + 1]]
+        w2, w3 = w[indices[p + 2]], w[indices[p + 3]]
+        for k in range(m):
+            out[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k])
+        p += 4
+    while p < high:
+        v0, w0 = values[p], w[indices[p]]
+        for k in range(m):
+            out[k] += v0 * w0[k]
+        p += 1
+
+
+@jit
+def sparse_affine_rows(indptr, indices, values, w, b, u):
+    """u[i] = x[i] W + b for the CSR rows of x (indptr has len(u) + 1 entries)."""
+    for i in range(u.shape[0]):
+        row = u[i]
+        sparse_row_product(indices, values, indptr[i], indptr[i + 1], w, row)
+        for k in range(row.shape[0]):
+            row[k] += b[k]
+
+
+@jit
+def sparse_block(indptr, indices, values, start, scale, w, b, u):
+    """u[i] = (x[start + i] * scale) W + b for the CSR rows of x (the evaluation's layer 1)."""
+    one = u.dtype.type(1.0)
+    scaled = np.empty(w.shape[0] if scale != one else 0, u.dtype)
+    for i in range(u.shape[0]):
+        row = u[i]
+        low, high = indptr[start + i], indptr[start + i + 1]
+        if scale == one:
+            sparse_row_product(indices, values, low, high, w, row)
+        else:
+            for p in range(low, high):
+                scaled[p - low] = values[p] * scale
+            sparse_row_product(indices[low:high], scaled, 0, high - low, w, row)
+        for k in range(row.shape[0]):
+            row[k] += b[k]
+
+
+@jit
+def sparse_batch(indptr, indices, values, order, start, multiplier, batch_ptr, batch_idx,
+                 batch_val):
+    """The CSR rows of x[order[start:start+n]] * multiplier (n = len(batch_ptr) - 1).
+
+    Entries whose product is exactly 0 (a dropped input) are left out; the rest are the values
+    the reference's dense x * multiplier holds.
+    """
+    n = batch_ptr.shape[0] - 1
+    zero = batch_val.dtype.type(0.0)
+    per_element = multiplier.shape[1] > 1
+    per_row = multiplier.shape[0] > 1
+    scalar = multiplier[0, 0]
+    q = 0
+    batch_ptr[0] = 0
+    for i in range(n):
+        source = order[start + i]
+        mask_row = multiplier[i if per_row else 0]
+        for p in range(indptr[source], indptr[source + 1]):
+            j = indices[p]
+            value = values[p] * (mask_row[j] if per_element else scalar)
+            if value != zero:
+                batch_idx[q] = j
+                batch_val[q] = value
+                q += 1
+        batch_ptr[i + 1] = q
+
+
+@jit
+def gather_targets(t, order, start, t_batch):
+    """t_batch = t[order[start:start+n]]."""
+    for i in range(t_batch.shape[0]):
+        source, target = t[order[start + i]], t_batch[i]
+        for j in range(target.shape[0]):
+            target[j] = source[j]
+
+
+@jit
+def all_finite(a):
+    """True when a (2-d) holds no inf or NaN."""
+    zero = a.dtype.type(0.0)
+    finite = True
+    for i in range(a.shape[0]):
+        row = a[i]
+        for j in range(row.shape[0]):
+            finite &= row[j] - row[j] == zero  # NaN (not 0) for inf and NaN
+    return finite
+
+
+@jit
+def sparse_weight_update(batch_ptr, batch_idx, batch_val, du, w, eta, decay, lam, col_ptr,
+                         col_row, col_val, acc, dw):
+    """W -= eta * (x^T du + weight-decay gradient of the old W), x the batch's CSR rows.
+
+    The batch is transposed to columns first (counting sort), so each row j of x^T du is
+    summed once, over the batch rows in order. Without weight decay only the rows of W that
+    the batch touches change (x^T du is 0 elsewhere); with it ``dw`` receives all of x^T du
+    and `sgd_weights` updates every row. True when W is finite afterwards.
+    """
+    n = batch_ptr.shape[0] - 1
+    d, m = w.shape
+    dtype = w.dtype
+    zero = dtype.type(0.0)
+    nnz = batch_ptr[n]
+    col_ptr[:] = 0
+    for q in range(nnz):
+        col_ptr[batch_idx[q] + 1] += 1
+    for j in range(d):
+        col_ptr[j + 1] += col_ptr[j]
+    fill = col_ptr[:d].copy()
+    for i in range(n):
+        for q in range(batch_ptr[i], batch_ptr[i + 1]):
+            j = batch_idx[q]
+            col_row[fill[j]] = i
+            col_val[fill[j]] = batch_val[q]
+            fill[j] += 1
+    finite = True
+    for j in range(d):
+        low, high = col_ptr[j], col_ptr[j + 1]
+        if low == high:
+            if decay != DECAY_NONE:
+                dw[j, :] = zero
+            continue
+        acc[:] = zero
+        p = low
+        while p + 4 <= high:
+            v0, v1, v2, v3 = col_val[p], col_val[p + 1], col_val[p + 2], col_val[p + 3]
+            d0, d1 = du[col_row[p]], du[col_row[p + 1]]
+            d2, d3 = du[col_row[p + 2]], du[col_row[p + 3]]
+            for k in range(m):
+                acc[k] += (v0 * d0[k] + v1 * d1[k]) + (v2 * d2[k] + v3 * d3[k])
+            p += 4
+        while p < high:
+            v0, d0 = col_val[p], du[col_row[p]]
+            for k in range(m):
+                acc[k] += v0 * d0[k]
+            p += 1
+        if decay != DECAY_NONE:
+            dw[j, :] = acc
+            continue
+        row = w[j]
+        for k in range(m):
+            row[k] -= eta * acc[k]
+            finite &= row[k] - row[k] == zero
+    if decay != DECAY_NONE:
+        sgd_weights(w, dw, eta, decay, lam)
+        return all_finite(w)
+    return finite
+
+
 # ---- one whole epoch ----
 
 
@@ -769,7 +960,7 @@ def softmax_grad(u, t, output, du):
 def train_epoch(x, t, order, weights, biases, gammas, betas, running_means,
                 running_vars, batch_size, act, alpha, bn, output, decay, lam, eta, bn_rate,
                 inverted, keep_ratios, keep_counts, key_prefix, update_running, momentum,
-                momentum_rest, blas_kind, address):
+                momentum_rest, blas_kind, address, sparse, indptr, indices, values):
     """Every SGD step of one epoch, as ``Network.train_step`` does them, updating in place.
 
     weights/biases/gammas/betas/running_* are tuples with one entry per layer (gammas, betas
@@ -777,6 +968,11 @@ def train_epoch(x, t, order, weights, biases, gammas, betas, running_means,
     momentum_rest are scalars of the dtype; ``key_prefix`` is fold_key(seed, dropout, epoch).
     Each layer is updated as soon as its gradients exist (nothing later reads its old values);
     without weight decay BLAS adds -eta x^T du to W directly.
+
+    With ``sparse`` (indptr/indices/values: x in CSR form) the first layer's product and
+    weight gradient skip x's zeros (`sparse_batch`, `sparse_weight_update`); a step whose W1
+    or first-layer du is not finite goes the dense way (0 * inf is NaN there). Returns how many
+    steps took the sparse path.
     """
     n_layers = len(weights)
     n_rows = order.shape[0]
@@ -813,6 +1009,18 @@ def train_epoch(x, t, order, weights, biases, gammas, betas, running_means,
             multiplier[k] = np.empty((rows if inverted else 1, sizes[k]), dtype)
     scratch = np.empty(widest, np.uint64)
     t_batch = np.empty((rows, t.shape[1]), dtype)
+    # the sparse first layer: a batch's CSR rows, its columns, a row of x^T du
+    d_in, d_first = sizes[0], sizes[1]
+    capacity = rows * d_in if sparse else 0
+    batch_ptr = np.zeros(rows + 1, np.int64)
+    batch_idx = np.empty(capacity, np.int32)
+    batch_val = np.empty(capacity, dtype)
+    col_ptr = np.empty(d_in + 1, np.int64)
+    col_row = np.empty(capacity, np.int64)
+    col_val = np.empty(capacity, dtype)
+    acc = np.empty(d_first, dtype)
+    w1_finite = sparse and all_finite(weights[0])
+    sparse_steps = 0
 
     for step in range((n_rows + batch_size - 1) // batch_size):
         start = step * batch_size
@@ -827,12 +1035,24 @@ def train_epoch(x, t, order, weights, biases, gammas, betas, running_means,
                     fill_bernoulli_multiplier(key, keep_ratios[k], on_value, multiplier[k][:n])
                 else:
                     fill_article_mask(key, keep_counts[k], scratch[: sizes[k]], multiplier[k][0])
-        gather_batch(x, t, order, start, multiplier[0], z_buf[0][:n], t_batch[:n])
+        use_sparse = sparse and w1_finite
+        if use_sparse:
+            sparse_batch(indptr, indices, values, order, start, multiplier[0],
+                         batch_ptr[: n + 1], batch_idx, batch_val)
+            gather_targets(t, order, start, t_batch[:n])
+            sparse_steps += 1
+        else:
+            gather_batch(x, t, order, start, multiplier[0], z_buf[0][:n], t_batch[:n])
         # forward
         for k in range(1, n_layers + 1):
             u = u_buf[k][:n]
-            fill_rows(u, biases[k - 1])
-            gemm(blas_kind, address, False, False, one, z_buf[k - 1][:n], weights[k - 1], one, u)
+            if k == 1 and use_sparse:
+                sparse_affine_rows(batch_ptr[: n + 1], batch_idx, batch_val, weights[0],
+                                   biases[0], u)
+            else:
+                fill_rows(u, biases[k - 1])
+                gemm(blas_kind, address, False, False, one, z_buf[k - 1][:n], weights[k - 1],
+                     one, u)
             if k < n_layers:
                 y = y_buf[k][:n] if has_gamma else u_hat_buf[k][:n]
                 hidden_forward(u, act, alpha, bn, gammas[k - 1], betas[k - 1], has_gamma, True,
@@ -848,7 +1068,20 @@ def train_epoch(x, t, order, weights, biases, gammas, betas, running_means,
                 dz = dz_buf[k - 1][:n]
                 gemm(blas_kind, address, False, True, one, du, w, zero, dz)
             column_sums(du, db[: sizes[k]])
-            if decay == DECAY_NONE:
+            if k == 1 and use_sparse and all_finite(du):
+                w1_finite = sparse_weight_update(batch_ptr[: n + 1], batch_idx, batch_val, du,
+                                                 w, eta, decay, lam, col_ptr, col_row, col_val,
+                                                 acc, dw_buf[0])
+            elif k == 1 and sparse:  # the dense way; x's batch rows are needed now
+                if use_sparse:
+                    gather_batch(x, t, order, start, multiplier[0], z_buf[0][:n], t_batch[:n])
+                if decay == DECAY_NONE:
+                    gemm(blas_kind, address, True, False, minus_eta, z_prev, du, one, w)
+                else:
+                    gemm(blas_kind, address, True, False, one, z_prev, du, zero, dw_buf[0])
+                    sgd_weights(w, dw_buf[0], eta, decay, lam)
+                w1_finite = all_finite(w)
+            elif decay == DECAY_NONE:
                 gemm(blas_kind, address, True, False, minus_eta, z_prev, du, one, w)
             else:
                 gemm(blas_kind, address, True, False, one, z_prev, du, zero, dw_buf[k - 1])
@@ -880,6 +1113,7 @@ def train_epoch(x, t, order, weights, biases, gammas, betas, running_means,
                 for j in range(sizes[k]):
                     running_mean[j] = momentum * running_mean[j] + momentum_rest * mean_buf[k][j]
                     running_var[j] = momentum * running_var[j] + momentum_rest * var_buf[k][j]
+    return sparse_steps
 
 
 # ---- evaluation of a whole set, a block of rows at a time ----
@@ -964,7 +1198,7 @@ def input_rows(x, start, n, scale, scratch):
 @jit_nogil
 def evaluate_block(x, t, start, n, weights, biases, first, full, act, alpha, bn, has_gamma,
                    output, scales, means, stds, gamma_rows, beta_rows, blas_kind, address,
-                   predicted):
+                   predicted, sparse, indptr, indices, values):
     """Rows start..start+n from layer ``first`` on: the summed loss terms (float64) of their
     outputs; predicted[start:start+n] receives their classes.
 
@@ -972,14 +1206,24 @@ def evaluate_block(x, t, start, n, weights, biases, first, full, act, alpha, bn,
     pre-activations of these rows are in full[L - 2], and are normalised and activated here
     (in place). Row k - 1 of means/stds/gamma_rows/beta_rows belongs to hidden layer k;
     scales[k] multiplies layer k's output (k = 0: the input, scales[0, 0]). Blocks are
-    independent: threads may run them at once (the GIL is released).
+    independent: threads may run them at once (the GIL is released). With ``sparse`` layer 1
+    reads x's CSR form (indptr/indices/values) and skips its zeros.
     """
     n_layers = len(weights)
     dtype = x.dtype
     one = dtype.type(1.0)
     widest = max(scales.shape[1], x.shape[1])
     u_hat_scratch, y_scratch = np.empty(widest, dtype), np.empty(widest, dtype)
-    if first == 1:
+    if first == 1 and sparse:
+        d = weights[0].shape[1]
+        z = np.empty((n, d), dtype)
+        sparse_block(indptr, indices, values, start, scales[0, 0], weights[0], biases[0], z)
+        if n_layers > 1:
+            hidden_eval_rows(z, act, alpha, bn, means[0, :d], stds[0, :d], gamma_rows[0, :d],
+                             beta_rows[0, :d], has_gamma, scales[1, :d], u_hat_scratch,
+                             y_scratch, z)
+        first = 2
+    elif first == 1:
         z = input_rows(x, start, n, scales[0, 0],
                        np.empty((n if scales[0, 0] != one else 0, x.shape[1]), dtype))
     else:
@@ -1031,11 +1275,17 @@ def evaluate_setup(weights, gammas, betas, running_means, running_vars, bn, batc
 
 @jit_nogil
 def pre_activation_block(x, start, n, k, weights, biases, full, act, alpha, bn, has_gamma,
-                         scale_rows, means, stds, gamma_rows, beta_rows, blas_kind, address):
+                         scale_rows, means, stds, gamma_rows, beta_rows, blas_kind, address,
+                         sparse, indptr, indices, values):
     """full[k - 1][start:start+n] = hidden layer k's pre-activations of those rows; for k > 1
-    full[k - 2]'s rows are first normalised and activated in place (their statistics known)."""
+    full[k - 2]'s rows are first normalised and activated in place (their statistics known).
+    With ``sparse`` layer 1 reads x's CSR form (see `evaluate_block`)."""
     dtype = x.dtype
     one = dtype.type(1.0)
+    if k == 1 and sparse:
+        sparse_block(indptr, indices, values, start, scale_rows[0, 0], weights[0], biases[0],
+                     full[0][start:start + n])
+        return
     if k == 1:
         scale = scale_rows[0, 0]
         z = input_rows(x, start, n, scale, np.empty((n if scale != one else 0, x.shape[1]), dtype))
