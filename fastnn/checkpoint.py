@@ -9,8 +9,6 @@ needed: resuming repeats the interrupted epoch exactly.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 
 from .config import Config
 from .errors import CheckpointError, ConfigError
+from .fileio import write_atomically
 from .history import History
 from .train import TrainState
 
@@ -51,18 +50,10 @@ def save_checkpoint(
     arrays = dict(state.arrays)
     for name, value in (state.best_arrays or {}).items():
         arrays[BEST_PREFIX + name] = value
-    target = directory / FILENAME
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, __header__=np.array(json.dumps(header)), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomically(
+        directory / FILENAME,
+        lambda handle: np.savez(handle, __header__=np.array(json.dumps(header)), **arrays),
+    )
 
 
 def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:

@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,6 +30,7 @@ from .config import (
     Config,
 )
 from .errors import ConfigError, FastnnError
+from .fileio import write_atomically
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 INTERRUPT_DIR = "fastnn-interrupted"
@@ -298,16 +298,8 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_finite(data), handle, indent=1, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(_finite(data), indent=1, allow_nan=False)
+    write_atomically(path, lambda handle: handle.write(text.encode()))
 
 
 def _epoch_line(history: Any, epoch: int) -> str:

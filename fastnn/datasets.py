@@ -33,6 +33,7 @@ from typing import BinaryIO, Protocol
 import numpy as np
 
 from .errors import DataError
+from .fileio import write_atomically
 
 #: the four standard file names, in the order load_idx_folder returns their contents
 MNIST_FILES: tuple[str, ...] = (
@@ -603,17 +604,7 @@ def _store(folder: Path, files: Mapping[str, bytes]) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write data to a temp file beside path, fsync it, then rename it over path."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda handle: handle.write(data), mode=0o644)
 
 
 def _marker_entries(folder: Path) -> dict[str, dict[str, object]] | None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from . import rng
 from .backends import HiddenCache, HiddenSpec, get_backend
 from .config import Config
 from .errors import ConfigError, DataError
+from .fileio import write_atomically
 from .functions import init_biases, init_weights
 
 Array = Any
@@ -308,15 +307,10 @@ class Network:
             "config": self.config.to_dict(),
             **(extra or {}),
         }
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, __meta__=np.array(json.dumps(meta)), **self.state_arrays())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        arrays = self.state_arrays()
+        write_atomically(
+            path, lambda handle: np.savez(handle, __meta__=np.array(json.dumps(meta)), **arrays)
+        )
 
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None) -> Network:
