@@ -163,7 +163,7 @@ def learn(
     trainer = Trainer(config, on_epoch=report if verbose else None)
     history = trainer.fit(x_train, t_train, x_test, t_test, network=network)
     net = trainer.network
-    train_split, test_split, _ = trainer.prepare(x_train, t_train, x_test, t_test)
+    train_split, test_split, _ = trainer.splits  # the data as fit normalised it
     y_train = net.ops.to_numpy(net.forward_eval(train_split.x))
     y_test = net.ops.to_numpy(net.forward_eval(test_split.x))
     params = net.numpy_params()

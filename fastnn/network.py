@@ -223,8 +223,10 @@ class Network:
             total += self.ops.to_float(self.ops.weight_decay(self._params[f"W{k}"], kind, lam)[0])
         return total
 
-    def _grads(self, x: Array, t: Array, multipliers: Mapping[int, Any]) -> tuple[Array, dict]:
-        """(data loss as a 0-d array, gradients with weight decay) for one batch."""
+    def _grads(
+        self, x: Array, t: Array, multipliers: Mapping[int, Any]
+    ) -> tuple[Array, dict, list[HiddenCache]]:
+        """(loss as a 0-d array, gradients, hidden caches) for one batch, weight decay included."""
         u, inputs, caches = self._forward(x, multipliers, batch_stats=True)
         _, loss, du = self.ops.output_loss_grad(u, t, self.config.output)
         grads = self._backward(du, inputs, caches)
@@ -234,8 +236,7 @@ class Network:
                 penalty, grad = self.ops.weight_decay(self._params[f"W{k}"], kind, lam)
                 grads[f"W{k}"] = grads[f"W{k}"] + grad
                 loss = loss + penalty
-        self._last_caches = caches
-        return loss, dict(sorted(grads.items(), key=lambda item: _param_order(item[0])))
+        return loss, dict(sorted(grads.items(), key=lambda item: _param_order(item[0]))), caches
 
     def loss_and_grads(
         self, x: Any, t: Any, masks: Mapping[int, Any] | None = None
@@ -248,16 +249,16 @@ class Network:
         """
         x = self.ops.asarray(x, self.dtype)
         t = self.ops.asarray(t, self.dtype)
-        loss, grads = self._grads(x, t, self._train_multipliers(masks))
+        loss, grads, _ = self._grads(x, t, self._train_multipliers(masks))
         return self.ops.to_float(loss), grads
 
     def train_step(self, x: Array, t: Array, epoch: int, step: int) -> None:
         """One SGD step on a batch already on the backend, with the masks of (epoch, step)."""
         masks = self.dropout_masks(epoch, step, x.shape[0])
-        _, grads = self._grads(x, t, self._train_multipliers(masks))
+        _, grads, caches = self._grads(x, t, self._train_multipliers(masks))
         self.ops.sgd_update(self._params, grads, self.rates())
         if self.config.bn_eval == "running" and self.running:
-            self._update_running(self._last_caches)
+            self._update_running(caches)
 
     def _update_running(self, caches: list[HiddenCache]) -> None:
         m = self.config.bn_momentum

@@ -64,6 +64,8 @@ class Trainer:
         self.history = History()
         self.state: TrainState | None = None  # snapshot after the last completed epoch
         self.normalizer: Normalizer | None = None
+        #: (train, test, validation) as prepared by the last ``fit``
+        self.splits: tuple[Split, Split, Split | None] | None = None
 
     # ---- data ----
     def prepare(
@@ -124,7 +126,7 @@ class Trainer:
     ) -> History:
         """Train for ``config.epochs`` epochs (continuing ``resume`` when given)."""
         cfg = self.config
-        train, test, val = self.prepare(x_train, t_train, x_test, t_test)
+        train, test, val = self.splits = self.prepare(x_train, t_train, x_test, t_test)
         net = network if network is not None else Network(cfg)
         self.network = net
         net.ops.warm_up(net)
