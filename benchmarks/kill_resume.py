@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_idx_folder  # noqa: E402
+from conftest import make_idx_folder, run_history  # noqa: E402
 
 
 def _train(args: list[str]) -> subprocess.CompletedProcess:
@@ -33,8 +33,7 @@ def _train(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _result(folder: Path, name: str) -> tuple[dict, dict]:
-    record = json.loads((folder / f"{name}.json").read_text())
-    history = {k: v for k, v in record["history"].items() if k not in ("epoch_seconds", "events")}
+    history = run_history(folder / f"{name}.json")
     with np.load(folder / f"{name}.npz") as data:
         params = {k: data[k] for k in data.files if k != "__meta__"}
     return history, params

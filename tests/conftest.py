@@ -55,6 +55,14 @@ def make_idx_folder(
     return folder
 
 
+def run_history(path: Path) -> dict:
+    """The metric histories of a run file, without timings and events (what must repeat)."""
+    import json
+
+    record = json.loads(path.read_text())
+    return {k: v for k, v in record["history"].items() if k not in ("epoch_seconds", "events")}
+
+
 @pytest.fixture
 def idx_folder(tmp_path: Path) -> Path:
     return make_idx_folder(tmp_path / "data")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_idx_folder
+from conftest import make_idx_folder, run_history
 
 from fastnn.cli import main
 
@@ -229,11 +229,6 @@ def test_save_model_round_trip(idx_folder: Path, tmp_path: Path) -> None:
     assert net.predict(np.zeros((2, 784))).shape == (2, 10)
 
 
-def _history(path: Path) -> dict:
-    record = json.loads(path.read_text())
-    return {k: v for k, v in record["history"].items() if k not in ("epoch_seconds", "events")}
-
-
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path: Path) -> None:
     folder = make_idx_folder(tmp_path / "d", n_train=4000, n_test=500)
     common = [
@@ -292,7 +287,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path: Path) -> None:
         str(tmp_path / "resumed.npz"),
     )
     assert result.returncode == 0, result.stderr
-    assert _history(resumed) == _history(full)
+    assert run_history(resumed) == run_history(full)
     with np.load(tmp_path / "full.npz") as a, np.load(tmp_path / "resumed.npz") as b:
         for name in a.files:
             if name != "__meta__":
@@ -493,7 +488,7 @@ def test_resume_to_more_epochs_equals_a_straight_run(idx_folder: Path, tmp_path:
         main(["train", "--resume", str(ck), "--epochs", "3", "--quiet", "--out", str(extended)])
         == 0
     )
-    assert _history(extended) == _history(straight)
+    assert run_history(extended) == run_history(straight)
 
 
 def test_sweep_trains_every_grid_point_and_tabulates(
@@ -549,7 +544,7 @@ def test_sweep_in_parallel_processes_matches_sequential(idx_folder: Path, tmp_pa
             == 0
         )
     for path in (tmp_path / "seq").glob("*.json"):
-        assert _history(path) == _history(tmp_path / "par" / path.name)
+        assert run_history(path) == run_history(tmp_path / "par" / path.name)
 
 
 @pytest.mark.parametrize(

@@ -406,11 +406,15 @@ def test_train_epoch_matches_reference(
 
 # ---- whole runs ----
 
-def _fit(backend: str, dtype: str = "float64", **changes: Any) -> tuple[Any, dict[str, np.ndarray]]:
+def _fit(
+    backend: str, dtype: str = "float64", data: tuple[np.ndarray, np.ndarray] | None = None,
+    **changes: Any,
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """A 3-epoch run on 800 generated rows (blobs, or ``data``); history and final params."""
     from conftest import make_blobs
 
-    x, t = make_blobs(800, 20, 3, seed=1)
-    options = dict(hidden=(16, 8), n_inputs=20, n_outputs=3, epochs=3, batch_size=64,
+    x, t = make_blobs(800, 20, 3, seed=1) if data is None else data
+    options = dict(hidden=(16, 8), n_inputs=x.shape[1], n_outputs=3, epochs=3, batch_size=64,
                    backend=backend, dtype=dtype, batch_norm="bn", dropout_input=0.9,
                    dropout_hidden=0.8, seed=11)
     options.update(changes)
@@ -595,14 +599,7 @@ def test_sparse_mode_switch_and_non_finite_weights(
 
 
 def _sparse_fit(backend: str, dtype: str = "float64", **changes: Any) -> tuple[Any, dict]:
-    x, t = sparse_blobs(800, 30, 3)
-    options = dict(hidden=(16, 8), n_inputs=30, n_outputs=3, epochs=3, batch_size=64,
-                   backend=backend, dtype=dtype, batch_norm="bn", dropout_input=0.9,
-                   dropout_hidden=0.8, seed=11)
-    options.update(changes)
-    trainer = Trainer(Config(**options))
-    history = trainer.fit(x[:600], t[:600], x[600:], t[600:])
-    return history, {k: v.copy() for k, v in trainer.network.numpy_params().items()}
+    return _fit(backend, dtype, data=sparse_blobs(800, 30, 3), **changes)
 
 
 @pytest.mark.parametrize("changes", [
