@@ -499,14 +499,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train each grid point (locally or on Dask), write one run file each, print the table."""
     from .history import History, format_table
-    from .sweep import parse_grid, run_sweep
+    from .sweep import load_data, parse_grid, run_sweep
 
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1; got {args.workers}")
     base = config_from_args(args)
     points = parse_grid(args.grid, base)
-    _load_data(args)  # data errors (and the first-use download) before any run starts
     data = args.data or None
+    load_data(data)  # data errors (and the first-use download) before any run starts
     out_dir = Path(args.out_dir)
     _check_writable(str(out_dir / "x.json"), "--out-dir")
     print(f"sweeping {len(points)} runs into {out_dir}", flush=True)

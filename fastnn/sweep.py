@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import warnings
@@ -94,12 +95,20 @@ def sized_for(config: Config, data: tuple) -> Config:
     return config.replace(n_inputs=n_inputs, n_outputs=max(top + 1, 2))
 
 
+@functools.lru_cache(maxsize=1)
+def load_data(data_path: str | None) -> tuple:
+    """The data set of a sweep, read once per process (every point of a sequential sweep and
+    the up-front check share it; training never writes to it)."""
+    from .datasets import load_mnist
+
+    return load_mnist(data_path) if data_path else load_mnist()
+
+
 def run_point(name: str, config: dict[str, Any], data_path: str | None) -> tuple[str, dict]:
     """Train one point (in any process); return its name and run record."""
-    from .datasets import load_mnist
     from .train import Trainer
 
-    data = load_mnist(data_path) if data_path else load_mnist(progress=lambda line: None)
+    data = load_data(data_path)
     cfg = sized_for(Config.from_dict(config), data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # divergence is recorded in the history's events
