@@ -70,27 +70,29 @@ def epoch_order(epoch: int, n: int) -> np.ndarray:
 def time_fastnn(
     backend: str, dtype: str, batch_norm: str, data: str, repeats: int
 ) -> tuple[list[float], str]:
-    """(seconds of each timed epoch: ops.train_epoch + evaluate(train) + evaluate(test),
+    """(seconds of each timed epoch: train_epoch + evaluate(train) + evaluate(test),
     the first-layer path the backend took: "sparse", "dense" or "" when it does not say)."""
     from fastnn import Config, Network
 
     x, t, labels, x_test, t_test, labels_test = load_data(data, dtype)
     net = Network(Config(backend=backend, dtype=dtype, batch_norm=batch_norm))
     ops = net.ops
-    ops.warm_up(net)  # compilation, not timed
-    paths = getattr(ops, "first_layer_paths", None)
-    before = paths.copy() if paths is not None else None  # warm_up's probe is not counted
+    workspace = ops.workspace()  # one run's: the CSR form of sparse inputs, counters, threads
+    for inputs in (x, x_test):
+        ops.prepare_inputs(inputs, workspace)
     seconds = []
-    for epoch in range(1, repeats + 1):
-        order = epoch_order(epoch, len(x))
-        start = time.perf_counter()
-        ops.train_epoch(net, x, t, order, epoch)
-        net.evaluate(x, t, labels)
-        net.evaluate(x_test, t_test, labels_test)
-        seconds.append(time.perf_counter() - start)
-    if paths is None or before is None:
-        return seconds, ""
-    used = sorted({name.split("_")[-1] for name, count in (paths - before).items() if count})
+    with ops.activate(workspace):
+        ops.warm_up(net.plan)  # compilation, not timed (its probe has its own workspace)
+        for epoch in range(1, repeats + 1):
+            order = epoch_order(epoch, len(x))
+            start = time.perf_counter()
+            net.train_epoch(x, t, order, epoch, workspace)
+            net.evaluate(x, t, labels, workspace)
+            net.evaluate(x_test, t_test, labels_test, workspace)
+            seconds.append(time.perf_counter() - start)
+    paths = {name for name, count in workspace.counters.items() if count and "_" in name}
+    used = sorted({name.split("_")[-1] for name in paths if name.split("_")[0] in (
+        "train", "evaluate")})
     return seconds, "+".join(used)
 
 

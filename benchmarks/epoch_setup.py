@@ -35,15 +35,17 @@ class ArticleEpoch:
     def __init__(self, data: tuple[np.ndarray, ...], **config: Any) -> None:
         self.config = Config(**config)
         self.trainer = Trainer(self.config)
-        self.train, self.test, _ = self.trainer.prepare(*data)
         self.network = Network(self.config)
+        self.workspace = self.network.ops.workspace()
+        self.train, self.test, _ = self.trainer.prepare(*data, workspace=self.workspace)
         self.trainer.network = self.network
-        self.network.ops.warm_up(self.network)
+        with self.network.ops.activate(self.workspace):
+            self.network.ops.warm_up(self.network.plan)
 
     def run(self, epoch: int = 1) -> float:
-        net, train, test = self.network, self.train, self.test
+        net, train, test, space = self.network, self.train, self.test, self.workspace
         order = self.trainer.epoch_order(epoch, train.size)
-        with np.errstate(all="ignore"):
-            net.ops.train_epoch(net, train.x, train.t, order, epoch)
-            net.evaluate(train.x, train.t, train.labels)
-            return net.evaluate(test.x, test.t, test.labels)[0]
+        with np.errstate(all="ignore"), net.ops.activate(space):
+            net.train_epoch(train.x, train.t, order, epoch, space)
+            net.evaluate(train.x, train.t, train.labels, space)
+            return net.evaluate(test.x, test.t, test.labels, space)[0]

@@ -10,11 +10,13 @@ from typing import Any
 import numpy as np
 
 from . import rng
-from .backends import HiddenCache, HiddenSpec, get_backend
+from .backends import get_backend, steps
+from .backends.workspace import Workspace
 from .config import Config
 from .errors import ConfigError, DataError
 from .fileio import write_atomically
 from .functions import init_biases, init_weights
+from .plan import Plan
 
 Array = Any
 FORMAT_VERSION = 1
@@ -31,17 +33,12 @@ class Network:
         config.validate()
         self.config = config
         self.ops = get_backend(config.backend)
+        #: what a training step and an evaluation do: every backend executes this plan
+        self.plan = Plan.from_config(config)
         self.dtype = config.dtype
         self.sizes = config.layer_sizes
         self.n_layers = config.n_layers
-        self.specs = [
-            HiddenSpec(
-                activation=config.activation,
-                alpha=float(config.activation_params.get("alpha", 0.01)),
-                batch_norm=config.batch_norm,
-            )
-            for _ in config.hidden
-        ]
+        self.specs = list(self.plan.hidden)
         #: running (mean, var) per hidden layer, used when config.bn_eval == "running"
         self.running: dict[int, tuple[Array, Array]] = {}
         self._params: dict[str, Array] = {}
@@ -60,29 +57,16 @@ class Network:
             )
         for k in range(1, self.n_layers + 1):
             params[f"b{k}"] = init_biases(gen, cfg.bias_init, self.sizes[k], cfg.bias_init_params)
-        for k in self._bn_layers():
-            shape = self._bn_shape(k)
-            params[f"gamma{k}"] = np.ones(shape)
-            params[f"beta{k}"] = np.zeros(shape)
+        for name, shape in self.param_shapes().items():
+            if name.startswith("gamma"):
+                params[name] = np.ones(shape)
+            elif name.startswith("beta"):
+                params[name] = np.zeros(shape)
         return params
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of every parameter, by name."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for k in range(1, self.n_layers + 1):
-            shapes[f"W{k}"] = (self.sizes[k - 1], self.sizes[k])
-        for k in range(1, self.n_layers + 1):
-            shapes[f"b{k}"] = (self.sizes[k],)
-        for k in self._bn_layers():
-            shapes[f"gamma{k}"] = shapes[f"beta{k}"] = self._bn_shape(k)
-        return shapes
-
-    def _bn_layers(self) -> range:
-        learnable = self.config.batch_norm in ("bn", "node")
-        return range(1, self.n_layers) if learnable else range(0)
-
-    def _bn_shape(self, k: int) -> tuple[int, ...]:
-        return (self.sizes[k],) if self.config.batch_norm == "node" else (1,)
+        return self.plan.param_shapes()
 
     @property
     def params(self) -> dict[str, Array]:
@@ -122,10 +106,7 @@ class Network:
 
     def rates(self) -> dict[str, float]:
         """The SGD rate of every parameter (eta; batch_norm_eta for gamma and beta)."""
-        return {
-            name: self.config.bn_rate if name.startswith(("gamma", "beta")) else self.config.eta
-            for name in self._params
-        }
+        return {name: self.plan.rate(name) for name in self._params}
 
     def _reset_running(self) -> None:
         self.running = {}
@@ -138,21 +119,20 @@ class Network:
     # ---- dropout masks ----
     def keep_ratio(self, layer: int) -> float:
         """Keep ratio of layer 0 (the input) or hidden layer k."""
-        return self.config.dropout_input if layer == 0 else self.config.dropout_hidden
+        return self.plan.dropout[layer].keep
 
     def dropout_masks(self, epoch: int, step: int, batch: int) -> dict[int, Array]:
         """The 0/1 keep masks of one training step: (d,) in article mode, (batch, d) inverted."""
         masks: dict[int, Array] = {}
-        for layer in range(self.n_layers):
-            keep = self.keep_ratio(layer)
-            if keep >= 1.0:
+        for spec in self.plan.dropout:
+            if not spec.active:
                 continue
-            key = rng.dropout_key(self.config.seed, epoch, step, layer)
-            d = self.sizes[layer]
-            if self.config.dropout_mode == "article":
-                masks[layer] = self.ops.article_mask(key, d, keep, self.dtype)
+            key = self.plan.mask_key(epoch, step, spec.layer)
+            if self.plan.dropout_mode == "article":
+                masks[spec.layer] = self.ops.article_mask(key, spec.size, spec.keep, self.dtype)
             else:
-                masks[layer] = self.ops.bernoulli_mask(key, (batch, d), keep, self.dtype)
+                shape = (batch, spec.size)
+                masks[spec.layer] = self.ops.bernoulli_mask(key, shape, spec.keep, self.dtype)
         return masks
 
     def _train_multipliers(self, masks: Mapping[int, Any] | None) -> dict[int, Array]:
@@ -168,75 +148,16 @@ class Network:
             out[layer] = array
         return out
 
-    def _eval_multipliers(self) -> dict[int, Any]:
-        if self.config.dropout_mode == "inverted":
-            return {}
-        return {k: self.keep_ratio(k) for k in range(self.n_layers) if self.keep_ratio(k) < 1.0}
-
-    # ---- forward and backward ----
-    def _forward(
-        self, x: Array, multipliers: Mapping[int, Any], batch_stats: bool
-    ) -> tuple[Array, list[Array], list[HiddenCache]]:
-        """Output pre-activation u_L, the inputs of every layer, and the hidden caches."""
-        ops, p = self.ops, self._params
-        z = ops.apply_mask(x, multipliers.get(0))
-        inputs, caches = [z], []
-        for k in range(1, self.n_layers):
-            u = ops.affine(z, p[f"W{k}"], p[f"b{k}"])
-            stats = None if batch_stats or not self.running else self.running[k]
-            z, cache = ops.hidden_forward(
-                u,
-                self.specs[k - 1],
-                p.get(f"gamma{k}"),
-                p.get(f"beta{k}"),
-                multipliers.get(k),
-                stats,
-            )
-            inputs.append(z)
-            caches.append(cache)
-        u = ops.affine(z, p[f"W{self.n_layers}"], p[f"b{self.n_layers}"])
-        return u, inputs, caches
-
-    def _backward(
-        self, du: Array, inputs: list[Array], caches: list[HiddenCache]
-    ) -> dict[str, Array]:
-        ops, p = self.ops, self._params
-        grads: dict[str, Array] = {}
-        for k in range(self.n_layers, 0, -1):
-            dw, db, dz = ops.affine_backward(inputs[k - 1], p[f"W{k}"], du, need_dx=k > 1)
-            grads[f"W{k}"], grads[f"b{k}"] = dw, db
-            if k > 1:
-                du, dgamma, dbeta = ops.hidden_backward(
-                    dz, caches[k - 2], self.specs[k - 2], p.get(f"gamma{k - 1}")
-                )
-                if dgamma is not None:
-                    grads[f"gamma{k - 1}"], grads[f"beta{k - 1}"] = dgamma, dbeta
-        return grads
-
+    # ---- forward and backward (the plan executed by the backend's ops) ----
     def penalty(self) -> float:
         """The weight-decay penalty of the current weights (0 without weight decay)."""
-        if self.config.weight_decay is None:
+        if self.plan.decay is None:
             return 0.0
-        kind, lam = self.config.weight_decay
         total = 0.0
         for k in range(1, self.n_layers + 1):
-            total += self.ops.to_float(self.ops.weight_decay(self._params[f"W{k}"], kind, lam)[0])
+            penalty = self.ops.weight_decay(self._params[f"W{k}"], self.plan.decay, self.plan.lam)
+            total += self.ops.to_float(penalty[0])
         return total
-
-    def _grads(
-        self, x: Array, t: Array, multipliers: Mapping[int, Any]
-    ) -> tuple[Array, dict, list[HiddenCache]]:
-        """(loss as a 0-d array, gradients, hidden caches) for one batch, weight decay included."""
-        u, inputs, caches = self._forward(x, multipliers, batch_stats=True)
-        _, loss, du = self.ops.output_loss_grad(u, t, self.config.output)
-        grads = self._backward(du, inputs, caches)
-        if self.config.weight_decay is not None:
-            kind, lam = self.config.weight_decay
-            for k in range(1, self.n_layers + 1):
-                penalty, grad = self.ops.weight_decay(self._params[f"W{k}"], kind, lam)
-                grads[f"W{k}"] = grads[f"W{k}"] + grad
-                loss = loss + penalty
-        return loss, dict(sorted(grads.items(), key=lambda item: _param_order(item[0]))), caches
 
     def loss_and_grads(
         self, x: Any, t: Any, masks: Mapping[int, Any] | None = None
@@ -249,37 +170,50 @@ class Network:
         """
         x = self.ops.asarray(x, self.dtype)
         t = self.ops.asarray(t, self.dtype)
-        loss, grads, _ = self._grads(x, t, self._train_multipliers(masks))
+        multipliers = self._train_multipliers(masks)
+        loss, grads = steps.loss_and_grads(self.ops, self.plan, self._params, x, t, multipliers)
         return self.ops.to_float(loss), grads
 
     def train_step(self, x: Array, t: Array, epoch: int, step: int) -> None:
         """One SGD step on a batch already on the backend, with the masks of (epoch, step)."""
-        masks = self.dropout_masks(epoch, step, x.shape[0])
-        _, grads, caches = self._grads(x, t, self._train_multipliers(masks))
-        self.ops.sgd_update(self._params, grads, self.rates())
-        if self.config.bn_eval == "running" and self.running:
-            self._update_running(caches)
-
-    def _update_running(self, caches: list[HiddenCache]) -> None:
-        m = self.config.bn_momentum
-        for k, cache in enumerate(caches, start=1):
-            mean, var = self.running[k]
-            self.running[k] = (m * mean + (1 - m) * cache.mean, m * var + (1 - m) * cache.var)
+        steps.train_step(self.ops, self.plan, self._params, self.running, x, t, epoch, step)
 
     def forward_eval(self, x: Array) -> Array:
         """Output y in evaluation mode (article: batch norm uses the statistics of x itself)."""
-        batch_stats = self.config.bn_eval == "batch"
-        u, _, _ = self._forward(x, self._eval_multipliers(), batch_stats=batch_stats)
-        return self.ops.output_forward(u, self.config.output)
+        return steps.forward_eval(self.ops, self.plan, self._params, self.running, x)
 
     def predict(self, x: Any) -> Any:
         """Outputs (host array) for already-normalised inputs, in evaluation mode."""
         return self.ops.to_numpy(self.forward_eval(self.ops.asarray(x, self.dtype)))
 
-    def evaluate(self, x: Array, t: Array, labels: Any) -> tuple[float, float, Any]:
-        """(accuracy, loss with penalty, predicted classes) on a whole set in evaluation mode."""
-        data_loss, predicted = self.ops.evaluate(self, x, t)
+    def evaluate(
+        self, x: Array, t: Array, labels: Any, workspace: Workspace | None = None
+    ) -> tuple[float, float, Any]:
+        """(accuracy, loss with penalty, predicted classes) on a whole set in evaluation mode.
+
+        ``workspace``: the run's (a fit passes its own); None: a fresh one for this call.
+        """
+        if workspace is None:
+            workspace = self.ops.workspace()
+            with self.ops.activate(workspace):
+                return self.evaluate(x, t, labels, workspace)
+        data_loss, predicted = self.ops.evaluate(
+            self.plan, self._params, self.running, x, t, workspace
+        )
         return float((predicted == labels).mean()), data_loss + self.penalty(), predicted
+
+    def train_epoch(
+        self, x: Array, t: Array, order: Any, epoch: int, workspace: Workspace | None = None
+    ) -> None:
+        """One epoch of SGD over the rows of x in ``order`` on the backend (in place)."""
+        if workspace is None:
+            workspace = self.ops.workspace()
+            with self.ops.activate(workspace):
+                self.train_epoch(x, t, order, epoch, workspace)
+            return
+        self.ops.train_epoch(
+            self.plan, self._params, self.running, x, t, order, epoch, workspace
+        )
 
     # ---- save and load (.npz, no pickle) ----
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -358,9 +292,3 @@ class ParamDict(dict):
         dict.__setitem__(self, name, self._network.checked_param(name, value))
 
 
-def _param_order(name: str) -> tuple[int, int]:
-    """Sort key: all W, then b, gamma, beta, each by layer ("beta" tested before "b")."""
-    for rank, prefix in ((0, "W"), (3, "beta"), (1, "b"), (2, "gamma")):
-        if name.startswith(prefix):
-            return rank, int(name[len(prefix) :])
-    return 4, 0

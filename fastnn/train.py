@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 
 from . import rng
+from .backends.workspace import Workspace
 from .config import Config
 from .errors import DataError
 from .history import History
 from .network import Network
 from .preprocessing import Normalizer, as_inputs, labels_and_one_hot
+from .threads import check_threads
 
 Array = Any
 
@@ -56,22 +58,34 @@ EpochCallback = Callable[["Trainer", int], None]
 class Trainer:
     """Trains a `Network` on raw inputs; ``fit`` returns the `History`."""
 
-    def __init__(self, config: Config, on_epoch: EpochCallback | None = None) -> None:
+    def __init__(
+        self, config: Config, on_epoch: EpochCallback | None = None, threads: int | None = None
+    ) -> None:
         config.validate()
         self.config = config
         self.on_epoch = on_epoch
+        #: CPU threads each fit may use (None: FASTNN_THREADS, else the CPUs this process may use)
+        self.threads = None if threads is None else check_threads(threads)
         self.network: Network | None = None
         self.history = History()
         self.state: TrainState | None = None  # snapshot after the last completed epoch
         self.normalizer: Normalizer | None = None
+        #: how often each backend code path ran in the last ``fit`` (e.g. "train_sparse")
+        self.counters: dict[str, int] = {}
         #: (train, test, validation) as prepared by the last ``fit``
         self.splits: tuple[Split, Split, Split | None] | None = None
 
     # ---- data ----
     def prepare(
-        self, x_train: Any, t_train: Any, x_test: Any, t_test: Any
+        self, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
+        workspace: Workspace | None = None,
     ) -> tuple[Split, Split, Split | None]:
-        """Normalise with training statistics, one-hot the targets, carve the validation split."""
+        """Normalise with training statistics, one-hot the targets, carve the validation split.
+
+        The splits are the trainer's own copies on the backend (the caller's arrays are not
+        kept); with a ``workspace`` the backend prepares each split's inputs in it too (the
+        numba backend's CSR form of sparse inputs).
+        """
         cfg = self.config
         xs = [
             as_inputs(x_train, cfg.n_inputs, "x_train"),
@@ -101,6 +115,11 @@ class Trainer:
         train = self._split(xs[0], ts[0])
         test = self._split(xs[1], ts[1])
         val = self._split(*val_parts) if val_parts else None
+        if workspace is not None:
+            ops = self._network_ops()
+            for split in (train, test, val):
+                if split is not None:
+                    ops.prepare_inputs(split.x, workspace)
         return train, test, val
 
     def _split(self, x: np.ndarray, target: tuple[np.ndarray, np.ndarray]) -> Split:
@@ -126,24 +145,34 @@ class Trainer:
     ) -> History:
         """Train for ``config.epochs`` epochs (continuing ``resume`` when given)."""
         cfg = self.config
-        train, test, val = self.splits = self.prepare(x_train, t_train, x_test, t_test)
         net = network if network is not None else Network(cfg)
         self.network = net
-        net.ops.warm_up(net)
-        with np.errstate(all="ignore"):
-            if resume is None:
-                self.history = History()
-                start = time.perf_counter()
-                self._evaluate(net, train, test, val, time.perf_counter() - start, start)
-                self.state = self._snapshot(0, None)
-            else:
-                self.history = History.from_dict(resume.history.to_dict())
-                net.load_state_arrays(resume.arrays)
-                self.state = resume
-            self._loop(net, train, test, val)
+        workspace = net.ops.workspace(self.threads)
+        train, test, val = self.splits = self.prepare(
+            x_train, t_train, x_test, t_test, workspace
+        )
+        try:
+            with net.ops.activate(workspace), np.errstate(all="ignore"):
+                net.ops.warm_up(net.plan)
+                if resume is None:
+                    self.history = History()
+                    start = time.perf_counter()
+                    elapsed = time.perf_counter() - start
+                    self._evaluate(net, workspace, train, test, val, elapsed, start)
+                    self.state = self._snapshot(0, None)
+                else:
+                    self.history = History.from_dict(resume.history.to_dict())
+                    net.load_state_arrays(resume.arrays)
+                    self.state = resume
+                self._loop(net, workspace, train, test, val)
+        finally:
+            self.counters = dict(workspace.counters)
+            workspace.clear()
         return self.history
 
-    def _loop(self, net: Network, train: Split, test: Split, val: Split | None) -> None:
+    def _loop(
+        self, net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+    ) -> None:
         cfg, history = self.config, self.history
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
             if history.events.get("stopped_early_at") or history.events.get(
@@ -151,8 +180,9 @@ class Trainer:
             ):
                 break
             start = time.perf_counter()
-            net.ops.train_epoch(net, train.x, train.t, self.epoch_order(epoch, train.size), epoch)
-            self._evaluate(net, train, test, val, None, start)
+            order = self.epoch_order(epoch, train.size)
+            net.train_epoch(train.x, train.t, order, epoch, workspace)
+            self._evaluate(net, workspace, train, test, val, None, start)
             self._after_epoch(net, epoch)
             if self.on_epoch is not None:
                 self.on_epoch(self, epoch)
@@ -170,15 +200,18 @@ class Trainer:
     def _evaluate(
         self,
         net: Network,
+        workspace: Workspace,
         train: Split,
         test: Split,
         val: Split | None,
         seconds: float | None,
         start: float,
     ) -> None:
-        train_acc, train_loss, predicted = net.evaluate(train.x, train.t, train.labels)
-        test_result = net.evaluate(test.x, test.t, test.labels)[:2]
-        val_result = net.evaluate(val.x, val.t, val.labels)[:2] if val is not None else None
+        train_acc, train_loss, predicted = net.evaluate(train.x, train.t, train.labels, workspace)
+        test_result = net.evaluate(test.x, test.t, test.labels, workspace)[:2]
+        val_result = (
+            net.evaluate(val.x, val.t, val.labels, workspace)[:2] if val is not None else None
+        )
         elapsed = time.perf_counter() - start if seconds is None else seconds
         self.history.record((train_acc, train_loss), test_result, elapsed, val_result)
         self._check_divergence(train_loss, predicted)

@@ -11,6 +11,7 @@ from conftest import make_blobs
 from gradcheck import small_batch, small_config
 
 from fastnn import Config, History, Network, Trainer, rng
+from fastnn.backends import steps
 from fastnn.history import format_table
 from fastnn.preprocessing import Normalizer
 from fastnn.train import DivergenceWarning
@@ -124,7 +125,11 @@ def test_mask_is_shared_by_every_row_of_the_batch() -> None:
     net = Network(small_config(dropout_hidden=0.5))
     x, t = small_batch(n=9)
     masks = net.dropout_masks(1, 0, 9)
-    u, inputs, _ = net._forward(net.ops.asarray(x), net._train_multipliers(masks), True)
+    multipliers = steps.step_multipliers(net.ops, net.plan, 1, 0, 9)
+    np.testing.assert_array_equal(multipliers[1], masks[1])
+    u, inputs, _ = steps.forward(
+        net.ops, net.plan, net.params, {}, net.ops.asarray(x), multipliers, True
+    )
     dropped = masks[1] == 0
     assert dropped.sum() == 3
     assert not np.any(inputs[1][:, dropped])
@@ -136,9 +141,10 @@ def test_inverted_dropout_is_per_element_and_scaled() -> None:
     assert mask.shape == (1000, 784)
     assert mask.mean() == pytest.approx(0.8, abs=0.005)
     assert len({tuple(row) for row in mask[:50]}) == 50
-    scaled = net._train_multipliers({0: mask})[0]
-    assert set(np.unique(scaled)) == {0.0, 1 / 0.8}
-    assert net._eval_multipliers() == {}
+    scaled = steps.step_multipliers(net.ops, net.plan, 1, 0, 1000)[0]
+    np.testing.assert_array_equal(scaled, mask / 0.8)
+    assert set(np.unique(scaled)) == {0.0, np.float64(1 / 0.8)}
+    assert steps.eval_multipliers(net.plan) == {}
 
 
 def _manual_eval(net: Network, x: np.ndarray, keep_in: float, keep_mid: float) -> np.ndarray:

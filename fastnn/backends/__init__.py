@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailable, ConfigError
@@ -23,6 +24,7 @@ _REGISTRY: dict[str, _Entry] = {
     "cupy": _Entry("fastnn.backends.cupy_backend", "CupyOps", "cuda12", "cupy"),
 }
 _INSTANCES: dict[str, Ops] = {}
+_LOCK = threading.Lock()  # one instance per backend, even when threads ask at once
 
 
 def names() -> tuple[str, ...]:
@@ -34,6 +36,11 @@ def get_backend(name: str) -> Ops:
     """The (shared) ops instance of a backend; a clear error when it cannot load."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown backend {name!r}; valid backends: {', '.join(_REGISTRY)}")
+    with _LOCK:
+        return _load(name)
+
+
+def _load(name: str) -> Ops:
     if name not in _INSTANCES:
         entry = _REGISTRY[name]
         try:

@@ -2,17 +2,29 @@
 
 This file is the specification in code. A fast backend subclasses `Ops`, sets ``xp`` and
 overrides only the hot ops it has kernels for (falling back to ``super()`` for the rest);
-the parity tests hold every override to these definitions.
+the parity tests hold every override to these definitions. How the ops compose into a
+training step and an evaluation is `steps` (the reference executor of a `Plan`).
+
+An `Ops` object is shared by every network in the process: it holds no per-run state. What
+one run needs (prepared inputs, buffers, counters, threads) lives in its `Workspace`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import rng
 from ..functions import ACTIVATIONS
+from ..plan import DropoutSpec, HiddenSpec
+from ..threads import blas_threads
+from . import steps
+from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 Array = Any
 
@@ -20,19 +32,6 @@ Array = Any
 BN_STD_FLOOR = 1e-7
 #: floor inside the cross-entropy logarithm
 LOG_FLOOR = 1e-7
-
-
-@dataclass(frozen=True)
-class HiddenSpec:
-    """What one hidden layer does after its affine step."""
-
-    activation: str = "relu"
-    alpha: float = 0.01
-    batch_norm: str = "off"  # off | n | bn | node
-
-    @property
-    def params(self) -> dict[str, float]:
-        return {"alpha": self.alpha}
 
 
 @dataclass
@@ -84,6 +83,16 @@ class Ops:
         uniforms = rng.uniform01(xp, key, shape[0] * shape[1]).reshape(shape)
         return (uniforms < keep).astype(dtype)
 
+    def dropout_multiplier(
+        self, key: int, spec: DropoutSpec, rows: int, mode: str, dtype: str
+    ) -> Array:
+        """What a layer's nodes are multiplied by in one training step, made from the mask's
+        key: article mode the (d,) 0/1 mask of exactly ``spec.keep_count`` nodes; inverted
+        mode a (rows, d) Bernoulli mask divided by the keep ratio."""
+        if mode == "article":
+            return self.article_mask(key, spec.size, spec.keep, dtype)
+        return self.bernoulli_mask(key, (rows, spec.size), spec.keep, dtype) / spec.keep
+
     # ---- layers ----
     def affine(self, x: Array, w: Array, b: Array) -> Array:
         """u = x W + b."""
@@ -95,6 +104,17 @@ class Ops:
         """dW = x^T du, db = column sums of du, dx = du W^T (None when not needed)."""
         dx = du @ w.T if need_dx else None
         return x.T @ du, du.sum(axis=0), dx
+
+    def affine_backward_update(
+        self, x: Array, w: Array, b: Array, du: Array, rate: float, decay: str | None,
+        lam: float, need_dx: bool = True,
+    ) -> Array | None:
+        """A layer's last use in a training step: dx = du W^T (with the old W, None when not
+        needed), then W -= rate * (x^T du + weight-decay gradient), b -= rate * sums of du."""
+        dw, db, dx = self.affine_backward(x, w, du, need_dx)
+        self.sgd_update(w, dw, rate, decay, lam)
+        self.sgd_update(b, db, rate)
+        return dx
 
     def apply_mask(self, x: Array, mask: Array | None) -> Array:
         """x multiplied by a keep mask or an evaluation scale (None: unchanged)."""
@@ -178,6 +198,11 @@ class Ops:
         y = self.output_forward(u, output)
         return y, self.loss(y, t, output), (y - t) / y.shape[0]
 
+    def output_grad(self, u: Array, t: Array, output: str) -> Array:
+        """du = (output(u) - t) / N (the loss itself is not computed)."""
+        y = self.output_forward(u, output)
+        return (y - t) / y.shape[0]
+
     def predicted_classes(self, y: Array) -> Any:
         """Host array of each row's argmax (the predicted class)."""
         return self.to_numpy(y.argmax(axis=1))
@@ -190,33 +215,68 @@ class Ops:
         return 0.5 * lam * (w * w).sum(), lam * w
 
     def sgd_update(
-        self, params: Mapping[str, Array], grads: Mapping[str, Array], rates: Mapping[str, float]
+        self, param: Array, grad: Array, rate: float, decay: str | None = None, lam: float = 0.0
     ) -> None:
-        """In place: p -= rate * grad for every parameter that has a gradient."""
-        for name, grad in grads.items():
-            rate = rates[name]
-            if rate:
-                params[name] -= rate * grad
+        """In place: param -= rate * (grad + weight-decay gradient of param); rate 0: no-op."""
+        if not rate:
+            return
+        if decay is not None:
+            grad = grad + self.weight_decay(param, decay, lam)[1]
+        param -= rate * grad
+
+    def update_running(
+        self, running: tuple[Array, Array], cache: HiddenCache, momentum: float
+    ) -> None:
+        """In place: running (mean, var) = momentum * running + (1 - momentum) * the batch's."""
+        mean, var = running
+        mean[...] = momentum * mean + (1 - momentum) * cache.mean
+        var[...] = momentum * var + (1 - momentum) * cache.var
+
+    # ---- what one run owns ----
+    def workspace(self, threads: int | None = None) -> Workspace:
+        """A new workspace for one run (its own buffers, prepared inputs and counters)."""
+        return Workspace(threads)
+
+    def blas_thread_count(self, threads: int) -> int:
+        """How many BLAS threads a run given ``threads`` CPU threads should use."""
+        return threads
+
+    @contextmanager
+    def activate(self, workspace: Workspace) -> Iterator[None]:
+        """Run a block of a run's work with its thread settings (set once, restored after)."""
+        with blas_threads(self.blas_thread_count(workspace.threads)):
+            yield
+
+    def prepare_inputs(self, x: Array, workspace: Workspace) -> None:
+        """Build whatever form of a run's input array the backend's kernels want (the
+        reference: nothing). Called once per data set, where the data is known."""
 
     # ---- larger units (a fast backend may compile these whole) ----
-    def evaluate(self, network: Any, x: Array, t: Array) -> tuple[float, Any]:
+    def evaluate(
+        self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
+        x: Array, t: Array, workspace: Workspace,
+    ) -> tuple[float, Any]:
         """(data loss, host array of predicted classes) of a whole set in evaluation mode.
 
         Article batch norm normalises with the statistics of all of ``x`` at once.
         """
-        y = network.forward_eval(x)
-        return self.to_float(self.loss(y, t, network.config.output)), self.predicted_classes(y)
+        y = steps.forward_eval(self, plan, params, running, x)
+        return self.to_float(self.loss(y, t, plan.output)), self.predicted_classes(y)
 
-    def warm_up(self, network: Any) -> None:
-        """Compile whatever the backend compiles, before any timing starts (reference: no-op)."""
+    def warm_up(self, plan: Plan) -> None:
+        """Compile whatever the backend compiles for ``plan``, before any timing starts
+        (reference: nothing)."""
 
-    def train_epoch(self, network: Any, x: Array, t: Array, order: Array, epoch: int) -> None:
+    def train_epoch(
+        self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
+        x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,
+    ) -> None:
         """One epoch of mini-batch SGD over the rows of x in ``order`` (a host index array).
 
         Step s trains on ``order[s*B:(s+1)*B]`` (a short last batch when B does not divide N)
-        with the dropout masks of (epoch, s).
+        with the dropout masks of (epoch, s); parameters and running statistics change in place.
         """
-        batch_size = network.config.batch_size
+        batch_size = plan.batch_size
         for step, start in enumerate(range(0, len(order), batch_size)):
             index = self.asarray(order[start : start + batch_size])
-            network.train_step(x[index], t[index], epoch, step)
+            steps.train_step(self, plan, params, running, x[index], t[index], epoch, step)

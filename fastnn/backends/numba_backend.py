@@ -2,22 +2,23 @@
 
 `NumbaOps` overrides only what it has kernels for, on float32/float64 C-contiguous NumPy arrays;
 anything else (another dtype, a view, an odd mask) falls back to the NumPy reference. Kernels
-live in `_numba_kernels` and compile lazily (on first use, or in `warm_up`).
+live in `numba_kernels` (one module per concern) and compile lazily, on first use or in
+`warm_up`. The compiled epoch (`numba_kernels.epoch`) is a loop around the same kernels the
+per-op overrides below run; the object itself keeps no per-run state (that is the run's
+`Workspace`), so one instance serves every thread at once.
 
-Sparse inputs: when the input matrix of `train_epoch` or `evaluate` is mostly exact zeros
-(MNIST after min-max scaling: ~81%), the first layer's product and weight gradient run on a
-CSR copy of it and skip the zeros. The choice is made per array: ``NumbaOps.sparse_mode`` is
-``"auto"`` (CSR when the nonzero fraction is below ``sparse_threshold``, 0.35 by default),
-``"1"`` (always) or ``"0"`` (never, the dense BLAS path); it starts from the environment
-variable ``FASTNN_NUMBA_SPARSE`` (0/1/auto). The density and CSR form are computed once per
-array and cached (the array itself, its shape, address and a checksum of a sample of its rows
-must match; at most ``SPARSE_CACHE_SIZE`` arrays), so a fit builds them once, not per epoch;
-an array changed in place outside the sampled rows is not noticed (`clear_sparse_cache`).
-"auto" trains sparse only for the dtypes in ``sparse_train_dtypes`` (float64: float32's
-dense BLAS epoch measured as fast); evaluation goes sparse for both.
-``first_layer_paths`` counts which path each call took. Results match the dense path to
-rounding (the sums run in another order); a step whose W1 (or first-layer gradient) is not
-finite runs densely, so inf/NaN propagate as they do there.
+Sparse inputs: when a run's input matrix is mostly exact zeros (MNIST after min-max scaling:
+~81%), `prepare_inputs` builds its CSR form in the run's workspace, and the first layer's
+product and weight gradient skip the zeros. Workspace options (from the environment when the
+workspace is made): ``sparse_mode`` "auto" (CSR when the nonzero fraction is below
+``sparse_threshold``, 0.35), "1" (always) or "0" (never), from FASTNN_NUMBA_SPARSE;
+``sparse_train_dtypes`` (dtypes whose training "auto" runs sparse: float64; float32's dense
+BLAS epoch measured as fast); ``eval_block`` (rows per evaluation block) and ``eval_threads``
+(threads sharing the blocks, default the run's thread count). The workspace's ``counters``
+count which first-layer path each call took ("train_sparse", "evaluate_dense", ...), and
+``counters["sparse_steps"]`` the steps that ran sparse. Results match the dense path to
+rounding; a step whose W1 (or first-layer gradient) is not finite runs densely, so inf/NaN
+propagate as there.
 """
 
 from __future__ import annotations
@@ -25,21 +26,46 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import zlib
-from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numba  # noqa: F401 - an ImportError here is turned into an install hint by the registry
 import numpy as np
 
-from .. import rng
 from ..errors import BackendUnavailable
+from ..threads import check_threads
 from .base import HiddenCache, HiddenSpec
+from .numba_kernels.common import (
+    ACTIVATION_CODES,
+    BATCH_NORM_CODES,
+    BN_OFF,
+    BN_SCALAR,
+    DECAY_CODES,
+    OUTPUT_CODES,
+    Csr,
+    EvalPlan,
+    EvalRows,
+    Layers,
+    StepPlan,
+)
 from .numpy_backend import NumpyOps
+from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from ..plan import DropoutSpec, Plan
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: seconds of warm-up after which "compiling kernels" is said (a cache hit takes far less)
+COMPILE_NOTICE_AFTER = 1.5
+
+
+#: the options of a new workspace (FASTNN_NUMBA_SPARSE sets ``sparse_mode``); see the docstring
+WORKSPACE_DEFAULTS: dict[str, Any] = {
+    "sparse_threshold": 0.35,
+    "sparse_train_dtypes": ("float64",),
+    "eval_block": 2048,
+}
 
 
 def _same_float_arrays(*arrays: Any) -> bool:
@@ -53,12 +79,9 @@ def _same_float_arrays(*arrays: Any) -> bool:
     )
 
 
-def _usable_cpus() -> int:
-    """How many CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def _dense(dtype: Any) -> Any:
+    """The `Csr` record of the dense path (dummy arrays)."""
+    return Csr(False, np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, dtype))
 
 
 def _multiplier(mask: Any, like: np.ndarray) -> np.ndarray | None:
@@ -112,12 +135,12 @@ class LazyBatchNormCache(HiddenCache):
         if self.forward_parameters is None:
             self._pre_activation = self._u_hat
             dummy = np.ones(1, u.dtype)
-            self._ops.kernels.normalise(u, self.mean, self.std, dummy, dummy, False,
+            self._ops.kernels.layers.normalise(u, self.mean, self.std, dummy, dummy, False,
                                         self._u_hat, self._u_hat)
         else:
             self._pre_activation = np.empty_like(u)
-            self._ops.kernels.normalise(u, self.mean, self.std, *self.forward_parameters, True,
-                                        self._u_hat, self._pre_activation)
+            self._ops.kernels.layers.normalise(u, self.mean, self.std, *self.forward_parameters,
+                                               True, self._u_hat, self._pre_activation)
 
     @property  # type: ignore[override]
     def u_hat(self) -> Any:
@@ -149,110 +172,101 @@ class NumbaOps(NumpyOps):
 
     name = "numba"
 
-    #: how many input arrays keep their density and CSR form cached
-    SPARSE_CACHE_SIZE = 6
-    #: rows whose bytes make an array's checksum in the sparse cache
-    SPARSE_SAMPLE_ROWS = 16
-
     def __init__(self) -> None:
-        self._kernels: Any = None
-        self._threads: Any = None
-        self._warmed: set[tuple[str, int]] = set()
-        self._eval_buffers: dict[tuple[str, int], Any] = {}
-        mode = os.environ.get("FASTNN_NUMBA_SPARSE", "auto").strip().lower() or "auto"
-        #: "auto" (CSR below ``sparse_threshold``), "1" (always CSR) or "0" (always dense)
-        self.sparse_mode: str = mode if mode in ("0", "1", "auto") else "auto"
-        #: the nonzero fraction below which "auto" takes the sparse first layer
-        self.sparse_threshold: float = 0.35
-        #: dtypes whose training "auto" runs sparse (measured on MNIST, 2-core AVX2: float32's
-        #: dense BLAS epoch is as fast as the sparse one; float64 gains ~15%)
-        self.sparse_train_dtypes: tuple[str, ...] = ("float64",)
-        #: calls per first-layer path: "train_sparse", "train_dense", "evaluate_sparse", ...
-        self.first_layer_paths: Counter[str] = Counter()
-        #: steps of the last `train_epoch` call that ran the sparse first layer
-        self.last_sparse_steps = 0
-        self._sparse_cache: OrderedDict[tuple[Any, ...], list[Any]] = OrderedDict()
+        self._modules: Any = None
+        self._lock = threading.Lock()
+        self._warmed: set[tuple[Any, ...]] = set()  # compiled signatures, not run state
 
     # ---- set-up ----
     def check_available(self) -> None:
-        """numba's np.dot needs SciPy's BLAS: fail early with an install hint without it."""
+        """numba's BLAS access needs SciPy: fail early with an install hint without it."""
         try:
             import scipy.linalg.cython_blas  # noqa: F401
         except ImportError as exc:
             raise BackendUnavailable(
-                f'backend \'numba\' needs scipy: pip install "fastnn[numba]" ({exc})'
+                f"backend 'numba' needs numba and scipy: pip install numba scipy ({exc})"
             ) from None
 
     @property
     def kernels(self) -> Any:
-        """The kernel module, imported on first use (creating dispatchers compiles nothing)."""
-        if self._kernels is None:
-            from . import _numba_kernels
+        """The kernel modules, imported on first use (creating dispatchers compiles nothing)."""
+        if self._modules is None:
+            from .numba_kernels import blas, epoch, evaluate, layers, masks, sparse
 
-            self._kernels = _numba_kernels
-        return self._kernels
+            self._modules = SimpleNamespace(
+                blas=blas, epoch=epoch, evaluate=evaluate, layers=layers, masks=masks,
+                sparse=sparse,
+            )
+        return self._modules
 
-    def warm_up(self, network: Any) -> None:
-        """Compile (or load from the cache) the epoch and evaluation kernels of this network."""
-        from ..network import Network
+    def _blas(self, dtype: Any) -> Any:
+        """The `Blas` record the kernels call for this dtype."""
+        return self.kernels.blas.blas_for(dtype)
 
-        dtype = np.dtype(network.dtype)
-        key = (dtype.name, network.n_layers)
+    def workspace(self, threads: int | None = None) -> Workspace:
+        """A run's workspace, with this backend's options read from the environment now."""
+        workspace = Workspace(threads)
+        mode = os.environ.get("FASTNN_NUMBA_SPARSE", "auto").strip().lower() or "auto"
+        workspace.options.update(
+            WORKSPACE_DEFAULTS,
+            sparse_mode=mode if mode in ("0", "1", "auto") else "auto",
+            eval_threads=workspace.threads,
+        )
+        return workspace
+
+    def blas_thread_count(self, threads: int) -> int:
+        """One: a batch's products are too small to gain from a second BLAS thread, and a
+        helper thread descheduled by another busy process stalls every product (seen: 40x).
+        Evaluation shares its blocks among the run's threads instead."""
+        return 1
+
+    def warm_up(self, plan: Plan) -> None:
+        """Compile (or load from the cache) the epoch and evaluation kernels of this plan."""
+        dtype = np.dtype(plan.dtype)
+        key = (dtype.name, plan.n_layers, plan.batch_norm, plan.dropout_mode, plan.output)
         if dtype not in _FLOAT_DTYPES or key in self._warmed:
             return
-        if sys.stderr is not None and sys.stderr.isatty() and self._needs_compile():
-            print("compiling kernels (first run only)", file=sys.stderr, flush=True)
-        probe = Network(network.config, params=network.numpy_params())
-        rows = 3
-        x = np.linspace(-1.0, 1.0, rows * network.sizes[0]).reshape(rows, -1).astype(dtype)
-        labels = np.arange(rows) % network.sizes[-1]
-        t = np.eye(network.sizes[-1], dtype=dtype)[labels]
-        with np.errstate(all="ignore"):
-            self.train_epoch(probe, x, t, np.arange(rows), 0)
-            probe.evaluate(x, t, labels)
-        self._warmed.add(key)
-
-    def _needs_compile(self) -> bool:
-        """False when the epoch kernel is compiled in-process or has an on-disk cache index."""
-        dispatcher = self.kernels.train_epoch
-        if dispatcher.signatures:
-            return False
+        notice = None
+        if sys.stderr is not None and sys.stderr.isatty():
+            notice = threading.Timer(COMPILE_NOTICE_AFTER, _say_compiling)
+            notice.daemon = True
+            notice.start()
         try:
-            from pathlib import Path
-
-            cache = dispatcher._cache  # noqa: SLF001 - numba has no public query for this
-            return not Path(cache._cache_path, cache._index_name).exists()  # noqa: SLF001
-        except AttributeError:
-            return True
-
-    def _blas_threads(self) -> Any:
-        if self._threads is None:
-            self._threads = self.kernels.BlasThreads()
-        return self._threads
-
-    @contextmanager
-    def _one_blas_thread(self) -> Iterator[None]:
-        """Run the block with the kernels' BLAS on one thread (restored afterwards)."""
-        threads = self._blas_threads().get()
-        if threads is not None and threads > 1:
-            self._blas_threads().set(1)
-        try:
-            yield
+            self._probe(plan, dtype)
         finally:
-            if threads is not None and threads > 1:
-                self._blas_threads().set(threads)
+            if notice is not None:
+                notice.cancel()
+        with self._lock:
+            self._warmed.add(key)
 
-    def _blas(self, dtype: Any) -> tuple[int, int]:
-        """(kind, gemm address) of the BLAS the kernels call for this dtype."""
-        return self.kernels.blas_for(dtype)
+    def _probe(self, plan: Plan, dtype: np.dtype) -> None:
+        """Run a 3-row epoch and evaluation of ``plan`` on throw-away arrays."""
+        params = {
+            name: np.full(shape, 0.5, dtype) if name.startswith(("W", "gamma"))
+            else np.zeros(shape, dtype)
+            for name, shape in plan.param_shapes().items()
+        }
+        running = {
+            k: (np.zeros(plan.sizes[k], dtype), np.ones(plan.sizes[k], dtype))
+            for k in range(1, plan.n_layers)
+        } if plan.batch_norm != "off" else {}
+        rows = 3
+        x = np.linspace(-1.0, 1.0, rows * plan.sizes[0]).reshape(rows, -1).astype(dtype)
+        t = np.eye(plan.sizes[-1], dtype=dtype)[np.arange(rows) % plan.sizes[-1]]
+        workspace = self.workspace(threads=1)
+        with np.errstate(all="ignore"):
+            self.train_epoch(plan, params, running, x, t, np.arange(rows), 0, workspace)
+            self.evaluate(plan, params, running, x, t, workspace)
 
     # ---- random masks ----
     def article_mask(self, key: int, d: int, keep: float, dtype: str) -> Any:
         """(d,) mask with exactly round(keep * d) ones: the k smallest values of the stream."""
         if np.dtype(dtype) not in _FLOAT_DTYPES:
             return super().article_mask(key, d, keep, dtype)
+        from .. import rng
+
         mask = np.empty(d, dtype)
-        self.kernels.article_mask(np.uint64(key), rng.keep_count(keep, d), mask)
+        self.kernels.masks.article_mask(np.uint64(key), rng.keep_count(keep, d), mask)
         return mask
 
     def bernoulli_mask(self, key: int, shape: tuple[int, int], keep: float, dtype: str) -> Any:
@@ -261,18 +275,38 @@ class NumbaOps(NumpyOps):
         if dtype not in _FLOAT_DTYPES:
             return super().bernoulli_mask(key, shape, keep, dtype)
         mask = np.empty(shape, dtype)
-        self.kernels.fill_bernoulli_multiplier(np.uint64(key), float(keep), dtype.type(1.0), mask)
+        self.kernels.masks.fill_bernoulli_multiplier(np.uint64(key), float(keep),
+                                                     dtype.type(1.0), mask)
         return mask
+
+    def dropout_multiplier(
+        self, key: int, spec: DropoutSpec, rows: int, mode: str, dtype: str
+    ) -> Any:
+        """The step's multiplier of a layer from its mask key (the compiled epoch's kernel)."""
+        dtype = np.dtype(dtype)
+        if dtype not in _FLOAT_DTYPES:
+            return super().dropout_multiplier(key, spec, rows, mode, dtype)
+        inverted = mode == "inverted"
+        multiplier = np.empty((rows if inverted else 1, spec.size), dtype)
+        self.kernels.masks.dropout_multiplier(
+            np.uint64(key), float(spec.keep), spec.keep_count, inverted,
+            np.empty(spec.size, np.uint64), multiplier,
+        )
+        return multiplier if inverted else multiplier[0]
 
     # ---- layers ----
     def affine(self, x: Any, w: Any, b: Any) -> Any:
-        """u = x W + b with the product in numba (SciPy's BLAS: one thread pool throughout)."""
-        if not (_same_float_arrays(x, w, b) and x.ndim == 2 and w.ndim == 2 and b.ndim == 1
-                and x.shape[1] == w.shape[0] and b.shape[0] == w.shape[1]):
+        """u = x W + b with the product in numba (BLAS by address)."""
+        if not self._affine_fits(x, w, b):
             return super().affine(x, w, b)
         u = np.empty((x.shape[0], w.shape[1]), x.dtype)
-        self.kernels.affine(*self._blas(x.dtype), x, w, b, u)
+        self.kernels.layers.affine(self._blas(x.dtype), x, w, b, u)
         return u
+
+    @staticmethod
+    def _affine_fits(x: Any, w: Any, b: Any) -> bool:
+        return (_same_float_arrays(x, w, b) and x.ndim == 2 and w.ndim == 2 and b.ndim == 1
+                and x.shape[1] == w.shape[0] and b.shape[0] == w.shape[1])
 
     def affine_backward(
         self, x: Any, w: Any, du: Any, need_dx: bool = True
@@ -284,16 +318,34 @@ class NumbaOps(NumpyOps):
         dw = np.empty(w.shape, w.dtype)
         db = np.empty(w.shape[1], w.dtype)
         dx = np.empty(x.shape, x.dtype) if need_dx else np.empty((0, 0), x.dtype)
-        self.kernels.affine_backward(*self._blas(x.dtype), x, w, du, need_dx, dw, db, dx)
+        self.kernels.layers.affine_backward(self._blas(x.dtype), x, w, du, need_dx, dw, db, dx)
         return dw, db, dx if need_dx else None
+
+    def affine_backward_update(
+        self, x: Any, w: Any, b: Any, du: Any, rate: float, decay: str | None, lam: float,
+        need_dx: bool = True,
+    ) -> Any | None:
+        """dx with the old W, then W and b updated in place, decay fused (one kernel)."""
+        if not (self._affine_fits(x, w, b) and _same_float_arrays(x, du) and du.ndim == 2
+                and du.shape == (x.shape[0], w.shape[1]) and decay in DECAY_CODES):
+            return super().affine_backward_update(x, w, b, du, rate, decay, lam, need_dx)
+        dtype = x.dtype.type
+        dx = np.empty(x.shape, x.dtype) if need_dx else np.empty((0, 0), x.dtype)
+        dw = np.empty(w.shape if decay is not None else (0, 0), w.dtype)
+        db = np.empty(w.shape[1], w.dtype)
+        self.kernels.layers.affine_backward_update(
+            self._blas(x.dtype), x, w, b, du, dtype(rate), DECAY_CODES[decay], dtype(lam),
+            need_dx, dx, dw, db,
+        )
+        return dx if need_dx else None
 
     def _layer_parameters(
         self, spec: HiddenSpec, gamma: Any, beta: Any, like: np.ndarray
     ) -> tuple[Any, Any, bool] | None:
         """(gamma, beta, has_gamma) for a kernel (dummies without them); None: not supported."""
-        if spec.batch_norm not in self.kernels.BATCH_NORM_CODES:
+        if spec.batch_norm not in BATCH_NORM_CODES:
             return None
-        if spec.activation not in self.kernels.ACTIVATION_CODES:
+        if spec.activation not in ACTIVATION_CODES:
             return None
         if spec.batch_norm == "off" or gamma is None:
             dummy = np.ones(1, like.dtype)
@@ -325,7 +377,7 @@ class NumbaOps(NumpyOps):
         kernels = self.kernels
         gamma_array, beta_array, has_gamma = parameters
         d = u.shape[1]
-        act = kernels.ACTIVATION_CODES[spec.activation]
+        act = ACTIVATION_CODES[spec.activation]
         alpha = u.dtype.type(spec.alpha)
         z = np.empty_like(u)
         batch_stats = stats is None
@@ -335,7 +387,7 @@ class NumbaOps(NumpyOps):
             mean, var, std = np.empty(d, u.dtype), np.empty(d, u.dtype), np.empty(d, u.dtype)
         else:
             (mean, var), std = stats, np.empty(d, u.dtype)
-        kernels.hidden_forward(u, act, alpha, kernels.BATCH_NORM_CODES[spec.batch_norm],
+        kernels.layers.hidden_forward(u, act, alpha, BATCH_NORM_CODES[spec.batch_norm],
                                gamma_array, beta_array, has_gamma, batch_stats, mean, var, std,
                                False, u, u, multiplier, z)
         if spec.batch_norm == "off":
@@ -350,7 +402,7 @@ class NumbaOps(NumpyOps):
         def reference() -> tuple[Any, Any | None, Any | None]:
             return super(NumbaOps, self).hidden_backward(dz, cache, spec, gamma)
 
-        act_code = self.kernels.ACTIVATION_CODES.get(spec.activation)
+        act_code = ACTIVATION_CODES.get(spec.activation)
         if act_code is None or not (_same_float_arrays(dz) and dz.ndim == 2):
             return reference()
         return self._fused_backward(dz, cache, spec.batch_norm, gamma, act_code, spec.alpha,
@@ -365,7 +417,7 @@ class NumbaOps(NumpyOps):
 
         if variant == "off" or not (_same_float_arrays(dy) and dy.ndim == 2):
             return reference()
-        identity = self.kernels.ACTIVATION_CODES["identity"]
+        identity = ACTIVATION_CODES["identity"]
         return self._fused_backward(dy, cache, variant, gamma, identity, 0.0, None, reference,
                                     activation_input=dy)
 
@@ -375,12 +427,12 @@ class NumbaOps(NumpyOps):
     ) -> tuple[Any, Any | None, Any | None]:
         """Run the fused backward kernel, or ``reference()`` when its inputs do not fit."""
         kernels = self.kernels
-        if variant not in kernels.BATCH_NORM_CODES:
+        if variant not in BATCH_NORM_CODES:
             return reference()
         n, d = dz.shape
-        bn = kernels.BATCH_NORM_CODES[variant]
+        bn = BATCH_NORM_CODES[variant]
         multiplier = _multiplier(mask, dz)
-        has_gamma = bn != kernels.BN_OFF and gamma is not None
+        has_gamma = bn != BN_OFF and gamma is not None
         if multiplier is None or (has_gamma and not (
             _same_float_arrays(dz, gamma) and gamma.ndim == 1 and gamma.shape[0] in (1, d)
         )):
@@ -390,7 +442,7 @@ class NumbaOps(NumpyOps):
         recompute = (isinstance(cache, LazyBatchNormCache) and not cache.built
                      and activation_input is None
                      and (cache.forward_parameters is not None) == has_gamma)
-        if bn == kernels.BN_OFF:
+        if bn == BN_OFF:
             u = mean = u_hat = y = std = None
             y = cache.pre_activation
         elif recompute:
@@ -408,19 +460,20 @@ class NumbaOps(NumpyOps):
         if not (_same_float_arrays(dz, u, mean, std, u_hat, y, forward_gamma, forward_beta)
                 and u.shape == u_hat.shape == y.shape == dz.shape):
             return reference()
-        if bn != kernels.BN_OFF and (std.shape != (d,) or (recompute and mean.shape != (d,))):
+        if bn != BN_OFF and (std.shape != (d,) or (recompute and mean.shape != (d,))):
             return reference()
         du = np.empty_like(dz)
         dgamma_nodes = np.empty(d, dz.dtype)
         dbeta_nodes = np.empty(d, dz.dtype)
-        kernels.hidden_backward(dz, multiplier, act_code, dz.dtype.type(alpha), bn, recompute,
-                                u, mean, std, forward_gamma, forward_beta, u_hat, y, gamma_array,
-                                has_gamma, du, dgamma_nodes, dbeta_nodes)
+        kernels.layers.hidden_backward(dz, multiplier, act_code, dz.dtype.type(alpha), bn,
+                                       recompute, u, mean, std, forward_gamma, forward_beta,
+                                       u_hat, y, gamma_array, has_gamma, du, dgamma_nodes,
+                                       dbeta_nodes)
         if not has_gamma:
             return du, None, None
-        size = 1 if bn == kernels.BN_SCALAR else d
+        size = 1 if bn == BN_SCALAR else d
         dgamma, dbeta = np.empty(size, dz.dtype), np.empty(size, dz.dtype)
-        kernels.layer_parameter_grads(bn, dgamma_nodes, dbeta_nodes, dgamma, dbeta)
+        kernels.layers.layer_parameter_grads(bn, dgamma_nodes, dbeta_nodes, dgamma, dbeta)
         return du, dgamma, dbeta
 
     # ---- output and loss ----
@@ -429,341 +482,302 @@ class NumbaOps(NumpyOps):
         if output == "identity_mse" or not (_same_float_arrays(u) and u.ndim == 2):
             return super().output_forward(u, output)
         y = np.empty_like(u)
-        self.kernels.output_forward(u, self.kernels.OUTPUT_CODES[output], y)
+        self.kernels.layers.output_forward(u, OUTPUT_CODES[output], y)
         return y
 
     def loss(self, y: Any, t: Any, output: str) -> Any:
         """Cross-entropy or MSE (summed in float64), as a scalar of y's dtype."""
-        if output not in self.kernels.OUTPUT_CODES or not (
+        if output not in OUTPUT_CODES or not (
             _same_float_arrays(y, t) and y.ndim == 2 and y.shape == t.shape
         ):
             return super().loss(y, t, output)
-        return y.dtype.type(self.kernels.loss(y, t, self.kernels.OUTPUT_CODES[output]))
+        return y.dtype.type(self.kernels.layers.loss(y, t, OUTPUT_CODES[output]))
 
     def output_loss_grad(self, u: Any, t: Any, output: str) -> tuple[Any, Any, Any]:
         """(y, loss, (y - t) / N)."""
-        if output not in self.kernels.OUTPUT_CODES or not (
+        if output not in OUTPUT_CODES or not (
             _same_float_arrays(u, t) and u.ndim == 2 and u.shape == t.shape
         ):
             return super().output_loss_grad(u, t, output)
         y = self.output_forward(u, output)
         du = np.empty_like(u)
-        self.kernels.output_grad(y, t, du)
+        self.kernels.layers.output_grad(y, t, du)
         return y, self.loss(y, t, output), du
+
+    def output_grad(self, u: Any, t: Any, output: str) -> Any:
+        """du = (output(u) - t) / N in one kernel (the compiled epoch's)."""
+        if output not in OUTPUT_CODES or not (
+            _same_float_arrays(u, t) and u.ndim == 2 and u.shape == t.shape
+        ):
+            return super().output_grad(u, t, output)
+        du = np.empty_like(u)
+        self.kernels.layers.output_grad_from_u(u, t, OUTPUT_CODES[output], du)
+        return du
 
     # ---- the update ----
     def sgd_update(
-        self, params: Mapping[str, Any], grads: Mapping[str, Any], rates: Mapping[str, float]
+        self, param: Any, grad: Any, rate: float, decay: str | None = None, lam: float = 0.0
     ) -> None:
-        """In place p -= rate * grad (a kernel per array; NumPy for anything unusual)."""
-        kernels = self.kernels
-        for name, grad in grads.items():
-            rate, param = rates[name], params[name]
-            if not rate:
-                continue
-            if not (_same_float_arrays(param, grad) and param.shape == grad.shape
-                    and param.ndim in (1, 2)):
-                super().sgd_update({name: param}, {name: grad}, {name: rate})
-            elif param.ndim == 2:
-                zero = param.dtype.type(0.0)
-                kernels.sgd_weights(param, grad, param.dtype.type(rate), kernels.DECAY_NONE, zero)
-            else:
-                kernels.sgd_vector(param, grad, param.dtype.type(rate))
+        """In place param -= rate * (grad + decay gradient): one kernel per array."""
+        if not rate:
+            return
+        if not (_same_float_arrays(param, grad) and param.shape == grad.shape
+                and param.ndim in (1, 2) and decay in DECAY_CODES):
+            super().sgd_update(param, grad, rate, decay, lam)
+            return
+        dtype = param.dtype.type
+        if param.ndim == 2 or decay is not None:
+            self.kernels.layers.sgd_weights(param, grad, dtype(rate), DECAY_CODES[decay],
+                                            dtype(lam))
+        else:
+            self.kernels.layers.sgd_vector(param, grad, dtype(rate))
+
+    def update_running(
+        self, running: tuple[Any, Any], cache: HiddenCache, momentum: float
+    ) -> None:
+        """running = momentum * running + (1 - momentum) * batch statistic, in place."""
+        mean, var = running
+        if not (_same_float_arrays(mean, var, cache.mean, cache.var)
+                and mean.shape == var.shape == cache.mean.shape == cache.var.shape
+                and mean.ndim == 1):
+            super().update_running(running, cache, momentum)
+            return
+        dtype = mean.dtype.type
+        self.kernels.layers.update_running(mean, var, cache.mean, cache.var, dtype(momentum),
+                                           dtype(1 - momentum))
 
     # ---- sparse inputs ----
-    def clear_sparse_cache(self) -> None:
-        """Forget every cached density and CSR form."""
-        self._sparse_cache.clear()
+    def prepare_inputs(self, x: Any, workspace: Workspace) -> None:
+        """Measure x's density and, when the sparse path would take it, build its CSR form
+        (kept in the run's workspace, for every epoch and evaluation of the run)."""
+        options = workspace.options
+        mode = options.get("sparse_mode", "auto")
+        if (mode == "0" or not (_same_float_arrays(x) and x.ndim == 2) or x.size == 0
+                or workspace.prepared(x) is not None):
+            return
+        sparse = self.kernels.sparse
+        counts = np.empty(len(x), np.int64)
+        density = int(sparse.count_nonzeros(x, counts)) / x.size
+        if mode != "1" and not density < options.get("sparse_threshold", 0.35):
+            workspace.attach(x, (density, None))
+            return
+        indptr = np.zeros(len(x) + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        indices = np.empty(indptr[-1], np.int32)
+        values = np.empty(indptr[-1], x.dtype)
+        sparse.fill_csr(x, indptr, indices, values)
+        workspace.attach(x, (density, Csr(True, indptr, indices, values)))
 
-    def _fingerprint(self, x: np.ndarray) -> int:
-        """A checksum of up to ``SPARSE_SAMPLE_ROWS`` evenly spaced rows of x."""
-        count = min(len(x), self.SPARSE_SAMPLE_ROWS)
-        rows = np.linspace(0, len(x) - 1, count).astype(np.intp) if count else []
-        return zlib.crc32(np.ascontiguousarray(x[rows]).tobytes())
-
-    def sparse_form(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """x's CSR form (indptr int64, indices int32, values) when x takes the sparse path.
-
-        x must be a 2-d C-contiguous float array. None when ``sparse_mode`` is "0", or "auto"
-        and x's nonzero fraction is not below ``sparse_threshold``.
-        """
-        mode = self.sparse_mode
-        if mode == "0" or x.size == 0:
-            return None
-        key = (id(x), x.__array_interface__["data"][0], x.shape, x.strides, x.dtype.str)
-        fingerprint = self._fingerprint(x)
-        entry = self._sparse_cache.get(key)
-        if entry is None or entry[0] is not x or entry[1] != fingerprint:
-            counts = np.empty(len(x), np.int64)
-            nonzeros = int(self.kernels.count_nonzeros(x, counts))
-            entry = [x, fingerprint, nonzeros / x.size, counts, None]
-            self._sparse_cache[key] = entry
-            while len(self._sparse_cache) > self.SPARSE_CACHE_SIZE:
-                self._sparse_cache.popitem(last=False)
-        self._sparse_cache.move_to_end(key)
-        if mode != "1" and not entry[2] < self.sparse_threshold:
-            return None
-        if entry[4] is None:
-            counts = entry[3]
-            indptr = np.zeros(len(x) + 1, np.int64)
-            np.cumsum(counts, out=indptr[1:])
-            indices = np.empty(indptr[-1], np.int32)
-            values = np.empty(indptr[-1], x.dtype)
-            self.kernels.fill_csr(x, indptr, indices, values)
-            entry[3], entry[4] = None, (indptr, indices, values)
-        csr: tuple[np.ndarray, np.ndarray, np.ndarray] = entry[4]
-        return csr
-
-    def _first_layer(self, x: np.ndarray, w1: np.ndarray, what: str) -> tuple[Any, ...]:
-        """(sparse, indptr, indices, values) for a kernel, counted in ``first_layer_paths``.
-
-        Dense (with dummy arrays) unless x has a CSR form and W1 is finite.
-        """
-        auto_dense = (what == "train" and self.sparse_mode == "auto"
-                      and x.dtype.name not in self.sparse_train_dtypes)
-        csr = None if auto_dense else self.sparse_form(x)
+    def _first_layer(self, x: np.ndarray, w1: np.ndarray, what: str, workspace: Workspace
+                     ) -> Any:
+        """The `Csr` record for a kernel (counted in the workspace's counters): x's CSR form
+        when the run prepared one and W1 is finite, else the dense path's dummies."""
+        options = workspace.options
+        prepared = workspace.prepared(x)
+        csr = None if prepared is None else prepared[1]
+        if (what == "train" and options.get("sparse_mode") == "auto"
+                and x.dtype.name not in options.get("sparse_train_dtypes", ())):
+            csr = None
         if csr is not None and not np.isfinite(w1).all():
             csr = None  # 0 * inf is NaN in the dense product: keep it
-        self.first_layer_paths[f"{what}_{'dense' if csr is None else 'sparse'}"] += 1
-        if csr is None:
-            return False, np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, x.dtype)
-        return (True, *csr)
+        workspace.counters[f"{what}_{'dense' if csr is None else 'sparse'}"] += 1
+        return _dense(x.dtype) if csr is None else csr
+
+    # ---- the plan's arrays as kernel records ----
+    def _layers(
+        self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any], dtype: Any,
+        with_running: bool,
+    ) -> Any:
+        """The `Layers` record of the live arrays (dummies where a layer has none); None when
+        an array does not fit the kernels (the reference then runs)."""
+        n_layers, sizes = plan.n_layers, plan.sizes
+        weights = tuple(params[f"W{k}"] for k in range(1, n_layers + 1))
+        biases = tuple(params[f"b{k}"] for k in range(1, n_layers + 1))
+        gammas = tuple(params[f"gamma{k}"] for k in range(1, n_layers)) if plan.learnable_bn else ()
+        betas = tuple(params[f"beta{k}"] for k in range(1, n_layers)) if plan.learnable_bn else ()
+        if not all(isinstance(a, np.ndarray) and a.dtype == dtype
+                   for a in (*weights, *biases, *gammas, *betas)):
+            return None
+        if not _same_float_arrays(*weights, *biases, *gammas, *betas):
+            return None
+        means: tuple[Any, ...] = ()
+        variances: tuple[Any, ...] = ()
+        if with_running:
+            if any(k not in running for k in range(1, n_layers)):
+                return None
+            means = tuple(running[k][0] for k in range(1, n_layers))
+            variances = tuple(running[k][1] for k in range(1, n_layers))
+            if not all(isinstance(s, np.ndarray) and s.dtype == dtype and s.flags.c_contiguous
+                       and s.shape == (sizes[k],)
+                       for group in (means, variances) for k, s in enumerate(group, start=1)):
+                return None
+        dummy = np.ones(1, dtype)
+
+        def padded(group: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (*group, *([dummy] * (n_layers - len(group))))
+
+        return Layers(weights, biases, padded(gammas), padded(betas), padded(means),
+                      padded(variances))
+
+    @staticmethod
+    def _data_fits(plan: Plan, x: Any, t: Any) -> bool:
+        dtype = np.dtype(plan.dtype)
+        return (dtype in _FLOAT_DTYPES and _same_float_arrays(x, t) and x.dtype == dtype
+                and x.ndim == 2 and t.ndim == 2 and x.shape == (len(x), plan.sizes[0])
+                and t.shape == (len(x), plan.sizes[-1]) and plan.output in OUTPUT_CODES
+                and all(spec.activation in ACTIVATION_CODES for spec in plan.hidden))
+
+    # ---- the whole epoch ----
+    def train_epoch(
+        self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
+        x: Any, t: Any, order: Any, epoch: int, workspace: Workspace,
+    ) -> None:
+        """The reference epoch (same batches, masks, ops and update order) as one compiled
+        loop around the per-op kernels."""
+        order = np.ascontiguousarray(np.asarray(order), dtype=np.int64)
+        layers = None
+        if (self._data_fits(plan, x, t) and order.ndim == 1 and order.size
+                and 0 <= order.min() and order.max() < len(x)):  # else the reference raises
+            layers = self._layers(plan, params, running, x.dtype,
+                                  plan.tracks_running and bool(running))
+        if layers is None:
+            super().train_epoch(plan, params, running, x, t, order, epoch, workspace)
+            return
+        dtype = x.dtype.type
+        step_plan = StepPlan(
+            batch_size=plan.batch_size,
+            act=ACTIVATION_CODES[plan.hidden[0].activation] if plan.hidden else 0,
+            alpha=dtype(plan.hidden[0].alpha if plan.hidden else 0.0),
+            bn=BATCH_NORM_CODES[plan.batch_norm],
+            has_gamma=plan.learnable_bn,
+            output=OUTPUT_CODES[plan.output],
+            decay=DECAY_CODES[plan.decay],
+            lam=dtype(plan.lam),
+            eta=dtype(plan.eta),
+            bn_rate=dtype(plan.bn_rate),
+            inverted=plan.dropout_mode == "inverted",
+            keep_ratios=np.array([spec.keep for spec in plan.dropout], np.float64),
+            keep_counts=np.array([spec.keep_count for spec in plan.dropout], np.int64),
+            epoch_key=np.uint64(plan.epoch_key(epoch)),
+            update_running=plan.tracks_running and bool(running),
+            momentum=dtype(plan.bn_momentum),
+            momentum_rest=dtype(1 - plan.bn_momentum),
+        )
+        csr = self._first_layer(x, layers.weights[0], "train", workspace)
+        sparse_steps = self.kernels.epoch.train_epoch(x, t, order, layers, step_plan,
+                                                      self._blas(x.dtype), csr)
+        workspace.counters["sparse_steps"] += int(sparse_steps)
 
     # ---- evaluation ----
-    #: rows per block of the blocked evaluation (buffers of a few MB: they stay in cache)
-    EVAL_BLOCK = 2048
-    #: threads that share out an evaluation's blocks (None: one per usable CPU)
-    EVAL_THREADS: int | None = None
-
-    def evaluate(self, network: Any, x: Any, t: Any) -> tuple[float, Any]:
-        """Loss and predicted classes of a whole set, ``EVAL_BLOCK`` rows at a time.
+    def evaluate(
+        self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
+        x: Any, t: Any, workspace: Workspace,
+    ) -> tuple[float, Any]:
+        """Loss and predicted classes of a whole set, a block of rows at a time.
 
         Without batch norm (or with running statistics) no (N, d) activation is ever built;
-        with whole-set statistics the hidden pre-activations go to reused (N, d_k) buffers.
-        Blocks are independent: `_run_blocks` shares them out among threads.
+        with whole-set statistics the hidden pre-activations go to (N, d_k) buffers of the
+        run's workspace. Blocks are independent: `_run_blocks` shares them out among threads.
         """
-        arguments = self._evaluate_arguments(network, x, t)
-        if arguments is None:
-            return super().evaluate(network, x, t)
-        (x, t, weights, biases, gammas, betas, running_means, running_vars, act, alpha, bn,
-         has_gamma, batch_stats, output, scales, full, blas_kind, address, predicted) = arguments
-        first_layer = self._first_layer(x, weights[0], "evaluate")
-        kernels, dtype = self.kernels, x.dtype
-        n_rows, n_layers = len(x), len(weights)
-        widest = max(w.shape[1] for w in weights)
-        scale_rows, means, stds, gamma_rows, beta_rows = (
-            np.empty((n_layers, widest), dtype) for _ in range(5)
+        batch_stats = plan.bn_eval == "batch" or not running
+        layers = None
+        if self._data_fits(plan, x, t) and x.flags.writeable and len(x) > 0:
+            layers = self._layers(plan, params, running, x.dtype,
+                                  plan.batch_norm != "off" and not batch_stats)
+        if layers is None:
+            return super().evaluate(plan, params, running, x, t, workspace)
+        kernels, dtype = self.kernels.evaluate, x.dtype
+        n_rows, n_layers, sizes = len(x), plan.n_layers, plan.sizes
+        eval_plan = EvalPlan(
+            act=ACTIVATION_CODES[plan.hidden[0].activation] if plan.hidden else 0,
+            alpha=dtype.type(plan.hidden[0].alpha if plan.hidden else 0.0),
+            bn=BATCH_NORM_CODES[plan.batch_norm],
+            has_gamma=plan.learnable_bn,
+            output=OUTPUT_CODES[plan.output],
+            batch_stats=batch_stats,
         )
-        kernels.evaluate_setup(weights, gammas, betas, running_means, running_vars, bn,
-                               batch_stats, scales, scale_rows, means, stds, gamma_rows,
-                               beta_rows)
-        rows = self.EVAL_BLOCK
-        n_blocks = -(-n_rows // rows)
-        layer_rows = (act, alpha, bn, has_gamma)
-        fixed = (scale_rows, means, stds, gamma_rows, beta_rows, blas_kind, address)
+        widest = max(sizes[1:])
+        rows = EvalRows(*(np.empty((n_layers, widest), dtype) for _ in range(5)))
+        kernels.evaluate_setup(layers, eval_plan.bn, batch_stats,
+                               np.array(plan.eval_scales(), dtype), rows)
+        whole_set = plan.batch_norm != "off" and batch_stats
+        placeholder = np.ones((1, 1), dtype)
+        full = tuple(
+            workspace.buffer(("evaluate", dtype.name, sizes[k]),
+                             lambda k=k: np.empty((n_rows, sizes[k]), dtype),
+                             lambda buffer: len(buffer) >= n_rows)
+            if whole_set and k < n_layers else placeholder
+            for k in range(1, n_layers + 1)
+        )
+        blas = self._blas(dtype)
+        csr = self._first_layer(x, layers.weights[0], "evaluate", workspace)
+        block = int(workspace.options.get("eval_block", 2048))
+        threads = int(workspace.options.get("eval_threads", workspace.threads))
+        n_blocks = -(-n_rows // block)
+        predicted = np.empty(n_rows, np.intp)
         first = 1
-        # One BLAS thread: threads take whole blocks instead (a busy core then only slows the
-        # blocks it takes; a multithreaded product waits for its slowest thread every time).
-        with self._one_blas_thread():
-            if bn != kernels.BN_OFF and batch_stats:  # whole-set statistics, layer by layer
-                first = n_layers
-                for k in range(1, n_layers):
-                    def pre_activations(block: int, k: int = k) -> None:
-                        start = block * rows
-                        kernels.pre_activation_block(
-                            x, start, min(rows, n_rows - start), k, weights, biases, full,
-                            *layer_rows, *fixed, *first_layer)
+        if whole_set:  # the statistics of every row, layer by layer
+            first = n_layers
+            for k in range(1, n_layers):
+                def pre_activations(index: int, k: int = k) -> None:
+                    start = index * block
+                    kernels.pre_activation_block(
+                        x, start, min(block, n_rows - start), k, layers.weights, layers.biases,
+                        full, eval_plan, rows, blas, csr)
 
-                    self._run_blocks(n_blocks, pre_activations)
-                    d = weights[k - 1].shape[1]
-                    kernels.whole_set_statistics(full[k - 1][:n_rows], means[k - 1, :d],
-                                                 stds[k - 1, :d])
-            totals = np.zeros(n_blocks)
+                _run_blocks(n_blocks, threads, pre_activations)
+                kernels.whole_set_statistics(full[k - 1][:n_rows], rows.means[k - 1, :sizes[k]],
+                                             rows.stds[k - 1, :sizes[k]])
+        totals = np.zeros(n_blocks)
 
-            def outputs(block: int) -> None:
-                start = block * rows
-                totals[block] = kernels.evaluate_block(
-                    x, t, start, min(rows, n_rows - start), weights, biases, first, full,
-                    *layer_rows, output, *fixed[:5], blas_kind, address, predicted,
-                    *first_layer)
+        def outputs(index: int) -> None:
+            start = index * block
+            totals[index] = kernels.evaluate_block(
+                x, t, start, min(block, n_rows - start), layers.weights, layers.biases, first,
+                full, eval_plan, rows, blas, predicted, csr)
 
-            self._run_blocks(n_blocks, outputs)
+        _run_blocks(n_blocks, threads, outputs)
         total = 0.0
         for value in totals.tolist():  # in block order: the same sum on every run
             total += value
-        loss = 0.5 * total / n_rows if output == kernels.OUTPUT_IDENTITY else -total / n_rows
+        identity = eval_plan.output == OUTPUT_CODES["identity_mse"]
+        loss = 0.5 * total / n_rows if identity else -total / n_rows
         return float(dtype.type(loss)), predicted
 
-    def _run_blocks(self, n_blocks: int, run: Any) -> None:
-        """run(0..n_blocks-1), shared out among up to ``EVAL_THREADS`` threads as each frees up
-        (the kernels release the GIL); in this thread alone when there is one block or CPU."""
-        workers = min(n_blocks, self.EVAL_THREADS or _usable_cpus())
-        if workers <= 1:
-            for block in range(n_blocks):
+
+def _run_blocks(n_blocks: int, threads: int, run: Any) -> None:
+    """run(0..n_blocks-1), shared out among up to ``threads`` threads as each frees up (the
+    kernels release the GIL); in this thread alone when there is one block or thread."""
+    workers = min(n_blocks, check_threads(threads))
+    if workers <= 1:
+        for block in range(n_blocks):
+            run(block)
+        return
+    blocks = iter(range(n_blocks))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                block = next(blocks, None)
+            if block is None:
+                return
+            try:
                 run(block)
-            return
-        blocks = iter(range(n_blocks))
-        lock = threading.Lock()
-        errors: list[BaseException] = []
+            except BaseException as exc:  # re-raised in the calling thread
+                errors.append(exc)
 
-        def work() -> None:
-            while not errors:
-                with lock:
-                    block = next(blocks, None)
-                if block is None:
-                    return
-                try:
-                    run(block)
-                except BaseException as exc:  # re-raised in the calling thread
-                    errors.append(exc)
+    helpers = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+    for helper in helpers:
+        helper.start()
+    work()
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
 
-        helpers = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
-        for helper in helpers:
-            helper.start()
-        work()
-        for helper in helpers:
-            helper.join()
-        if errors:
-            raise errors[0]
 
-    def _evaluate_arguments(self, network: Any, x: Any, t: Any) -> tuple[Any, ...] | None:
-        """The evaluation kernel's arguments; None when this network/data needs the reference."""
-        kernels, cfg = self.kernels, network.config
-        dtype = np.dtype(network.dtype)
-        n_layers, sizes, params = network.n_layers, network.sizes, network.params
-        if dtype not in _FLOAT_DTYPES or cfg.output not in kernels.OUTPUT_CODES:
-            return None
-        if not (_same_float_arrays(x, t) and x.dtype == dtype and x.ndim == 2 and t.ndim == 2
-                and x.flags.writeable and len(x) > 0 and x.shape == (len(x), sizes[0])
-                and t.shape == (len(x), sizes[-1])):
-            return None
-        spec = self._uniform_spec(network)
-        if spec is None:
-            return None
-        weights = tuple(params[f"W{k}"] for k in range(1, n_layers + 1))
-        biases = tuple(params[f"b{k}"] for k in range(1, n_layers + 1))
-        learnable = cfg.batch_norm in ("bn", "node")
-        gammas = tuple(params[f"gamma{k}"] for k in range(1, n_layers)) if learnable else ()
-        betas = tuple(params[f"beta{k}"] for k in range(1, n_layers)) if learnable else ()
-        if not _same_float_arrays(x, *weights, *biases, *gammas, *betas):
-            return None
-        dummy = np.ones(1, dtype)
-        batch_stats = cfg.bn_eval == "batch" or not network.running
-        means: tuple[Any, ...] = ()
-        variances: tuple[Any, ...] = ()
-        if cfg.batch_norm != "off" and not batch_stats:
-            running = [network.running[k] for k in range(1, n_layers)]
-            means = tuple(mean for mean, _ in running)
-            variances = tuple(var for _, var in running)
-            if not all(_same_float_arrays(x, s) and s.shape == (sizes[k],)
-                       for stats in (means, variances) for k, s in enumerate(stats, start=1)):
-                return None
-        full: tuple[Any, ...] = ()
-        if cfg.batch_norm != "off" and batch_stats:
-            full = tuple(self._eval_buffer(dtype, len(x), sizes[k]) for k in range(1, n_layers))
-        rows = np.ones((1, 1), dtype)
-        multipliers = network._eval_multipliers()
-        scales = np.array([multipliers.get(k, 1.0) for k in range(n_layers)], dtype)
-        return (
-            x, t, weights, biases, *(
-                (*group, *([dummy] * (n_layers - len(group))))
-                for group in (gammas, betas, means, variances)
-            ),
-            kernels.ACTIVATION_CODES[spec.activation], dtype.type(spec.alpha),
-            kernels.BATCH_NORM_CODES[cfg.batch_norm], learnable, batch_stats,
-            kernels.OUTPUT_CODES[cfg.output], scales,
-            (*full, *([rows] * (n_layers - len(full)))), *self._blas(dtype),
-            np.empty(len(x), np.intp),
-        )
-
-    def _eval_buffer(self, dtype: Any, n: int, d: int) -> Any:
-        """A reused (at least n, d) buffer for whole-set pre-activations (grown when needed)."""
-        key = (np.dtype(dtype).name, d)
-        buffer = self._eval_buffers.get(key)
-        if buffer is None or len(buffer) < n:
-            buffer = self._eval_buffers[key] = np.empty((n, d), dtype)
-        return buffer
-
-    def _uniform_spec(self, network: Any) -> HiddenSpec | None:
-        """The one spec all hidden layers share when the kernels support it, else None."""
-        specs = set(network.specs)
-        spec = next(iter(specs)) if specs else HiddenSpec(batch_norm=network.config.batch_norm)
-        if (len(specs) > 1 or spec.activation not in self.kernels.ACTIVATION_CODES
-                or spec.batch_norm not in self.kernels.BATCH_NORM_CODES):
-            return None
-        return spec
-
-    # ---- the whole epoch ----
-    def train_epoch(self, network: Any, x: Any, t: Any, order: Any, epoch: int) -> None:
-        """The reference epoch (same batches, masks and update order) as one compiled call."""
-        arguments = self._epoch_arguments(network, x, t, order, epoch)
-        if arguments is None:
-            super().train_epoch(network, x, t, order, epoch)
-            return
-        # One BLAS thread: a batch's products are too small to gain from a second thread, and
-        # a helper thread descheduled by another busy process stalls every product (seen: 40x).
-        first_layer = self._first_layer(arguments[0], arguments[3][0], "train")
-        with self._one_blas_thread():
-            self.last_sparse_steps = int(self.kernels.train_epoch(*arguments, *first_layer))
-        running_means, running_vars = arguments[7], arguments[8]
-        if self._tracks_running(network):
-            for k in range(1, network.n_layers):
-                network.running[k] = (running_means[k - 1], running_vars[k - 1])
-
-    @staticmethod
-    def _tracks_running(network: Any) -> bool:
-        return network.config.bn_eval == "running" and bool(network.running)
-
-    def _epoch_arguments(
-        self, network: Any, x: Any, t: Any, order: Any, epoch: int
-    ) -> tuple[Any, ...] | None:
-        """The epoch kernel's arguments; None when this network/data needs the reference."""
-        kernels, cfg = self.kernels, network.config
-        dtype = np.dtype(network.dtype)
-        n_layers, sizes, params = network.n_layers, network.sizes, network.params
-        order = np.ascontiguousarray(np.asarray(order), dtype=np.int64)
-        if dtype not in _FLOAT_DTYPES or order.ndim != 1 or order.size == 0:
-            return None
-        if not (_same_float_arrays(x, t) and x.dtype == dtype and x.ndim == 2 and t.ndim == 2
-                and x.shape == (len(x), sizes[0]) and t.shape == (len(x), sizes[-1])):
-            return None
-        if order.min() < 0 or order.max() >= len(x):
-            return None  # the reference raises the IndexError
-        specs = set(network.specs)
-        spec = next(iter(specs)) if specs else HiddenSpec(batch_norm=cfg.batch_norm)
-        if len(specs) > 1 or spec.activation not in kernels.ACTIVATION_CODES:
-            return None
-        weights = tuple(params[f"W{k}"] for k in range(1, n_layers + 1))
-        biases = tuple(params[f"b{k}"] for k in range(1, n_layers + 1))
-        dummy = np.ones(1, dtype)
-        learnable = cfg.batch_norm in ("bn", "node")
-        gammas = tuple(params[f"gamma{k}"] for k in range(1, n_layers)) if learnable else ()
-        betas = tuple(params[f"beta{k}"] for k in range(1, n_layers)) if learnable else ()
-        if not _same_float_arrays(x, *weights, *biases, *gammas, *betas):
-            return None
-        gammas = (*gammas, *([dummy] * (n_layers - len(gammas))))
-        betas = (*betas, *([dummy] * (n_layers - len(betas))))
-        if self._tracks_running(network):
-            running = [network.running[k] for k in range(1, n_layers)]
-            means = tuple(np.array(mean, dtype=dtype) for mean, _ in running)
-            variances = tuple(np.array(var, dtype=dtype) for _, var in running)
-        else:
-            means = variances = ()
-        means = (*means, *([dummy] * (n_layers - len(means))))
-        variances = (*variances, *([dummy] * (n_layers - len(variances))))
-        keep_ratios = np.array([network.keep_ratio(k) for k in range(n_layers)], np.float64)
-        keep_counts = np.array(
-            [rng.keep_count(keep, sizes[k]) for k, keep in enumerate(keep_ratios)], np.int64
-        )
-        decay_kind, lam = cfg.weight_decay if cfg.weight_decay is not None else (None, 0.0)
-        momentum = cfg.bn_momentum
-        return (
-            x, t, order, weights, biases, gammas, betas, means, variances,
-            cfg.batch_size, kernels.ACTIVATION_CODES[spec.activation], dtype.type(spec.alpha),
-            kernels.BATCH_NORM_CODES[cfg.batch_norm], kernels.OUTPUT_CODES[cfg.output],
-            kernels.DECAY_CODES[decay_kind], dtype.type(lam), dtype.type(cfg.eta),
-            dtype.type(cfg.bn_rate), cfg.dropout_mode == "inverted", keep_ratios, keep_counts,
-            np.uint64(rng.fold_key(cfg.seed, rng.STREAM_DROPOUT, epoch)),
-            self._tracks_running(network), dtype.type(momentum), dtype.type(1 - momentum),
-            *self._blas(dtype),
-        )
+def _say_compiling() -> None:
+    """Tell a person at a terminal why the first run waits (on its own line)."""
+    print("\ncompiling kernels (first run only)", file=sys.stderr, flush=True)

@@ -1,0 +1,218 @@
+"""Evaluation of a whole set, a block of rows at a time (blocks may run on several threads).
+
+Without batch norm, or with running statistics, a block goes from the input to the loss on its
+own. With the article's whole-set statistics, hidden layer k's pre-activations of every row go
+to a (N, d_k) buffer first (`pre_activation_block`), its statistics are taken over all rows
+(`whole_set_statistics`), and only then does the next layer start.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .blas import gemm
+from .common import BN_OFF, BN_STD_FLOOR, LOG_FLOOR, OUTPUT_IDENTITY, jit, jit_nogil
+from .layers import (
+    activate_row,
+    batch_statistics,
+    expand_parameter,
+    fill_rows,
+    normalise_row,
+    output_forward,
+)
+from .sparse import sparse_block
+
+
+@jit
+def argmax_row(row):
+    """Index of the row's first maximum (the first NaN when there is one), like np.argmax."""
+    best, top = 0, row[0]
+    if np.isnan(top):
+        return 0
+    for j in range(1, row.shape[0]):
+        value = row[j]
+        if np.isnan(value):
+            return j
+        if value > top:
+            best, top = j, value
+    return best
+
+
+@jit
+def hidden_eval_rows(u, act, alpha, bn, mean, std, gamma_row, beta_row, has_gamma, scale_row,
+                     u_hat_scratch, y_scratch, z):
+    """z = act(BN(u)) * scale row by row with fixed statistics (z may be u itself)."""
+    d = u.shape[1]
+    u_hat_scratch, y_scratch = u_hat_scratch[:d], y_scratch[:d]
+    for i in range(u.shape[0]):
+        if bn == BN_OFF:
+            activate_row(u[i], act, alpha, scale_row, z[i])
+        else:
+            normalise_row(u[i], mean, std, gamma_row, beta_row, has_gamma, u_hat_scratch,
+                          y_scratch)
+            activate_row(y_scratch if has_gamma else u_hat_scratch, act, alpha, scale_row, z[i])
+
+
+@jit
+def floored_std(var, std):
+    """std = max(sqrt(var), 1e-7) (NaN stays NaN, like np.maximum)."""
+    floor = var.dtype.type(BN_STD_FLOOR)
+    for j in range(var.shape[0]):
+        root = np.sqrt(var[j])
+        std[j] = floor if root < floor else root
+
+
+@jit
+def output_rows(u, t, output, predicted, start):
+    """Output function of u in place; predicted[start + i] = argmax of row i; the summed loss
+    terms (float64: sum of t log max(y, 1e-7), or of (y - t)^2)."""
+    n, d = u.shape
+    floor = u.dtype.type(LOG_FLOOR)
+    total = 0.0
+    if output != OUTPUT_IDENTITY:
+        output_forward(u, output, u)
+    for i in range(n):
+        row, target = u[i], t[i]
+        predicted[start + i] = argmax_row(row)
+        if output == OUTPUT_IDENTITY:
+            for j in range(d):
+                diff = row[j] - target[j]
+                total += diff * diff
+        else:
+            for j in range(d):
+                if target[j] != 0 or not np.isfinite(row[j]):  # 0 * log(...) is 0 unless NaN
+                    value = floor if row[j] < floor else row[j]
+                    total += target[j] * np.log(value)
+    return total
+
+
+@jit
+def input_rows(x, start, n, scale, scratch):
+    """Rows start..start+n of x times the input scale (x's own rows, uncopied, for scale 1)."""
+    if scale == x.dtype.type(1.0):
+        return x[start:start + n]
+    z = scratch[:n]
+    for i in range(n):
+        source, target = x[start + i], z[i]
+        for j in range(x.shape[1]):
+            target[j] = source[j] * scale
+    return z
+
+
+@jit_nogil
+def evaluate_block(x, t, start, n, weights, biases, first, full, plan, rows, blas, predicted,
+                   csr):
+    """Rows start..start+n from layer ``first`` on: the summed loss terms (float64) of their
+    outputs; predicted[start:start+n] receives their classes.
+
+    ``first`` is 1 (from the input x) or L (the output layer): then hidden layer L - 1's
+    pre-activations of these rows are in full[L - 2], and are normalised and activated here
+    (in place). ``plan`` is an `EvalPlan`, ``rows`` the `EvalRows` of `evaluate_setup`, ``csr``
+    x's CSR form (layer 1 then skips x's zeros). Blocks are independent: threads may run them
+    at once (the GIL is released).
+    """
+    act, alpha, bn, has_gamma = plan.act, plan.alpha, plan.bn, plan.has_gamma
+    scales, means, stds, gamma_rows, beta_rows = (rows.scales, rows.means, rows.stds,
+                                                  rows.gammas, rows.betas)
+    n_layers = len(weights)
+    dtype = x.dtype
+    one = dtype.type(1.0)
+    widest = max(scales.shape[1], x.shape[1])
+    u_hat_scratch, y_scratch = np.empty(widest, dtype), np.empty(widest, dtype)
+    if first == 1 and csr.sparse:
+        d = weights[0].shape[1]
+        z = np.empty((n, d), dtype)
+        sparse_block(csr.indptr, csr.indices, csr.values, start, scales[0, 0], weights[0],
+                     biases[0], z)
+        if n_layers > 1:
+            hidden_eval_rows(z, act, alpha, bn, means[0, :d], stds[0, :d], gamma_rows[0, :d],
+                             beta_rows[0, :d], has_gamma, scales[1, :d], u_hat_scratch,
+                             y_scratch, z)
+        first = 2
+    elif first == 1:
+        z = input_rows(x, start, n, scales[0, 0],
+                       np.empty((n if scales[0, 0] != one else 0, x.shape[1]), dtype))
+    else:
+        h, d = first - 2, weights[first - 2].shape[1]
+        z = full[first - 2][start:start + n]
+        hidden_eval_rows(z, act, alpha, bn, means[h, :d], stds[h, :d], gamma_rows[h, :d],
+                         beta_rows[h, :d], has_gamma, scales[first - 1, :d], u_hat_scratch,
+                         y_scratch, z)
+    for k in range(first, n_layers + 1):
+        d = weights[k - 1].shape[1]
+        u = np.empty((n, d), dtype)
+        fill_rows(u, biases[k - 1])
+        gemm(blas, False, False, one, z, weights[k - 1], one, u)
+        if k < n_layers:
+            h = k - 1
+            hidden_eval_rows(u, act, alpha, bn, means[h, :d], stds[h, :d], gamma_rows[h, :d],
+                             beta_rows[h, :d], has_gamma, scales[k, :d], u_hat_scratch,
+                             y_scratch, u)
+        z = u
+    return output_rows(z, t[start:start + n], plan.output, predicted, start)
+
+
+@jit
+def evaluate_setup(layers, bn, batch_stats, scales, rows):
+    """Fill the per-layer rows `evaluate_block` reads (an `EvalRows`, all (L, widest)).
+
+    rows.scales[0, 0] is the input's scale, rows.scales[k] hidden layer k's; gamma/beta rows
+    are the expanded parameters; with fixed (running) statistics, means and stds receive them.
+    """
+    weights, gammas, betas = layers.weights, layers.gammas, layers.betas
+    running_means, running_vars = layers.running_means, layers.running_vars
+    scale_rows, means, stds, gamma_rows, beta_rows = (rows.scales, rows.means, rows.stds,
+                                                      rows.gammas, rows.betas)
+    n_layers = len(weights)
+    dtype = scale_rows.dtype
+    scale_rows[:, :] = dtype.type(1.0)
+    means[:, :] = dtype.type(0.0)
+    stds[:, :] = dtype.type(1.0)
+    scale_rows[0, 0] = scales[0]
+    for k in range(1, n_layers):
+        scale_rows[k, :] = scales[k]
+    for k in range(n_layers):
+        d = weights[k].shape[1]
+        gamma_rows[k, :d] = expand_parameter(gammas[k], d)
+        beta_rows[k, :d] = expand_parameter(betas[k], d)
+    if bn != BN_OFF and not batch_stats:
+        for k in range(n_layers - 1):
+            d = weights[k].shape[1]
+            means[k, :d] = running_means[k]
+            floored_std(running_vars[k], stds[k, :d])
+
+
+@jit_nogil
+def pre_activation_block(x, start, n, k, weights, biases, full, plan, rows, blas, csr):
+    """full[k - 1][start:start+n] = hidden layer k's pre-activations of those rows; for k > 1
+    full[k - 2]'s rows are first normalised and activated in place (their statistics known).
+    With a CSR form (``csr``) layer 1 skips x's zeros (see `evaluate_block`)."""
+    act, alpha, bn, has_gamma = plan.act, plan.alpha, plan.bn, plan.has_gamma
+    scale_rows, means, stds, gamma_rows, beta_rows = (rows.scales, rows.means, rows.stds,
+                                                      rows.gammas, rows.betas)
+    dtype = x.dtype
+    one = dtype.type(1.0)
+    if k == 1 and csr.sparse:
+        sparse_block(csr.indptr, csr.indices, csr.values, start, scale_rows[0, 0], weights[0],
+                     biases[0], full[0][start:start + n])
+        return
+    if k == 1:
+        scale = scale_rows[0, 0]
+        z = input_rows(x, start, n, scale, np.empty((n if scale != one else 0, x.shape[1]), dtype))
+    else:
+        h, d = k - 2, weights[k - 2].shape[1]
+        z = full[k - 2][start:start + n]
+        hidden_eval_rows(z, act, alpha, bn, means[h, :d], stds[h, :d], gamma_rows[h, :d],
+                         beta_rows[h, :d], has_gamma, scale_rows[k - 1, :d], np.empty(d, dtype),
+                         np.empty(d, dtype), z)
+    u = full[k - 1][start:start + n]
+    fill_rows(u, biases[k - 1])
+    gemm(blas, False, False, one, z, weights[k - 1], one, u)
+
+
+@jit
+def whole_set_statistics(u, mean, std):
+    """Mean (row by row, in the dtype: the reference's axis-0 mean) and floored std of u."""
+    var = np.empty(u.shape[1], u.dtype)
+    batch_statistics(u, mean, var)
+    floored_std(var, std)

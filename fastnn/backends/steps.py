@@ -1,0 +1,122 @@
+"""The reference executor of a `Plan`: one training step and one evaluation, op by op.
+
+Each function composes the per-op methods of an ``ops`` object (`base.Ops` or a subclass), so a
+backend that overrides an op gets it used here too; a backend that compiles a whole epoch (the
+numba backend) runs the same ops, in the same order, through its kernels. ``params`` maps
+parameter names (W1.., b1.., gamma1.., beta1..) to live backend arrays; ``running`` maps
+hidden layer k to its running (mean, var) arrays. Both are changed in place, never replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+    from .base import HiddenCache, Ops
+
+Array = Any
+
+
+def step_multipliers(ops: Ops, plan: Plan, epoch: int, step: int, rows: int) -> dict[int, Array]:
+    """The dropout multiplier of every layer with dropout at one training step (from keys)."""
+    return {
+        spec.layer: ops.dropout_multiplier(
+            plan.mask_key(epoch, step, spec.layer), spec, rows, plan.dropout_mode, plan.dtype
+        )
+        for spec in plan.dropout
+        if spec.active
+    }
+
+
+def eval_multipliers(plan: Plan) -> dict[int, float]:
+    """What evaluation multiplies each layer's nodes by (article mode: the keep ratio)."""
+    return {k: scale for k, scale in enumerate(plan.eval_scales()) if scale != 1.0}
+
+
+def forward(
+    ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array,
+    multipliers: Mapping[int, Any], batch_stats: bool,
+) -> tuple[Array, list[Array], list[HiddenCache]]:
+    """Output pre-activation u_L, the input of every layer, and the hidden layers' caches.
+
+    ``batch_stats``: batch norm uses the statistics of ``x`` itself; else ``running``'s.
+    """
+    z = ops.apply_mask(x, multipliers.get(0))
+    inputs, caches = [z], []
+    for k in range(1, plan.n_layers):
+        u = ops.affine(z, params[f"W{k}"], params[f"b{k}"])
+        stats = None if batch_stats or k not in running else running[k]
+        z, cache = ops.hidden_forward(
+            u, plan.hidden[k - 1], params.get(f"gamma{k}"), params.get(f"beta{k}"),
+            multipliers.get(k), stats,
+        )
+        inputs.append(z)
+        caches.append(cache)
+    last = plan.n_layers
+    return ops.affine(z, params[f"W{last}"], params[f"b{last}"]), inputs, caches
+
+
+def loss_and_grads(
+    ops: Ops, plan: Plan, params: Mapping[str, Array], x: Array, t: Array,
+    multipliers: Mapping[int, Any],
+) -> tuple[Array, dict[str, Array]]:
+    """(loss with the weight-decay penalty as a 0-d array, every parameter's gradient) of one
+    batch, with the batch's own statistics; nothing is updated."""
+    u, inputs, caches = forward(ops, plan, params, {}, x, multipliers, batch_stats=True)
+    _, loss, du = ops.output_loss_grad(u, t, plan.output)
+    grads: dict[str, Array] = {}
+    for k in range(plan.n_layers, 0, -1):
+        dw, db, dz = ops.affine_backward(inputs[k - 1], params[f"W{k}"], du, need_dx=k > 1)
+        grads[f"W{k}"], grads[f"b{k}"] = dw, db
+        if k > 1:
+            du, dgamma, dbeta = ops.hidden_backward(
+                dz, caches[k - 2], plan.hidden[k - 2], params.get(f"gamma{k - 1}")
+            )
+            if dgamma is not None:
+                grads[f"gamma{k - 1}"], grads[f"beta{k - 1}"] = dgamma, dbeta
+    if plan.decay is not None:
+        for k in range(1, plan.n_layers + 1):
+            penalty, decay_grad = ops.weight_decay(params[f"W{k}"], plan.decay, plan.lam)
+            grads[f"W{k}"] = grads[f"W{k}"] + decay_grad
+            loss = loss + penalty
+    order = list(plan.param_shapes())
+    return loss, {name: grads[name] for name in order}
+
+
+def train_step(
+    ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array,
+    t: Array, epoch: int, step: int,
+) -> None:
+    """One SGD step on a batch already on the backend, with the masks of (epoch, step).
+
+    Each layer is updated as soon as its gradients exist (nothing later reads its old values):
+    the same arithmetic as computing every gradient first.
+    """
+    multipliers = step_multipliers(ops, plan, epoch, step, x.shape[0])
+    u, inputs, caches = forward(ops, plan, params, running, x, multipliers, batch_stats=True)
+    du = ops.output_grad(u, t, plan.output)
+    for k in range(plan.n_layers, 0, -1):
+        dz = ops.affine_backward_update(
+            inputs[k - 1], params[f"W{k}"], params[f"b{k}"], du, plan.eta, plan.decay, plan.lam,
+            need_dx=k > 1,
+        )
+        if k > 1:
+            gamma = params.get(f"gamma{k - 1}")
+            du, dgamma, dbeta = ops.hidden_backward(dz, caches[k - 2], plan.hidden[k - 2], gamma)
+            if dgamma is not None:
+                ops.sgd_update(gamma, dgamma, plan.bn_rate)
+                ops.sgd_update(params[f"beta{k - 1}"], dbeta, plan.bn_rate)
+    if plan.tracks_running:
+        for k, cache in enumerate(caches, start=1):
+            ops.update_running(running[k], cache, plan.bn_momentum)
+
+
+def forward_eval(
+    ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array
+) -> Array:
+    """Outputs y of a whole set in evaluation mode (article batch norm: the set's statistics)."""
+    batch_stats = plan.bn_eval == "batch" or not running
+    u, _, _ = forward(ops, plan, params, running, x, eval_multipliers(plan), batch_stats)
+    return ops.output_forward(u, plan.output)

@@ -1,0 +1,381 @@
+"""What only the numba backend has: blocked evaluation, BLAS by address, the sparse first layer,
+the kernel cache. (Its parity with the reference op by op and run by run is in
+`test_backend_parity`.)"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import make_blobs
+from parity import assert_all_close, assert_close, random_arrays, tolerance
+
+pytest.importorskip("numba")
+
+from fastnn import Config, Network, Trainer  # noqa: E402
+from fastnn.backends import get_backend  # noqa: E402
+from fastnn.backends import numba_backend as backend_module  # noqa: E402
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity", "softplus", "softsign", "step")
+BATCH_NORMS = ("off", "n", "bn", "node")
+DTYPES = ("float64", "float32")
+EVAL_OUTPUTS = ("softmax_cross_entropy", "identity_mse")
+
+
+@pytest.fixture(scope="module")
+def numba_ops() -> Any:
+    return get_backend("numba")
+
+
+def small_config(backend: str, **changes: Any) -> Config:
+    base = dict(hidden=(7, 5), n_inputs=6, n_outputs=3, seed=4, backend=backend,
+                bias_init="normal_b", bias_init_params={"std": 0.1}, batch_size=8)
+    base.update(changes)
+    return Config(**base)
+
+
+def _pair(options: dict[str, Any]) -> tuple[Network, Network]:
+    return Network(small_config("numba", **options)), Network(small_config("numpy", **options))
+
+
+def small_data(dtype: str, n: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    gen = np.random.default_rng(9)
+    labels = gen.integers(0, 3, n)
+    return gen.normal(size=(n, 6)).astype(dtype), np.eye(3, dtype=dtype)[labels], labels
+
+
+def workspace(ops: Any, *inputs: np.ndarray, **options: Any) -> Any:
+    """A run's workspace with these options, its inputs prepared."""
+    space = ops.workspace(threads=2)
+    space.options.update(options)
+    for x in inputs:
+        ops.prepare_inputs(x, space)
+    return space
+
+
+# ---- evaluation of a whole set (blocked, one compiled call per block) ----
+
+def _eval_pair(dtype: str, **options: Any) -> tuple[Network, Network]:
+    """A numba/numpy network pair with trained-looking parameters and running statistics."""
+    ours, ref = _pair({**options, "dtype": dtype, "dropout_input": 0.8, "dropout_hidden": 0.6})
+    gen = np.random.default_rng(21)
+    params = {name: value + gen.normal(scale=0.3, size=value.shape)
+              for name, value in ref.numpy_params().items()}
+    ours.params, ref.params = params, params
+    for k in ref.running:  # non-trivial running statistics for bn_eval="running"
+        size = ref.sizes[k]
+        stats = (gen.normal(scale=0.2, size=size).astype(dtype),
+                 gen.uniform(0.5, 2.0, size=size).astype(dtype))
+        ours.running[k] = (stats[0].copy(), stats[1].copy())
+        ref.running[k] = stats
+    return ours, ref
+
+
+def _eval_data(dtype: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    gen = np.random.default_rng(17)
+    x = (gen.normal(size=(n, 6)) * np.linspace(0.5, 2.0, 6)).astype(dtype)
+    return x, np.eye(3, dtype=dtype)[gen.integers(0, 3, n)]
+
+
+def evaluation(net: Network, x: Any, t: Any, space: Any = None) -> tuple[float, np.ndarray]:
+    space = space if space is not None else net.ops.workspace(threads=2)
+    return net.ops.evaluate(net.plan, net.params, net.running, x, t, space)
+
+
+def assert_same_evaluation(ours: Network, ref: Network, x: Any, t: Any, what: str,
+                           space: Any = None) -> None:
+    """Loss to tolerance; predicted classes identical except at the reference's near-ties."""
+    dtype = ref.dtype
+    loss, predicted = evaluation(ours, x, t, space)
+    loss_ref, predicted_ref = evaluation(ref, x, t)
+    assert isinstance(loss, float) and isinstance(loss_ref, float)
+    assert predicted.shape == predicted_ref.shape == (len(x),)
+    assert predicted.dtype == predicted_ref.dtype
+    assert_close("evaluate_loss", loss, loss_ref, dtype, what + " loss")
+    y = np.sort(ref.forward_eval(x).astype(np.float64), axis=1)
+    tie = tolerance("evaluate_near_tie", dtype)
+    near_tie = y[:, -1] - y[:, -2] <= tie * max(float(np.abs(y).max()), 1e-30)
+    assert near_tie.sum() <= max(1, len(x) // 50), f"{what}: data has {near_tie.sum()} near-ties"
+    differ = (predicted != predicted_ref) & ~near_tie
+    assert not differ.any(), (
+        f"{what}: predicted classes differ at rows {np.flatnonzero(differ)[:10]}: "
+        f"numba {predicted[differ][:10]} vs numpy {predicted_ref[differ][:10]}"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_norm", BATCH_NORMS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_evaluate_in_blocks_matches_reference(
+    numba_ops: Any, dtype: str, batch_norm: str, activation: str
+) -> None:
+    """Every bn_eval x dropout mode x output, on 53 rows in blocks of 16 (a short last one)."""
+    x, t = _eval_data(dtype, 53)
+    bn_evals = ("batch", "running") if batch_norm != "off" else ("batch",)
+    for bn_eval, mode, output in itertools.product(bn_evals, ("article", "inverted"),
+                                                   EVAL_OUTPUTS):
+        ours, ref = _eval_pair(dtype, activation=activation, batch_norm=batch_norm,
+                               bn_eval=bn_eval, dropout_mode=mode, output=output)
+        assert ours.ops is numba_ops
+        space = workspace(numba_ops, eval_block=16)
+        assert_same_evaluation(ours, ref, x, t, f"{bn_eval} {mode} {output}", space)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_norm", ("off", "bn"))
+def test_evaluate_with_the_default_block(numba_ops: Any, dtype: str, batch_norm: str) -> None:
+    """More rows than two default blocks (not a multiple), then a smaller set that reuses the
+    workspace's whole-set buffers, then single rows (batch norm of one row: std at its floor)."""
+    n = 2 * backend_module.WORKSPACE_DEFAULTS["eval_block"] + 37
+    ours, ref = _eval_pair(dtype, activation="tanh", batch_norm=batch_norm)
+    x, t = _eval_data(dtype, n)
+    space = workspace(numba_ops)
+    assert_same_evaluation(ours, ref, x, t, f"{n} rows", space)
+    assert_same_evaluation(ours, ref, x[:101], t[:101], "101 rows", space)
+    loss, predicted = evaluation(ours, x[:1], t[:1], space)
+    loss_ref, predicted_ref = evaluation(ref, x[:1], t[:1])
+    assert_close("evaluate_loss", loss, loss_ref, dtype, "1 row")
+    assert np.array_equal(predicted, predicted_ref)
+
+
+@pytest.mark.parametrize("output", EVAL_OUTPUTS)
+def test_evaluate_breaks_exact_ties_like_numpy(output: str) -> None:
+    """Every row's outputs tie between classes 1 and 2: the first maximum wins (np.argmax)."""
+    ours, ref = _eval_pair("float64", output=output)
+    for net in (ours, ref):
+        net.params["W3"] = np.zeros_like(net.params["W3"])
+        net.params["b3"] = np.array([0.2, 0.7, 0.7])
+    x, t = _eval_data("float64", 30)
+    loss, predicted = evaluation(ours, x, t)
+    loss_ref, predicted_ref = evaluation(ref, x, t)
+    assert np.array_equal(predicted, predicted_ref) and (predicted == 1).all()
+    assert_close("evaluate_loss", loss, loss_ref, "float64", "loss")
+
+
+def test_evaluate_falls_back_on_unusual_inputs(numba_ops: Any, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    """Strided, read-only or mixed-dtype inputs take the reference path (same results)."""
+    ours, ref = _eval_pair("float64", batch_norm="node")
+    x, t = _eval_data("float64", 40)
+    strided = np.repeat(x, 2, axis=0)[::2]
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    calls: list[int] = []
+    reference = backend_module.NumpyOps.evaluate
+    monkeypatch.setattr(backend_module.NumpyOps, "evaluate",
+                        lambda self, *args: calls.append(1) or reference(self, *args))
+    for name, (xs, ts) in {"strided": (strided, t), "read-only": (read_only, t),
+                           "float32 targets": (x, t.astype("float32"))}.items():
+        before = len(calls)
+        assert_same_evaluation(ours, ref, xs, ts, name)
+        assert len(calls) == before + 2, name  # ours fell back, and the reference itself
+
+
+def test_same_seed_gives_bit_identical_params(capsys: pytest.CaptureFixture[str]) -> None:
+    first = _fit("numba")[1]
+    second = _fit("numba")[1]
+    assert all(np.array_equal(first[name], second[name]) for name in first)
+    assert "compiling" not in capsys.readouterr().err  # stderr is not a terminal here
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_with_both_blas_interfaces(dtype: str) -> None:
+    """The kernels' gemm: NumPy's cblas (when found) and SciPy's Fortran BLAS, every layout."""
+    from fastnn.backends.numba_kernels import blas
+    from fastnn.backends.numba_kernels.common import Blas
+
+    interfaces = [Blas(blas.BLAS_FORTRAN32, blas._scipy_blas()[dtype == "float64"])]
+    found = blas._numpy_openblas()
+    if found is not None:
+        interfaces.append(Blas(blas.BLAS_CBLAS64, found[dtype == "float64"]))
+    a, b, c = random_arrays(dtype, 8, (5, 3), (3, 4), (5, 4))
+    cases = {(False, False): (a, b), (True, False): (a.T.copy(), b), (False, True): (a, b.T.copy())}
+    alpha, beta = np.dtype(dtype).type(-0.5), np.dtype(dtype).type(1.0)
+    for interface in interfaces:
+        for (trans_a, trans_b), (left, right) in cases.items():
+            out = c.copy()
+            blas.gemm(interface, trans_a, trans_b, alpha, left, right, beta, out)
+            what = f"blas {interface.kind} {trans_a} {trans_b}"
+            assert_close("affine", out, c - 0.5 * (a @ b), dtype, what)
+
+
+# ---- the sparse first layer (CSR inputs, built per run in its workspace) ----
+
+SPARSE_OPTIONS = [  # dropout mode x batch norm x weight decay, each value at least once
+    dict(batch_norm="off"),
+    dict(batch_norm="off", dropout_input=0.8, dropout_hidden=0.6, weight_decay=("l2", 1e-2)),
+    dict(batch_norm="bn", dropout_input=0.7, dropout_mode="inverted", weight_decay=("l1", 1e-3)),
+    dict(batch_norm="node", dropout_input=0.8, dropout_hidden=0.6, bn_eval="running",
+         output="identity_mse"),
+    dict(batch_norm="bn", dropout_input=0.8, dropout_mode="inverted", bn_eval="running",
+         weight_decay=("l2", 1e-2), activation="tanh"),
+]
+
+
+def sparse_x(dtype: str, n: int, d: int, seed: int = 3) -> np.ndarray:
+    """Min-max scaled inputs, about 80% of them exact zeros."""
+    gen = np.random.default_rng(seed)
+    x = gen.integers(1, 256, (n, d)) * (gen.random((n, d)) < 0.2)
+    return ((x - x.min()) / (x.max() - x.min())).astype(dtype)
+
+
+def sparse_blobs(n: int, n_inputs: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """`make_blobs` with most pixels set to 0: about 25% stay nonzero."""
+    x, labels = make_blobs(n, n_inputs, n_classes, seed=1)
+    keep = np.random.default_rng(2).random(x.shape) < np.where(x >= 150, 0.6, 0.1)
+    return np.where(keep, x, 0).astype(np.uint8), labels
+
+
+def test_sparse_data_takes_the_sparse_path_and_dense_data_the_dense_one(numba_ops: Any) -> None:
+    ours, _ = _pair({"n_inputs": 6, "dtype": "float64"})
+    dense, t, _ = small_data("float64", n=21)
+    sparse = sparse_x("float64", 21, 6)
+    order = np.arange(21)
+    for x, path in ((dense, "dense"), (sparse, "sparse")):
+        space = workspace(numba_ops, x)
+        assert space.options["sparse_mode"] == "auto"
+        ours.train_epoch(x, t, order, 1, space)
+        assert space.counters["sparse_steps"] == (3 if path == "sparse" else 0)
+        ours.evaluate(x, t, t.argmax(1), space)
+        expected = {f"train_{path}": 1, f"evaluate_{path}": 1}
+        assert {k: v for k, v in space.counters.items() if k != "sparse_steps"} == expected
+    space = workspace(numba_ops, dense, sparse)
+    assert space.prepared(dense)[1] is None
+    density, csr = space.prepared(sparse)
+    assert density == np.count_nonzero(sparse) / sparse.size
+    assert (csr.indptr.dtype, csr.indices.dtype, csr.values.dtype) == (
+        np.int64, np.int32, np.float64)
+    rebuilt = np.zeros_like(sparse)
+    rebuilt[np.repeat(np.arange(21), np.diff(csr.indptr)), csr.indices] = csr.values
+    assert np.array_equal(rebuilt, sparse)
+    assert space.prepared(sparse.copy()) is None  # only that very array object
+    numba_ops.prepare_inputs(sparse, space)
+    assert space.prepared(sparse)[1] is csr  # built once per run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_sparse_train_epoch_and_evaluate_match_reference(
+    numba_ops: Any, dtype: str, options: dict[str, Any]
+) -> None:
+    ours, ref = _pair({"n_inputs": 24, "dtype": dtype, **options})
+    x = sparse_x(dtype, 45, 24)
+    labels = np.random.default_rng(4).integers(0, 3, 45)
+    t = np.eye(3, dtype=dtype)[labels]
+    space = workspace(numba_ops, x, eval_block=16, sparse_train_dtypes=DTYPES)
+    for epoch in (1, 2, 3):  # 45 rows at batch 8: a short last batch
+        order = np.random.default_rng(epoch).permutation(len(x))
+        before = space.counters["sparse_steps"]
+        ours.train_epoch(x, t, order, epoch, space)
+        assert space.counters["sparse_steps"] == before + 6
+        ref.train_epoch(x, t, order, epoch)
+    assert_all_close("train_epoch", ours.params, ref.numpy_params(), dtype)
+    for k, (mean, var) in ref.running.items():
+        assert_close("train_epoch", ours.running[k][0], mean, dtype, f"running mean {k}")
+        assert_close("train_epoch", ours.running[k][1], var, dtype, f"running var {k}")
+    before = space.counters["evaluate_sparse"]
+    assert_same_evaluation(ours, ref, x, t, "sparse", space)
+    assert space.counters["evaluate_sparse"] == before + 1
+
+
+def test_sparse_mode_switch_and_non_finite_weights(numba_ops: Any) -> None:
+    """"1" forces CSR on dense data, "0" keeps sparse data dense; an inf in W1 goes dense."""
+    dtype = "float64"
+    x, t, labels = small_data(dtype, n=21)
+    order = np.random.default_rng(2).permutation(len(x))
+    options = dict(dropout_input=0.8, dropout_hidden=0.6, weight_decay=("l1", 1e-3))
+    for mode, data, steps in (("1", x, 3), ("0", sparse_x(dtype, 21, 6), 0)):
+        ours, ref = _pair({**options, "dtype": dtype})
+        space = workspace(numba_ops, sparse_mode=mode)
+        numba_ops.prepare_inputs(data, space)
+        for epoch in (1, 2):
+            before = space.counters["sparse_steps"]
+            ours.train_epoch(data, t, order, epoch, space)
+            assert space.counters["sparse_steps"] == before + steps, mode
+            ref.train_epoch(data, t, order, epoch)
+        assert_all_close("train_epoch", ours.params, ref.numpy_params(), dtype)
+        assert_same_evaluation(ours, ref, data, t, f"mode {mode}", space)
+    data = sparse_x(dtype, 21, 6)
+    ours, ref = _pair({"dtype": dtype})
+    for net in (ours, ref):
+        weights = net.numpy_params()["W1"].copy()
+        weights[data[0].argmax(), 0] = np.inf
+        net.params = {**net.numpy_params(), "W1": weights}
+    space = workspace(numba_ops, data)
+    with np.errstate(all="ignore"):
+        loss, predicted = evaluation(ours, data, t, space)
+        loss_ref, predicted_ref = evaluation(ref, data, t)
+        ours.train_epoch(data, t, order, 1, space)
+        ref.train_epoch(data, t, order, 1)
+    assert space.counters["evaluate_dense"] == 1 and space.counters["train_dense"] == 1
+    assert np.isnan(loss) == np.isnan(loss_ref) and np.array_equal(predicted, predicted_ref)
+    assert space.counters["sparse_steps"] == 0
+    for name, value in ref.numpy_params().items():
+        assert np.array_equal(np.isnan(ours.params[name]), np.isnan(value)), name
+
+
+def _fit(
+    backend: str, dtype: str = "float64", data: tuple[np.ndarray, np.ndarray] | None = None,
+    **changes: Any,
+) -> tuple[Any, dict[str, np.ndarray], dict[str, int]]:
+    """A 3-epoch run on 800 generated rows (blobs, or ``data``): history, params, counters."""
+    x, t = make_blobs(800, 20, 3, seed=1) if data is None else data
+    options = dict(hidden=(16, 8), n_inputs=x.shape[1], n_outputs=3, epochs=3, batch_size=64,
+                   backend=backend, dtype=dtype, batch_norm="bn", dropout_input=0.9,
+                   dropout_hidden=0.8, seed=11)
+    options.update(changes)
+    trainer = Trainer(Config(**options))
+    history = trainer.fit(x[:600], t[:600], x[600:], t[600:])
+    params = {k: v.copy() for k, v in trainer.network.numpy_params().items()}
+    return history, params, trainer.counters
+
+
+def _sparse_fit(backend: str, dtype: str = "float64", **changes: Any) -> tuple[Any, ...]:
+    return _fit(backend, dtype, data=sparse_blobs(800, 30, 3), **changes)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"dropout_mode": "inverted", "batch_norm": "node", "bn_eval": "running",
+         "weight_decay": ("l2", 1e-3)},
+    {"batch_norm": "off", "weight_decay": ("l1", 1e-3)},
+])
+def test_sparse_fit_matches_numpy(changes: dict[str, Any]) -> None:
+    history, params, counters = _sparse_fit("numba", **changes)
+    assert (counters["train_sparse"], counters["evaluate_sparse"]) == (3, 8), counters
+    history_ref, params_ref, _ = _sparse_fit("numpy", **changes)
+    assert history.train_acc == history_ref.train_acc
+    assert history.test_acc == history_ref.test_acc
+    for key in ("train_loss", "test_loss"):
+        assert_close("fit", getattr(history, key), getattr(history_ref, key), "float64", key)
+    assert_all_close("fit", params, params_ref, "float64")
+
+
+def test_sparse_fit_float32_and_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 trains dense in "auto"; forced sparse it matches the reference and repeats."""
+    _, _, counters = _sparse_fit("numba", dtype="float32")
+    assert counters["train_dense"] == 3 and counters["evaluate_sparse"] == 8
+    monkeypatch.setitem(backend_module.WORKSPACE_DEFAULTS, "sparse_train_dtypes", DTYPES)
+    history, first, counters = _sparse_fit("numba", dtype="float32")
+    assert counters["train_sparse"] == 3
+    history_ref, _, _ = _sparse_fit("numpy", dtype="float32")
+    assert_close("fit", history.train_loss, history_ref.train_loss, "float32", "train_loss")
+    assert np.abs(np.subtract(history.test_acc, history_ref.test_acc)).max() <= 1 / 200
+    second = _sparse_fit("numba", dtype="float32")[1]
+    assert all(np.array_equal(first[name], second[name]) for name in first)
+
+
+def test_kernel_cache_is_keyed_by_every_kernel_source(tmp_path: Any) -> None:
+    """A cached kernel of other sources is dropped (numba checks only the kernel's own file)."""
+    from fastnn.backends.numba_kernels import common
+
+    (tmp_path / "layers.affine-1.py311.nbi").write_text("stale")
+    (tmp_path / "epoch.train_epoch-1.py311.nbc").write_text("stale")
+    common._drop_stale_entries(tmp_path, "old-digest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [common._STAMP]
+    (tmp_path / "layers.affine-1.py311.nbi").write_text("fresh")
+    common._drop_stale_entries(tmp_path, "old-digest")  # same digest: kept
+    assert (tmp_path / "layers.affine-1.py311.nbi").exists()
+    common._drop_stale_entries(tmp_path, common._sources_digest())
+    assert not (tmp_path / "layers.affine-1.py311.nbi").exists()
