@@ -55,6 +55,18 @@ def test_the_grid_covers_every_pair_of_option_values() -> None:
     assert len(GRID) <= 40
 
 
+def test_required_backends_fail_instead_of_skipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    import parity
+
+    monkeypatch.setattr(parity.backends, "available", lambda: {"gpu": "no device here"})
+    monkeypatch.delenv("FASTNN_REQUIRE_BACKENDS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no device here"):
+        backend_or_skip("gpu")
+    monkeypatch.setenv("FASTNN_REQUIRE_BACKENDS", "numba, gpu")
+    with pytest.raises(pytest.fail.Exception, match="required"):
+        backend_or_skip("gpu")
+
+
 # ---- masks: bit-identical ----
 
 @pytest.mark.parametrize("dtype", DTYPES)
