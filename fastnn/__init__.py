@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import datasets
 from .config import Config
 from .errors import BackendUnavailable, CheckpointError, ConfigError, DataError, FastnnError
 from .history import History
@@ -28,6 +29,7 @@ __all__ = [
     "History",
     "Network",
     "Trainer",
+    "datasets",
     "load_mnist",
     "__version__",
 ]

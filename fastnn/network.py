@@ -17,6 +17,7 @@ from .errors import ConfigError, DataError
 from .fileio import write_atomically
 from .functions import init_biases, init_weights
 from .plan import Plan
+from .preprocessing import labels_and_one_hot
 
 Array = Any
 FORMAT_VERSION = 1
@@ -168,8 +169,8 @@ class Network:
         to 0/1 keep masks, applied with the configured dropout mode (None: no dropout).
         Batch norm uses the batch's statistics. Running statistics are not touched.
         """
-        x = self.ops.asarray(x, self.dtype)
-        t = self.ops.asarray(t, self.dtype)
+        x = self._inputs(x, "x")
+        t = self._targets(t, len(x), "t")
         multipliers = self._train_multipliers(masks)
         loss, grads = steps.loss_and_grads(self.ops, self.plan, self._params, x, t, multipliers)
         return self.ops.to_float(loss), grads
@@ -184,7 +185,36 @@ class Network:
 
     def predict(self, x: Any) -> Any:
         """Outputs (host array) for already-normalised inputs, in evaluation mode."""
-        return self.ops.to_numpy(self.forward_eval(self.ops.asarray(x, self.dtype)))
+        return self.ops.to_numpy(self.forward_eval(self._inputs(x, "x")))
+
+    def _inputs(self, x: Any, what: str) -> Array:
+        """Already-normalised (N, n_inputs) float inputs on the backend, or a `DataError`."""
+        host = x if isinstance(x, np.ndarray) else None
+        if host is None and not hasattr(x, "__cuda_array_interface__"):
+            host = np.asarray(x)
+        if host is not None:
+            if not np.issubdtype(host.dtype, np.floating):
+                raise DataError(
+                    f"{what}: the network takes normalised float inputs; got dtype {host.dtype} "
+                    "(raw pixels? normalise them as the training set was: Trainer.normalizer)"
+                )
+            if host.ndim != 2 or host.shape[1] != self.sizes[0]:
+                raise DataError(f"{what}: expected shape (N, {self.sizes[0]}); got {host.shape}")
+        return self.ops.asarray(x, self.dtype)
+
+    def _targets(self, t: Any, rows: int, what: str) -> Array:
+        """One-hot (or regression) targets on the backend from labels or rows, checked."""
+        if isinstance(t, np.ndarray) or not hasattr(t, "__cuda_array_interface__"):
+            host = np.asarray(t)
+            if host.ndim == 1 or not np.issubdtype(host.dtype, np.floating):
+                host = labels_and_one_hot(host, self.sizes[-1], what)[1]
+            elif host.shape != (rows, self.sizes[-1]):
+                raise DataError(f"{what}: expected shape ({rows}, {self.sizes[-1]}); "
+                                f"got {host.shape}")
+            if len(host) != rows:
+                raise DataError(f"{what}: {len(host)} targets for {rows} inputs")
+            t = host
+        return self.ops.asarray(t, self.dtype)
 
     def evaluate(
         self, x: Array, t: Array, labels: Any, workspace: Workspace | None = None

@@ -44,6 +44,11 @@ class Normalizer:
 def labels_and_one_hot(t: Any, n_outputs: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(integer labels, float64 one-hot) from either integer labels or one-hot rows."""
     t = np.asarray(t)
+    if not (np.issubdtype(t.dtype, np.number) or t.dtype == np.bool_):
+        raise DataError(
+            f"{what}: numeric targets expected (integer labels 0..{n_outputs - 1} or one-hot "
+            f"rows); got dtype {t.dtype} (encode string labels as integers first)"
+        )
     if t.ndim == 1:
         if t.size and (not np.issubdtype(t.dtype, np.integer) and not np.all(t == np.round(t))):
             raise DataError(f"{what}: integer labels expected; got non-integer values")

@@ -379,3 +379,39 @@ def test_kernel_cache_is_keyed_by_every_kernel_source(tmp_path: Any) -> None:
     assert (tmp_path / "layers.affine-1.py311.nbi").exists()
     common._drop_stale_entries(tmp_path, common._sources_digest())
     assert not (tmp_path / "layers.affine-1.py311.nbi").exists()
+
+
+class _Terminal:
+    """A stand-in for stderr at a terminal that records what is written."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notice comes only when warm-up takes long (compiling), on a line of its own; a
+    warm-up that finds everything compiled says nothing."""
+    terminal = _Terminal()
+    monkeypatch.setattr(backend_module.sys, "stderr", terminal)
+    ops = backend_module.NumbaOps()
+    plan = Network(small_config("numpy", batch_norm="node")).plan
+    monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 0.0)
+    monkeypatch.setattr(ops, "_probe", lambda plan, dtype: __import__("time").sleep(0.3))
+    ops.warm_up(plan)
+    assert terminal.text == "\ncompiling kernels (first run only)\n"
+    ops.warm_up(plan)  # already warm: no second notice
+    assert terminal.text.count("compiling") == 1
+    monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 5.0)
+    fresh = backend_module.NumbaOps()
+    fresh.warm_up(plan)  # a fast (cached) warm-up
+    assert terminal.text.count("compiling") == 1
