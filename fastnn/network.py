@@ -245,6 +245,14 @@ class Network:
             self.plan, self._params, self.running, x, t, order, epoch, workspace
         )
 
+    def copy(self) -> Network:
+        """A network of the same config with copies of the parameters and running statistics."""
+        twin = Network(self.config, params=self._params)  # ParamDict copies every array
+        for k, (mean, var) in self.running.items():
+            twin.running[k] = (self.ops.asarray(mean, self.dtype),
+                               self.ops.asarray(var, self.dtype))
+        return twin
+
     # ---- save and load (.npz, no pickle) ----
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Host arrays of the parameters and the running batch-norm statistics."""

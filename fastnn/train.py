@@ -173,22 +173,77 @@ class Trainer:
     def _loop(
         self, net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
     ) -> None:
-        cfg, history = self.config, self.history
-        for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
-            if history.events.get("stopped_early_at") or history.events.get(
-                "stopped_on_divergence_at"
-            ):
-                break
+        history = self.history
+        if not (history.events.get("stopped_early_at")
+                or history.events.get("stopped_on_divergence_at")):
+            if net.ops.overlaps_evaluation and workspace.threads >= 2:
+                self._overlapped_epochs(net, workspace, train, test, val)
+            else:
+                self._epochs_in_turn(net, workspace, train, test, val)
+        if self.state.best_arrays is not None:  # early stopping: keep the best validation epoch
+            net.load_state_arrays(self.state.best_arrays)
+            history.events["restored_best_epoch"] = history.events.get("best_val_epoch")
+
+    def _stopped(self) -> bool:
+        events = self.history.events
+        return bool(events.get("stopped_early_at") or events.get("stopped_on_divergence_at"))
+
+    def _epochs_in_turn(
+        self, net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+    ) -> None:
+        """Train an epoch, evaluate it, decide, then the next epoch."""
+        for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
             start = time.perf_counter()
-            order = self.epoch_order(epoch, train.size)
-            net.train_epoch(train.x, train.t, order, epoch, workspace)
+            net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
+                            workspace)
             self._evaluate(net, workspace, train, test, val, None, start)
             self._after_epoch(net, epoch)
             if self.on_epoch is not None:
                 self.on_epoch(self, epoch)
-        if self.state.best_arrays is not None:  # early stopping: keep the best validation epoch
-            net.load_state_arrays(self.state.best_arrays)
-            history.events["restored_best_epoch"] = history.events.get("best_val_epoch")
+            if self._stopped():
+                break
+
+    def _overlapped_epochs(
+        self, net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+    ) -> None:
+        """The same epochs with both cores busy: a copy of epoch e's parameters is evaluated on
+        one thread while epoch e + 1 trains on another. Every figure, decision and snapshot is
+        epoch e's, as in turn; when evaluating e stops the run, epoch e + 1's training is
+        discarded (the network goes back to epoch e's copy)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        workspace.reserved_threads = 1  # the training thread's
+        pending: tuple[int, Network, Any] | None = None
+        mark = time.perf_counter()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastnn-evaluate")
+
+        def finish(epoch: int, copy: Network, results: Any) -> bool:
+            nonlocal mark
+            measured = results.result()
+            now = time.perf_counter()
+            self._record(measured, now - mark)
+            mark = now
+            self._after_epoch(copy, epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(self, epoch)
+            return self._stopped()
+
+        try:
+            for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
+                net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
+                                workspace)
+                if pending is not None and finish(*pending):
+                    net.load_state_arrays(pending[1].state_arrays())  # undo this epoch
+                    pending = None
+                    break
+                copy = net.copy()
+                pending = (epoch, copy, executor.submit(
+                    self._measure, copy, workspace, train, test, val))
+            if pending is not None:
+                finish(*pending)
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            workspace.reserved_threads = 0
 
     def epoch_order(self, epoch: int, n: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the training rows (its own random stream)."""
@@ -207,14 +262,26 @@ class Trainer:
         seconds: float | None,
         start: float,
     ) -> None:
+        measured = self._measure(net, workspace, train, test, val)
+        self._record(measured, time.perf_counter() - start if seconds is None else seconds)
+
+    @staticmethod
+    def _measure(
+        net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+    ) -> tuple[Any, ...]:
+        """Evaluate a network on every split (any thread): the figures `_record` takes."""
         train_acc, train_loss, predicted = net.evaluate(train.x, train.t, train.labels, workspace)
         test_result = net.evaluate(test.x, test.t, test.labels, workspace)[:2]
         val_result = (
             net.evaluate(val.x, val.t, val.labels, workspace)[:2] if val is not None else None
         )
-        elapsed = time.perf_counter() - start if seconds is None else seconds
-        self.history.record((train_acc, train_loss), test_result, elapsed, val_result)
-        self._check_divergence(train_loss, predicted)
+        return (train_acc, train_loss), test_result, val_result, predicted
+
+    def _record(self, measured: tuple[Any, ...], seconds: float) -> None:
+        """Append one evaluation's figures to the history; check for divergence."""
+        train_result, test_result, val_result, predicted = measured
+        self.history.record(train_result, test_result, seconds, val_result)
+        self._check_divergence(train_result[1], predicted)
 
     def _check_divergence(self, train_loss: float, predicted: np.ndarray) -> None:
         history = self.history
@@ -254,12 +321,13 @@ class Trainer:
                 waited += 1
                 if waited >= cfg.early_stopping:
                     self.history.events["stopped_early_at"] = epoch
-        self.state = self._snapshot(epoch, best_arrays, best_loss, waited)
+        self.state = self._snapshot(epoch, best_arrays, best_loss, waited, net)
 
     def _snapshot(
-        self, epoch: int, best_arrays: dict | None, best_loss: float | None = None, waited: int = 0
+        self, epoch: int, best_arrays: dict | None, best_loss: float | None = None, waited: int = 0,
+        net: Network | None = None,
     ) -> TrainState:
+        """The state after ``epoch`` (``net``: the network as it was then; default the live one)."""
         history = History.from_dict(self.history.to_dict())  # frozen copy
-        return TrainState(
-            epoch, history, self.network.state_arrays(), best_arrays, best_loss, waited
-        )
+        source = self.network if net is None else net
+        return TrainState(epoch, history, source.state_arrays(), best_arrays, best_loss, waited)

@@ -415,3 +415,54 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) ->
     fresh = backend_module.NumbaOps()
     fresh.warm_up(plan)  # a fast (cached) warm-up
     assert terminal.text.count("compiling") == 1
+
+
+@pytest.mark.parametrize("changes", [
+    dict(batch_norm="bn", dropout_hidden=0.5, dtype="float32"),
+    dict(batch_norm="node", bn_eval="running", early_stopping=1, validation_fraction=0.2,
+         eta=0.5),
+    dict(eta=50.0, stop_on_divergence=True, batch_norm="off"),
+])
+def test_evaluating_beside_training_gives_the_figures_of_epochs_in_turn(
+    changes: dict[str, Any]
+) -> None:
+    """threads=2 evaluates epoch e while e + 1 trains; threads=1 works in turn. Histories,
+    decisions (early stopping, divergence), snapshots and final parameters are identical."""
+    x, t = make_blobs(900, 20, 3, seed=5)
+    noisy = np.random.default_rng(0).random(900) < 0.5  # half the labels random: it overfits
+    t = np.where(noisy, np.random.default_rng(1).integers(0, 3, 900), t)
+    results = []
+    for threads in (1, 2):
+        config = Config(hidden=(16, 8), n_inputs=20, n_outputs=3, epochs=6, batch_size=64,
+                        backend="numba", seed=3, **changes)
+        epochs_seen: list[int] = []
+
+        def seen(trainer: Trainer, epoch: int, epochs_seen: list[int] = epochs_seen) -> None:
+            assert trainer.state.epoch == epoch
+            epochs_seen.append(epoch)
+
+        trainer = Trainer(config, threads=threads, on_epoch=seen)
+        with pytest.warns() if "stop_on_divergence" in changes else _no_warning():
+            history = trainer.fit(x[:700], t[:700], x[700:], t[700:])
+        record = {k: v for k, v in history.to_dict().items() if k != "epoch_seconds"}
+        results.append((record, trainer.network.state_arrays(), epochs_seen,
+                        trainer.state.arrays))
+    (first, params, seen, state), (second, params2, seen2, state2) = results
+    assert first == second
+    assert seen == seen2 == list(range(1, len(seen) + 1))
+    for name in params:
+        assert np.array_equal(params[name], params2[name]), name
+        assert np.array_equal(state[name], state2[name]), name
+    events = first["events"]
+    if "early_stopping" in changes:
+        assert events["stopped_early_at"] < 6 and events["restored_best_epoch"] >= 1
+    if "stop_on_divergence" in changes:
+        assert events["stopped_on_divergence_at"] < 6
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None

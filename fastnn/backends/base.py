@@ -51,6 +51,9 @@ class Ops:
 
     name = "reference"
     xp: Any = None
+    #: True when evaluation and training release the GIL, so a trainer may evaluate one epoch
+    #: on one thread while the next trains on another (same results, both cores busy)
+    overlaps_evaluation = False
 
     # ---- arrays ----
     def asarray(self, array: Any, dtype: str | None = None) -> Array:

@@ -171,6 +171,7 @@ class NumbaOps(NumpyOps):
     """Reference ops on NumPy arrays with compiled fused kernels and a compiled epoch."""
 
     name = "numba"
+    overlaps_evaluation = True  # the epoch and evaluation kernels release the GIL
 
     def __init__(self) -> None:
         self._modules: Any = None
@@ -580,7 +581,7 @@ class NumbaOps(NumpyOps):
             csr = None
         if csr is not None and not np.isfinite(w1).all():
             csr = None  # 0 * inf is NaN in the dense product: keep it
-        workspace.counters[f"{what}_{'dense' if csr is None else 'sparse'}"] += 1
+        workspace.count(f"{what}_{'dense' if csr is None else 'sparse'}")
         return _dense(x.dtype) if csr is None else csr
 
     # ---- the plan's arrays as kernel records ----
@@ -666,7 +667,7 @@ class NumbaOps(NumpyOps):
         csr = self._first_layer(x, layers.weights[0], "train", workspace)
         sparse_steps = self.kernels.epoch.train_epoch(x, t, order, layers, step_plan,
                                                       self._blas(x.dtype), csr)
-        workspace.counters["sparse_steps"] += int(sparse_steps)
+        workspace.count("sparse_steps", int(sparse_steps))
 
     # ---- evaluation ----
     def evaluate(
@@ -712,7 +713,8 @@ class NumbaOps(NumpyOps):
         blas = self._blas(dtype)
         csr = self._first_layer(x, layers.weights[0], "evaluate", workspace)
         block = int(workspace.options.get("eval_block", 2048))
-        threads = int(workspace.options.get("eval_threads", workspace.threads))
+        threads = min(int(workspace.options.get("eval_threads", workspace.threads)),
+                      workspace.free_threads)
         n_blocks = -(-n_rows // block)
         predicted = np.empty(n_rows, np.intp)
         first = 1

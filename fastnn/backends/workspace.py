@@ -9,6 +9,7 @@ all of it.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,10 +27,23 @@ class Workspace:
         self.threads = default_threads() if threads is None else check_threads(threads)
         #: backend-specific settings of this run (e.g. the numba backend's sparse mode)
         self.options: dict[str, Any] = dict(options or {})
-        #: how often each code path ran ("train_sparse", "evaluate_dense", ...)
+        #: how often each code path ran ("train_sparse", "evaluate_dense", ...); see `count`
         self.counters: Counter[str] = Counter()
+        #: threads of ``threads`` busy elsewhere (training, while evaluation runs beside it)
+        self.reserved_threads = 0
+        self._lock = threading.Lock()
         self._prepared: dict[int, tuple[Array, Any]] = {}
         self._buffers: dict[tuple[Any, ...], Array] = {}
+
+    @property
+    def free_threads(self) -> int:
+        """Threads an operation may use now: ``threads`` less those reserved, at least 1."""
+        return max(1, self.threads - self.reserved_threads)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to a counter (safe while evaluation and training run in two threads)."""
+        with self._lock:
+            self.counters[name] += amount
 
     # ---- prepared forms of this run's input arrays ----
     def attach(self, array: Array, form: Any) -> None:
@@ -46,11 +60,13 @@ class Workspace:
     def buffer(self, key: tuple[Any, ...], make: Callable[[], Array],
                fits: Callable[[Array], bool]) -> Array:
         """The buffer stored under ``key`` when ``fits`` accepts it, else a new one from
-        ``make`` (stored for the next call)."""
-        buffer = self._buffers.get(key)
-        if buffer is None or not fits(buffer):
-            buffer = self._buffers[key] = make()
-        return buffer
+        ``make`` (stored for the next call). Key a buffer by what uses it: two threads of a
+        run must not share one."""
+        with self._lock:
+            buffer = self._buffers.get(key)
+            if buffer is None or not fits(buffer):
+                buffer = self._buffers[key] = make()
+            return buffer
 
     def clear(self) -> None:
         """Drop every prepared form and buffer."""

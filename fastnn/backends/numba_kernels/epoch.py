@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import BN_OFF, jit
+from .common import BN_OFF, jit, jit_nogil
 from .layers import (
     affine,
     affine_backward_update,
@@ -56,7 +56,7 @@ def gather_batch(x, t, order, start, multiplier, z0, t_batch):
             target[j] = source[j]
 
 
-@jit
+@jit_nogil
 def train_epoch(x, t, order, layers, plan, blas, csr):
     """Every SGD step of one epoch over the rows of x in ``order``, updating ``layers`` in place.
 
