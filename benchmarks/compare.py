@@ -7,6 +7,11 @@ library), compiles first (not timed), then times ``--epochs-repeat`` epochs; the
 medians.
 
     python benchmarks/compare.py [--epochs-repeat N] [--data synthetic,mnist] [--rounds R]
+                                 [--loop trainer|ops]
+
+``--loop trainer`` (default) times `Trainer.fit`'s epochs, what a user gets (the numba backend
+evaluates each epoch on one core while the next one trains on the other); ``--loop ops`` times
+the backend's ops in turn (one epoch's training, then its evaluations) on one thread.
 
 ``--data`` takes one kind or a comma-separated list (one table each). MNIST's inputs are ~81%
 exact zeros after min-max scaling, so the numba backend takes its sparse (CSR) first layer
@@ -68,14 +73,26 @@ def epoch_order(epoch: int, n: int) -> np.ndarray:
 # ---- workers (one configuration per process) ----
 
 def time_fastnn(
-    backend: str, dtype: str, batch_norm: str, data: str, repeats: int
+    backend: str, dtype: str, batch_norm: str, data: str, repeats: int, loop: str = "trainer"
 ) -> tuple[list[float], str]:
-    """(seconds of each timed epoch: train_epoch + evaluate(train) + evaluate(test),
-    the first-layer path the backend took: "sparse", "dense" or "" when it does not say)."""
-    from fastnn import Config, Network
+    """(seconds of each timed epoch: training + evaluate(train) + evaluate(test), the
+    first-layer path the backend took: "sparse", "dense" or "" when it does not say).
+
+    ``loop`` "trainer": `Trainer.fit`'s own epochs (what a user gets: numba evaluates an epoch
+    beside the next one's training); "ops": one epoch's training, then its two evaluations,
+    in turn on this thread (the backend's ops alone).
+    """
+    from fastnn import Config, Network, Trainer
 
     x, t, labels, x_test, t_test, labels_test = load_data(data, dtype)
-    net = Network(Config(backend=backend, dtype=dtype, batch_norm=batch_norm))
+    config = Config(backend=backend, dtype=dtype, batch_norm=batch_norm)
+    if loop == "trainer":  # inputs are scaled already: "none" keeps them as they are
+        trainer = Trainer(config.replace(epochs=repeats, normalize="none"))
+        history = trainer.fit(x, labels, x_test, labels_test)
+        used = sorted({name.split("_")[-1] for name, count in trainer.counters.items()
+                       if count and name.split("_")[0] in ("train", "evaluate")})
+        return history.epoch_seconds[1:], "+".join(used)
+    net = Network(config)
     ops = net.ops
     workspace = ops.workspace()  # one run's: the CSR form of sparse inputs, counters, threads
     for inputs in (x, x_test):
@@ -90,9 +107,8 @@ def time_fastnn(
             net.evaluate(x, t, labels, workspace)
             net.evaluate(x_test, t_test, labels_test, workspace)
             seconds.append(time.perf_counter() - start)
-    paths = {name for name, count in workspace.counters.items() if count and "_" in name}
-    used = sorted({name.split("_")[-1] for name in paths if name.split("_")[0] in (
-        "train", "evaluate")})
+    used = sorted({name.split("_")[-1] for name, count in workspace.counters.items()
+                   if count and name.split("_")[0] in ("train", "evaluate")})
     return seconds, "+".join(used)
 
 
@@ -176,7 +192,7 @@ def worker(arguments: argparse.Namespace) -> None:
         seconds = time_torch(dtype, batch_norm, arguments.data, arguments.epochs_repeat)
     else:
         seconds, path = time_fastnn(implementation, dtype, batch_norm, arguments.data,
-                                    arguments.epochs_repeat)
+                                    arguments.epochs_repeat, arguments.loop)
     print(json.dumps({"seconds": seconds, "blas": blas_description(), "first_layer": path}))
 
 
@@ -189,7 +205,8 @@ def run_worker(implementation: str, dtype: str, batch_norm: str, data: str,
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
     command = [sys.executable, __file__, "--worker", implementation, dtype, batch_norm,
-               "--epochs-repeat", str(arguments.epochs_repeat), "--data", data]
+               "--epochs-repeat", str(arguments.epochs_repeat), "--data", data,
+               "--loop", arguments.loop]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["failed"])[-1]
@@ -226,6 +243,9 @@ def main() -> None:
     parser.add_argument("--batch-norm", default="off,bn", help="off and/or bn (the BN variant)")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
     parser.add_argument("--keep-openblas-env", action="store_true")
+    parser.add_argument("--loop", choices=("trainer", "ops"), default="trainer",
+                        help="trainer: Trainer.fit's epochs (default); ops: train, then "
+                             "evaluate, in turn")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
@@ -276,7 +296,8 @@ def print_table(kind: str, configs: list[tuple[str, str]],
         return statistics.median(values) if values else None
 
     print(f"one article epoch (train 60k at batch 100, hidden (100, 50), evaluate 60k + 10k); "
-          f"data {kind}; median of {arguments.epochs_repeat * arguments.rounds} epochs")
+          f"data {kind}; median of {arguments.epochs_repeat * arguments.rounds} epochs; "
+          f"fastnn loop: {arguments.loop}")
     print(f"BLAS: {blas or 'unknown'}; cpus: {os.cpu_count()}; numba first layer: "
           f"{'/'.join(sorted(paths)) or '-'} (FASTNN_NUMBA_SPARSE="
           f"{os.environ.get('FASTNN_NUMBA_SPARSE', 'auto')})")

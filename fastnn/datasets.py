@@ -503,35 +503,67 @@ def _print_progress(message: str) -> None:
 def _ensure_cached(
     folder: Path, sources: Sequence[MnistSource], fetch: bool, progress: Progress
 ) -> None:
-    """Make sure folder holds the four verified MNIST files, fetching them if allowed."""
-    if _marker_valid(folder):
-        return
-    needed = _unverified_files(folder, progress)
+    """Make sure folder holds the four MNIST files with their published checksums, fetching
+    what is missing or damaged when allowed.
+
+    Every file's checksum is checked on every load (about 0.1 s for MNIST): a file damaged in
+    place, even with its size and modification time kept, is reported by its path and fetched
+    again, or refused, never loaded. The "verifying" lines are shown only when the files differ
+    from what was last verified (size, modification time, names).
+    """
+    known = _marker_valid(folder)
+    statuses = cache_status(folder, None if known else progress)
+    damaged = [name for name, status in statuses.items() if status == "damaged"]
+    for name in damaged:
+        progress(f"{_cached_path(folder, name)}: checksum mismatch (damaged file)"
+                 + (", fetching it again" if fetch else ""))
+    needed = [name for name, status in statuses.items() if status != "ok"]
     if needed:
         if not fetch:
+            what = "failed its checksum (damaged)" if needed[0] in damaged else "is missing"
             raise DataError(
-                f"{folder / needed[0]}: missing or failed its checksum; download the four "
-                f"MNIST IDX files (raw or .gz) into {folder} or pass --data DIR"
+                f"{_cached_path(folder, needed[0]) or folder / needed[0]}: {what}; run "
+                f"`fastnn data fetch`, download the four MNIST IDX files (raw or .gz) into "
+                f"{folder}, or pass --data DIR"
             )
         progress(f"fetching MNIST into {folder} (first use only)…")
         files = _fetch_verified(folder, sources, needed, progress)
         _store(folder, files)
-    _write_marker(folder)
+        for name in damaged:  # a damaged .gz beside a fresh raw file would confuse a reader
+            path = folder / f"{name}.gz"
+            if (folder / name).is_file() and path.is_file():
+                path.unlink(missing_ok=True)
+    if needed or not known:
+        _write_marker(folder)
 
 
-def _unverified_files(folder: Path, progress: Progress) -> list[str]:
-    """Names whose cached file is absent or does not match MNIST_SHA256."""
-    needed = []
+def cache_status(folder: Path | None = None, progress: Progress | None = None) -> dict[str, str]:
+    """Each MNIST file of the cache folder: "ok", "missing" or "damaged" (its checksum is not
+    the published one), by a full check of every file."""
+    folder = cache_dir() if folder is None else Path(folder)
+    statuses = {}
     for name in MNIST_FILES:
         path = _cached_path(folder, name)
         if path is None:
-            needed.append(name)
+            statuses[name] = "missing"
             continue
-        progress(f"verifying {path} (once)…")
-        if _file_sha256(path) != MNIST_SHA256[name]:
-            progress(f"{path}: checksum mismatch, will fetch it again")
-            needed.append(name)
-    return needed
+        if progress is not None:
+            progress(f"verifying {path}…")
+        statuses[name] = "ok" if _file_sha256(path) == MNIST_SHA256[name] else "damaged"
+    return statuses
+
+
+def fetch_mnist(
+    folder: Path | None = None,
+    sources: Sequence[MnistSource] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, str]:
+    """Fetch every missing or damaged MNIST file into the cache folder (checksums verified);
+    return the files' statuses afterwards (all "ok"), or raise `DataError`."""
+    folder = cache_dir() if folder is None else Path(folder)
+    report = progress if progress is not None else _print_progress
+    _ensure_cached(folder, DEFAULT_SOURCES if sources is None else sources, True, report)
+    return cache_status(folder)
 
 
 def _cached_path(folder: Path, name: str) -> Path | None:

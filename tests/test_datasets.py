@@ -8,6 +8,7 @@ import http.server
 import io
 import math
 import os
+import re
 import shutil
 import stat
 import struct
@@ -482,14 +483,50 @@ def test_fetch_once_then_cached(
     assert (cache / datasets.MARKER_NAME).is_file()
     assert first[0].shape == (6, 12) and first[1].shape == (6,)
 
-    def no_rehash(path: Path) -> str:
-        raise AssertionError(f"{path} hashed again")
-
-    monkeypatch.setattr(datasets, "_file_sha256", no_rehash)
-    second = load_mnist(sources=[source], progress=quiet)
+    later: list[str] = []
+    second = load_mnist(sources=[source], progress=later.append)
     assert source.calls == 1
+    assert later == []  # known files: checked without a word
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fetch", [True, False])
+def test_damage_with_size_and_mtime_kept_is_caught(
+    cache: Path, fake_files: dict[str, bytes], fetch: bool
+) -> None:
+    """Bit rot: one byte flipped in a verified file, its size and modification time kept."""
+    source = FakeSource("fake", fake_files)
+    load_mnist(sources=[source], progress=quiet)
+    damaged = cache / "t10k-images-idx3-ubyte"
+    stat = damaged.stat()
+    content = bytearray(damaged.read_bytes())
+    content[-1] ^= 0x01
+    damaged.write_bytes(bytes(content))
+    os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert datasets.cache_status(cache)["t10k-images-idx3-ubyte"] == "damaged"
+    messages: list[str] = []
+    if fetch:
+        loaded = load_mnist(sources=[source], progress=messages.append)
+        assert source.calls == 2 and damaged.read_bytes() == fake_files[damaged.name]
+        assert any(str(damaged) in m and "checksum mismatch" in m for m in messages)
+        assert loaded[2][-1, -1] == fake_files[damaged.name][-1]
+        assert set(datasets.cache_status(cache).values()) == {"ok"}
+    else:
+        with pytest.raises(DataError, match=re.escape(str(damaged)) + ".*damaged"):
+            load_mnist(sources=[source], fetch=False, progress=messages.append)
+        assert source.calls == 1
+
+
+def test_cache_status_and_fetch_mnist(cache: Path, fake_files: dict[str, bytes]) -> None:
+    assert set(datasets.cache_status(cache).values()) == {"missing"}
+    source = FakeSource("fake", fake_files)
+    assert datasets.fetch_mnist(cache, sources=[source], progress=quiet) == dict.fromkeys(
+        datasets.MNIST_FILES, "ok")
+    (cache / "train-labels-idx1-ubyte").unlink()
+    assert datasets.cache_status(cache)["train-labels-idx1-ubyte"] == "missing"
+    assert set(datasets.fetch_mnist(cache, sources=[source], progress=quiet).values()) == {"ok"}
+    assert source.calls == 2
 
 
 def test_existing_cache_verified_once_without_fetch(
