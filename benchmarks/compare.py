@@ -7,7 +7,10 @@ library), compiles first (not timed), then times ``--epochs-repeat`` epochs; the
 medians.
 
     python benchmarks/compare.py [--epochs-repeat N] [--data synthetic,mnist] [--rounds R]
-                                 [--loop trainer|ops]
+        [--loop trainer|ops] [--hidden 100,50;1024,512] [--batch-sizes 100,1000]
+
+``--hidden`` and ``--batch-sizes`` make a scaling table (the article's network is 100,50 at
+batch 100; the article/numba column is shown for it alone).
 
 ``--loop trainer`` (default) times `Trainer.fit`'s epochs, what a user gets (the numba backend
 evaluates each epoch on one core while the next one trains on the other); ``--loop ops`` times
@@ -37,6 +40,8 @@ import numpy as np
 
 ARTICLE_SECONDS_PER_EPOCH = {"off": 229.0 / 50, "bn": 299.0 / 50}  # 3:49 and 4:59 for 50 epochs
 IMPLEMENTATIONS = ("numpy", "numba", "torch")
+#: one measured configuration: (hidden sizes as "100,50", batch size, dtype, batch norm)
+Setup = tuple[str, int, str, str]
 N_TRAIN, N_TEST, N_INPUTS, N_CLASSES = 60_000, 10_000, 784, 10
 
 
@@ -73,7 +78,8 @@ def epoch_order(epoch: int, n: int) -> np.ndarray:
 # ---- workers (one configuration per process) ----
 
 def time_fastnn(
-    backend: str, dtype: str, batch_norm: str, data: str, repeats: int, loop: str = "trainer"
+    backend: str, dtype: str, batch_norm: str, data: str, repeats: int, loop: str = "trainer",
+    hidden: tuple[int, ...] = (100, 50), batch_size: int = 100,
 ) -> tuple[list[float], str]:
     """(seconds of each timed epoch: training + evaluate(train) + evaluate(test), the
     first-layer path the backend took: "sparse", "dense" or "" when it does not say).
@@ -85,7 +91,8 @@ def time_fastnn(
     from fastnn import Config, Network, Trainer
 
     x, t, labels, x_test, t_test, labels_test = load_data(data, dtype)
-    config = Config(backend=backend, dtype=dtype, batch_norm=batch_norm)
+    config = Config(backend=backend, dtype=dtype, batch_norm=batch_norm, hidden=hidden,
+                    batch_size=batch_size)
     if loop == "trainer":  # inputs are scaled already: "none" keeps them as they are
         trainer = Trainer(config.replace(epochs=repeats, normalize="none"))
         history = trainer.fit(x, labels, x_test, labels_test)
@@ -112,7 +119,8 @@ def time_fastnn(
     return seconds, "+".join(used)
 
 
-def time_torch(dtype: str, batch_norm: str, data: str, repeats: int) -> list[float]:
+def time_torch(dtype: str, batch_norm: str, data: str, repeats: int,
+               hidden: tuple[int, ...] = (100, 50), batch_size: int = 100) -> list[float]:
     """The same network, batch size, plain SGD and evaluation work in PyTorch on the CPU."""
     import torch
     from torch import nn
@@ -123,12 +131,13 @@ def time_torch(dtype: str, batch_norm: str, data: str, repeats: int) -> list[flo
     x, x_test = torch.from_numpy(x), torch.from_numpy(x_test)
     labels, labels_test = torch.from_numpy(labels), torch.from_numpy(labels_test)
     layers: list[nn.Module] = []
-    for fan_in, fan_out in ((784, 100), (100, 50)):
+    sizes = (N_INPUTS, *hidden)
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
         layers.append(nn.Linear(fan_in, fan_out))
         if batch_norm != "off":  # evaluated in training mode: statistics of the evaluated set
             layers.append(nn.BatchNorm1d(fan_out))
         layers.append(nn.ReLU())
-    layers.append(nn.Linear(50, 10))
+    layers.append(nn.Linear(sizes[-1], N_CLASSES))
     model = nn.Sequential(*layers).to(torch_dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
@@ -141,8 +150,8 @@ def time_torch(dtype: str, batch_norm: str, data: str, repeats: int) -> list[flo
 
     def epoch(number: int) -> None:
         order = torch.from_numpy(epoch_order(number, len(x)))
-        for start in range(0, len(order), 100):
-            index = order[start:start + 100]
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(x[index]), labels[index]).backward()
             optimizer.step()
@@ -186,26 +195,33 @@ def blas_description() -> str:
 
 
 def worker(arguments: argparse.Namespace) -> None:
-    implementation, dtype, batch_norm = arguments.worker
+    implementation, dtype, batch_norm, hidden_text, batch_text = arguments.worker
+    hidden, batch_size = parse_hidden(hidden_text), int(batch_text)
     path = ""
     if implementation == "torch":
-        seconds = time_torch(dtype, batch_norm, arguments.data, arguments.epochs_repeat)
+        seconds = time_torch(dtype, batch_norm, arguments.data, arguments.epochs_repeat, hidden,
+                             batch_size)
     else:
         seconds, path = time_fastnn(implementation, dtype, batch_norm, arguments.data,
-                                    arguments.epochs_repeat, arguments.loop)
+                                    arguments.epochs_repeat, arguments.loop, hidden, batch_size)
     print(json.dumps({"seconds": seconds, "blas": blas_description(), "first_layer": path}))
 
 
 # ---- the driver ----
 
-def run_worker(implementation: str, dtype: str, batch_norm: str, data: str,
+def parse_hidden(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part)
+
+
+def run_worker(implementation: str, config: Setup, data: str,
                arguments: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     if not arguments.keep_openblas_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
-    command = [sys.executable, __file__, "--worker", implementation, dtype, batch_norm,
-               "--epochs-repeat", str(arguments.epochs_repeat), "--data", data,
+    hidden, batch, dtype, batch_norm = config
+    command = [sys.executable, __file__, "--worker", implementation, dtype, batch_norm, hidden,
+               str(batch), "--epochs-repeat", str(arguments.epochs_repeat), "--data", data,
                "--loop", arguments.loop]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -246,7 +262,10 @@ def main() -> None:
     parser.add_argument("--loop", choices=("trainer", "ops"), default="trainer",
                         help="trainer: Trainer.fit's epochs (default); ops: train, then "
                              "evaluate, in turn")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", default="100,50",
+                        help="hidden sizes; several networks separated by ';' (100,50;1024,512)")
+    parser.add_argument("--batch-sizes", default="100", help="comma-separated (100,1000)")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
         worker(arguments)
@@ -260,18 +279,21 @@ def main() -> None:
     torch_missing = torch_available() if "torch" in implementations else None
     if torch_missing:
         implementations.remove("torch")
-    configs = [(dtype, bn) for dtype in arguments.dtypes.split(",")
+    configs = [(hidden, int(batch), dtype, bn)
+               for hidden in arguments.hidden.split(";") if hidden
+               for batch in arguments.batch_sizes.split(",") if batch
+               for dtype in arguments.dtypes.split(",")
                for bn in arguments.batch_norm.split(",")]
-    seconds: dict[tuple[str, str, str, str], list[float]] = {}
-    errors: dict[tuple[str, str, str, str], str] = {}
+    seconds: dict[tuple[Any, ...], list[float]] = {}
+    errors: dict[tuple[Any, ...], str] = {}
     paths: dict[str, set[str]] = {kind: set() for kind in kinds}
     blas = ""
     for _ in range(arguments.rounds):
         for kind in kinds:
-            for dtype, bn in configs:
+            for config in configs:
                 for implementation in implementations:
-                    key = (kind, implementation, dtype, bn)
-                    result = run_worker(implementation, dtype, bn, kind, arguments)
+                    key = (kind, implementation, *config)
+                    result = run_worker(implementation, config, kind, arguments)
                     if "error" in result:
                         errors[key] = result["error"]
                         continue
@@ -283,40 +305,38 @@ def main() -> None:
         print_table(kind, configs, seconds, paths[kind], blas, arguments)
     if torch_missing:
         print(f"torch: skipped, not importable ({torch_missing})")
-    for (kind, implementation, dtype, bn), message in errors.items():
-        print(f"{kind} {implementation} {dtype} {bn}: failed: {message}")
+    for (kind, implementation, *config), message in errors.items():
+        print(f"{kind} {implementation} {' '.join(map(str, config))}: failed: {message}")
 
 
-def print_table(kind: str, configs: list[tuple[str, str]],
-                seconds: dict[tuple[str, str, str, str], list[float]], paths: set[str],
-                blas: str, arguments: argparse.Namespace) -> None:
+def print_table(kind: str, configs: list[Setup], seconds: dict[tuple[Any, ...], list[float]],
+                paths: set[str], blas: str, arguments: argparse.Namespace) -> None:
     """The medians of one data kind, numba/torch, numba/numpy and article/numba ratios."""
-    def median(implementation: str, dtype: str, bn: str) -> float | None:
-        values = seconds.get((kind, implementation, dtype, bn))
+    def median(implementation: str, config: Setup) -> float | None:
+        values = seconds.get((kind, implementation, *config))
         return statistics.median(values) if values else None
 
-    print(f"one article epoch (train 60k at batch 100, hidden (100, 50), evaluate 60k + 10k); "
-          f"data {kind}; median of {arguments.epochs_repeat * arguments.rounds} epochs; "
-          f"fastnn loop: {arguments.loop}")
+    print(f"one epoch (train 60k, then evaluate 60k + 10k); data {kind}; median of "
+          f"{arguments.epochs_repeat * arguments.rounds} epochs; fastnn loop: {arguments.loop}")
     print(f"BLAS: {blas or 'unknown'}; cpus: {os.cpu_count()}; numba first layer: "
           f"{'/'.join(sorted(paths)) or '-'} (FASTNN_NUMBA_SPARSE="
           f"{os.environ.get('FASTNN_NUMBA_SPARSE', 'auto')})")
-    header = (f"{'dtype':<8} {'BN':<4} {'numpy s':>8} {'numba s':>8} {'torch s':>8} "
-              f"{'numba/torch':>11} {'numba/numpy':>11} {'article/numba':>13}")
+    header = (f"{'hidden':<9} {'batch':>5} {'dtype':<8} {'BN':<4} {'numpy s':>8} {'numba s':>8} "
+              f"{'torch s':>8} {'numba/torch':>11} {'numba/numpy':>11} {'article/numba':>13}")
     print(header)
     print("-" * len(header))
-    for dtype, bn in configs:
-        numpy_s, numba_s, torch_s = (median(i, dtype, bn) for i in IMPLEMENTATIONS)
+    for config in configs:
+        hidden, batch, dtype, bn = config
+        numpy_s, numba_s, torch_s = (median(i, config) for i in IMPLEMENTATIONS)
         article = ARTICLE_SECONDS_PER_EPOCH["bn" if bn != "off" else "off"]
-        print(f"{dtype:<8} {bn:<4} {format_seconds(numpy_s):>8} {format_seconds(numba_s):>8} "
-              f"{format_seconds(torch_s):>8} {format_ratio(numba_s, torch_s):>11} "
-              f"{format_ratio(numba_s, numpy_s):>11} {format_ratio(article, numba_s):>13}")
-    for dtype in sorted({dtype for dtype, _ in configs}):
-        off, on = median("numba", dtype, "off"), median("numba", dtype, "bn")
-        if off and on:
-            print(f"numba {dtype}: batch norm adds {100 * (on / off - 1):+.1f}% to the epoch")
+        is_article = hidden == "100,50" and batch == 100
+        print(f"{hidden:<9} {batch:>5} {dtype:<8} {bn:<4} {format_seconds(numpy_s):>8} "
+              f"{format_seconds(numba_s):>8} {format_seconds(torch_s):>8} "
+              f"{format_ratio(numba_s, torch_s):>11} {format_ratio(numba_s, numpy_s):>11} "
+              f"{format_ratio(article, numba_s) if is_article else '-':>13}")
     print(f"article: {ARTICLE_SECONDS_PER_EPOCH['off']:.2f} s/epoch without BN (229 s / 50), "
-          f"{ARTICLE_SECONDS_PER_EPOCH['bn']:.2f} s/epoch with BN (299 s / 50), 2018 desktop")
+          f"{ARTICLE_SECONDS_PER_EPOCH['bn']:.2f} s/epoch with BN (299 s / 50), 2018 desktop "
+          "(hidden 100,50, batch 100)")
     print()
 
 

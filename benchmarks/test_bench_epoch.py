@@ -34,3 +34,23 @@ def test_article_epoch(benchmark, data, backend: str, batch_norm: str, dtype: st
             article_seconds=article, speedup_vs_article=article / benchmark.stats["median"]
         )
     assert 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_norm", ["off", "bn"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch_size", [100, 1000])
+@pytest.mark.parametrize("hidden", [(100, 50), (1024, 512)], ids=["100-50", "1024-512"])
+def test_scaling_epoch(
+    benchmark, data, backend: str, batch_norm: str, dtype: str, batch_size: int,
+    hidden: tuple[int, ...],
+) -> None:
+    """The scaling table: a wider network and a larger batch (one round each; compare.py
+    --hidden/--batch-sizes puts PyTorch beside them)."""
+    epoch = ArticleEpoch(data, backend=backend, batch_norm=batch_norm, dtype=dtype,
+                         hidden=hidden, batch_size=batch_size)
+    counter = iter(range(1, 1000))
+    accuracy = benchmark.pedantic(
+        lambda: epoch.run(next(counter)), rounds=1, iterations=1, warmup_rounds=0
+    )
+    assert 0.0 <= accuracy <= 1.0
