@@ -1,4 +1,4 @@
-"""The ``fastnn`` command: ``train``, ``summary`` and ``info``.
+"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot`` and ``info``.
 
 Exit codes: 0 success, 2 usage/config/data errors (one line on stderr), 1 internal error,
 130 interrupted (after saving a checkpoint and the partial results).
@@ -17,20 +17,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import (
-    ACTIVATIONS,
-    BATCH_NORMS,
-    BIAS_INITS,
-    BN_EVALS,
-    DROPOUT_MODES,
-    DTYPES,
-    NORMALIZATIONS,
-    OUTPUTS,
-    WEIGHT_INITS,
-    Config,
-)
+from .config import CLI_DEFAULTS, OPTIONS, Config, cli_default, flag_names
 from .errors import ConfigError, FastnnError
-from .fileio import write_atomically
+from .fileio import check_writable_folder, write_atomically
+from .threads import THREADS_ENV, check_threads, default_threads, usable_cpus
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 INTERRUPT_DIR = "fastnn-interrupted"
@@ -41,128 +31,77 @@ class UsageError(FastnnError):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (main adds "fastnn: error:")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-# ---- option parsing helpers ----
+# ---- flags, derived from the config schema ----
 
 
-def _hidden(text: str) -> tuple[int, ...]:
+def _text_reader(name: str) -> Any:
+    """argparse ``type`` for option ``name``: its rule's parse, errors as argparse's."""
+    rule = OPTIONS[name].rule
+
+    def read(text: str) -> Any:
+        try:
+            return rule.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    read.__name__ = name
+    return read
+
+
+def _threads(text: str) -> int:
     try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"hidden sizes must be like 100,50; got {text!r}"
-        ) from None
-    if not sizes:
-        raise argparse.ArgumentTypeError("hidden sizes must name at least one layer, like 100,50")
-    return sizes
-
-
-def _weight_decay(text: str) -> tuple[str, float] | None:
-    if text.lower() in ("none", "off"):
-        return None
-    kind, _, lam = text.partition(":")
-    try:
-        return kind.lower(), float(lam)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"weight decay must be l1:LAMBDA or l2:LAMBDA (e.g. l2:1e-4); got {text!r}"
-        ) from None
-
-
-def _axis(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    if text == "0":
-        return 0
-    raise argparse.ArgumentTypeError(f"normalize axis must be none or 0; got {text!r}")
-
-
-def _key_values(text: str) -> tuple[str, float]:
-    key, sep, value = text.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return key.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=NUMBER (e.g. std=0.1); got {text!r}"
-        ) from None
-
-
-#: CLI flag -> Config field (flags left out keep the config defaults)
-_CONFIG_FLAGS = {
-    "hidden": "hidden",
-    "activation": "activation",
-    "init": "init",
-    "bias_init": "bias_init",
-    "output": "output",
-    "normalize": "normalize",
-    "normalize_axis": "normalize_axis",
-    "eta": "eta",
-    "batch_size": "batch_size",
-    "epochs": "epochs",
-    "weight_decay": "weight_decay",
-    "dropout_input": "dropout_input",
-    "dropout_hidden": "dropout_hidden",
-    "dropout_mode": "dropout_mode",
-    "batch_norm": "batch_norm",
-    "batch_norm_eta": "batch_norm_eta",
-    "bn_eval": "bn_eval",
-    "bn_momentum": "bn_momentum",
-    "dtype": "dtype",
-    "backend": "backend",
-    "seed": "seed",
-    "early_stopping": "early_stopping",
-    "validation_fraction": "validation_fraction",
-}
+        return check_threads(text, "--threads")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of every configuration option (shared by ``train`` and ``sweep``)."""
-    add = parser.add_argument
-    add("--data", metavar="DIR", help="folder with the four IDX files (default: cache, fetched)")
-    add("--backend", help="numpy (default), numba or cupy")
-    add("--dtype", choices=DTYPES, help="default float32 (the article computes in float64)")
-    add("--epochs", type=int, help="default 50")
-    add("--batch-size", type=int, help="default 100")
-    add("--eta", type=float, help="learning rate, default 0.1")
-    add("--hidden", type=_hidden, metavar="SIZES", help="hidden layer sizes, default 100,50")
-    add("--activation", choices=ACTIVATIONS, help="hidden activation, default relu")
-    add("--alpha", type=float, help="leaky_relu slope (default 0.01)")
-    add("--init", choices=WEIGHT_INITS, help="weight initialiser, default he_normal")
-    add(
-        "--init-param",
-        type=_key_values,
-        action="append",
-        metavar="NAME=X",
-        help="initialiser parameter (mean, std/var, min, max); repeatable",
+    """One flag per configuration option (shared by ``train`` and ``sweep``), from `OPTIONS`."""
+    group = parser.add_argument_group("configuration (README.md, Configuration, lists them all)")
+    for name, option in OPTIONS.items():
+        if option.flag is None:
+            continue
+        rule = option.rule
+        default = f"default {rule.format(cli_default(name))}"
+        if option.switch:
+            group.add_argument(
+                option.flag,
+                dest=name,
+                action="store_const",
+                const=not cli_default(name),
+                default=None,
+                help=option.help,
+            )
+            continue
+        words = getattr(rule, "words", None)
+        kwargs: dict[str, Any] = {"dest": name, "help": f"{option.help}; {default}"}
+        if words:
+            kwargs["choices"] = words
+        else:
+            kwargs.update(type=_text_reader(name), metavar=option.metavar)
+            kwargs["help"] = f"{option.help}: {rule.describe()}; {default}"
+        if option.repeat:
+            kwargs["action"] = "append"
+            kwargs["help"] += "; repeatable"
+        group.add_argument(option.flag, **kwargs)
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of how runs execute (not part of the config: they do not change results)."""
+    parser.add_argument(
+        "--data", metavar="DIR", help="folder with the four IDX files (default: cache, fetched)"
     )
-    add("--bias-init", choices=BIAS_INITS, help="bias initialiser, default zeros_b")
-    add("--bias-init-param", type=_key_values, action="append", metavar="NAME=X")
-    add("--output", choices=OUTPUTS, help="output/loss pair, default softmax_cross_entropy")
-    add("--normalize", choices=NORMALIZATIONS, help="input normalisation, default min_max")
-    add("--normalize-axis", type=_axis, metavar="none|0")
-    add("--weight-decay", type=_weight_decay, metavar="l1:LAM|l2:LAM")
-    add("--dropout-input", type=float, metavar="KEEP", help="input keep ratio in (0, 1]")
-    add("--dropout-hidden", type=float, metavar="KEEP", help="hidden keep ratio in (0, 1]")
-    add("--dropout-mode", choices=DROPOUT_MODES)
-    add("--batch-norm", choices=BATCH_NORMS, help="off, n (N), bn (BN) or node (BN(n))")
-    add("--batch-norm-eta", type=float, help="rate of gamma/beta, default eta")
-    add("--bn-eval", choices=BN_EVALS, help="batch (article) or running statistics")
-    add("--bn-momentum", type=float)
-    add("--seed", type=int)
-    add("--no-shuffle", action="store_true", help="visit the training set in order")
-    add(
-        "--early-stopping",
-        type=int,
-        metavar="PATIENCE",
-        help="stop after PATIENCE epochs without a lower validation loss",
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        metavar="N",
+        help=f"CPU threads per run (default: ${THREADS_ENV}, else the {usable_cpus()} CPUs "
+        "this process may use; a sweep with --workers splits them)",
     )
-    add("--validation-fraction", type=float, help="share of training data held out (0.1)")
-    add("--stop-on-divergence", action="store_true", help="end the run when it diverges")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a network on MNIST (or any IDX folder)")
-    add_config_flags(train)
+    add_run_flags(train)
     add = train.add_argument
     add("--out", metavar="RUN.json", help="write config, history, summary and environment")
     add("--save-model", metavar="MODEL.npz", help="write the trained network")
@@ -180,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N epochs")
     add("--resume", metavar="DIR", help="continue the run checkpointed in DIR")
     add("--quiet", action="store_true", help="no per-epoch output")
+    add_config_flags(train)
 
     sweep = sub.add_parser("sweep", help="train every point of a grid of options, then tabulate")
-    add_config_flags(sweep)
+    add_run_flags(sweep)
     sweep.add_argument(
         "--grid",
         action="append",
@@ -197,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--dask",
         metavar="ADDRESS|local",
-        help="run the points on a Dask cluster (needs fastnn[dask])",
+        help='run the points on a Dask cluster (needs pip install "dask[distributed]")',
     )
+    add_config_flags(sweep)
     summary = sub.add_parser("summary", help="the article-style table of runs")
     summary.add_argument("runs", nargs="+", metavar="RUN.json")
     plot = sub.add_parser("plot", help="accuracy and loss curves of runs on one chart")
@@ -209,33 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
-    """A Config from the flags given (others keep ``base``'s values, or the CLI defaults)."""
-    changes: dict[str, Any] = {
-        field: getattr(args, flag)
-        for flag, field in _CONFIG_FLAGS.items()
-        if getattr(args, flag) is not None
-    }
-    if args.no_shuffle:
-        changes["shuffle"] = False
-    if args.stop_on_divergence:
-        changes["stop_on_divergence"] = True
-    if args.alpha is not None:
-        changes["activation_params"] = {"alpha": args.alpha}
-    if args.init_param:
-        changes["init_params"] = dict(args.init_param)
-    if args.bias_init_param:
-        changes["bias_init_params"] = dict(args.bias_init_param)
-    if base is None:
-        changes.setdefault("dtype", "float32")
-        return Config(**changes)
-    return base.replace(**changes)
+    """A Config from the flags given (others keep ``base``'s values, or the CLI defaults);
+    messages name the flags."""
+    changes: dict[str, Any] = {}
+    for name, option in OPTIONS.items():
+        value = getattr(args, name, None) if option.flag else None
+        if value is None:
+            continue
+        if option.repeat:  # NAME=X given several times: one dict
+            value = {key: number for part in value for key, number in part.items()}
+        changes[name] = value
+    with flag_names():
+        if base is None:
+            return Config(**{**CLI_DEFAULTS, **changes})
+        return base.replace(**changes)
 
 
 # ---- output ----
 
 
-def environment(config: Config) -> dict[str, Any]:
-    """Backend, dtype, versions and CPU of this run."""
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def environment(config: Config, threads: int | None = None) -> dict[str, Any]:
+    """Backend, dtype, threads, versions and CPU of this run."""
     import numpy
 
     versions = {
@@ -250,6 +189,7 @@ def environment(config: Config) -> dict[str, Any]:
     return {
         "backend": config.backend,
         "dtype": config.dtype,
+        "threads": threads,
         "versions": versions,
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -278,6 +218,22 @@ def _finite(data: Any) -> Any:
     return data
 
 
+def _writable_folder(folder: Path, flag: str, path: str | Path) -> None:
+    """Create ``folder`` (and its parents) and write a test file in it, or a UsageError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot create folder {folder} ({exc.strerror or exc})"
+        ) from None
+    try:
+        check_writable_folder(folder)
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})"
+        ) from None
+
+
 def _check_writable(path: str | None, flag: str) -> None:
     """Fail before training, not after, when an output file cannot be written."""
     if not path:
@@ -285,13 +241,24 @@ def _check_writable(path: str | None, flag: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot create {parent} ({exc.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {path}: {parent} is not writable")
+    _writable_folder(target.parent, flag, path)
+
+
+def _check_checkpoint_dir(path: str | None, flag: str) -> None:
+    """Fail before training when checkpoints cannot be written into directory ``path``."""
+    from .checkpoint import FILENAME
+
+    if not path:
+        return
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(
+            f"{flag} {path}: is a file, not a directory; checkpoints go into a directory "
+            f"(DIR/{FILENAME}): give a new or existing directory name"
+        )
+    if (directory / FILENAME).is_dir():
+        raise UsageError(f"{flag} {path}: {directory / FILENAME} is a directory; remove it")
+    _writable_folder(directory, flag, path)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -313,16 +280,19 @@ def _epoch_line(history: Any, epoch: int) -> str:
 # ---- commands ----
 
 
-def _load_data(args: argparse.Namespace) -> tuple:
-    from .datasets import load_mnist
+def _check_backend(name: str) -> None:
+    """The backend exists and loads here (a clear error before any data is touched)."""
+    from .backends import get_backend
 
-    return load_mnist(args.data) if args.data else load_mnist()
+    with flag_names():
+        get_backend(name)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train, report per epoch, write --out/--save-model/checkpoints."""
+    """Check every option and output path, then read the data, train, report per epoch and
+    write --out/--save-model/checkpoints."""
     from . import checkpoint as ckpt
-    from .sweep import sized_for
+    from .sweep import read_data, sized_for
     from .train import Trainer
 
     resume_state = None
@@ -337,8 +307,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--checkpoint-every must be >= 1; got {args.checkpoint_every}")
         if not (args.checkpoint or args.resume):
             raise UsageError("--checkpoint-every needs --checkpoint DIR")
+    threads = args.threads if args.threads is not None else default_threads()
+    _check_backend(config.backend)
     _check_writable(args.out, "--out")
     _check_writable(args.save_model, "--save-model")
+    if args.checkpoint:
+        _check_checkpoint_dir(args.checkpoint, "--checkpoint")
+    elif args.resume:
+        _check_checkpoint_dir(args.resume, "--resume")
     checkpoint_dir = args.checkpoint or args.resume
     saved_extra = resume_state.extra if resume_state else {}
     every = args.checkpoint_every or saved_extra.get("checkpoint_every") or 1
@@ -348,7 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data": str(Path(args.data).resolve()) if args.data else None,
         "checkpoint_every": every,
     }
-    data = _load_data(args)
+    data = read_data(args.data)
     if resume_state is None:
         config = sized_for(config, data)
     bar = _progress_bar(config, args, resume_state)
@@ -362,7 +338,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif not args.quiet:
             print(_epoch_line(trainer.history, epoch), flush=True)
 
-    trainer = Trainer(config, on_epoch=on_epoch)
+    trainer = Trainer(config, on_epoch=on_epoch, threads=threads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -372,11 +348,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        _save_interrupted(trainer, config, args, checkpoint_dir, extra)
+        _save_interrupted(trainer, config, args, checkpoint_dir, extra, threads)
         return EXIT_INTERRUPTED
     if bar is not None:
         bar.close()
-    _finish(trainer, config, args)
+    _finish(trainer, config, args, threads)
     return 0
 
 
@@ -400,7 +376,12 @@ def _progress_bar(config: Config, args: argparse.Namespace, resume_state: Any) -
 
 
 def _save_interrupted(
-    trainer: Any, config: Config, args: argparse.Namespace, directory: Any, extra: dict
+    trainer: Any,
+    config: Config,
+    args: argparse.Namespace,
+    directory: Any,
+    extra: dict,
+    threads: int,
 ) -> None:
     from . import checkpoint as ckpt
 
@@ -412,7 +393,7 @@ def _save_interrupted(
     trainer.history = trainer.state.history
     trainer.history.events["interrupted_after_epoch"] = trainer.state.epoch
     if args.out:
-        write_json_atomic(args.out, _run_record(trainer, config))
+        write_json_atomic(args.out, _run_record(trainer, config, threads))
     print(
         f"interrupted after epoch {trainer.state.epoch}; checkpoint saved to {directory}"
         f"{'; partial results in ' + args.out if args.out else ''}; "
@@ -421,21 +402,21 @@ def _save_interrupted(
     )
 
 
-def _run_record(trainer: Any, config: Config) -> dict[str, Any]:
+def _run_record(trainer: Any, config: Config, threads: int) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
         "history": trainer.history.to_dict(),
         "summary": trainer.history.summary(),
-        "environment": environment(config),
+        "environment": environment(config, threads),
     }
 
 
-def _finish(trainer: Any, config: Config, args: argparse.Namespace) -> None:
+def _finish(trainer: Any, config: Config, args: argparse.Namespace, threads: int) -> None:
     from .history import format_table
 
     history = trainer.history
     if args.out:
-        write_json_atomic(args.out, _run_record(trainer, config))
+        write_json_atomic(args.out, _run_record(trainer, config, threads))
     if args.save_model:
         trainer.network.save(args.save_model)
     for event in ("stopped_early_at", "stopped_on_divergence_at", "restored_best_epoch"):
@@ -443,22 +424,34 @@ def _finish(trainer: Any, config: Config, args: argparse.Namespace) -> None:
             print(f"{event.replace('_', ' ')} {history.events[event]}")
     print(format_table([(f"{config.backend}/{config.dtype}", history.summary())]))
     print(
-        f"total {history.total_seconds:.2f}s for {history.epochs} epochs "
+        f"total {history.total_seconds:.2f}s for {_plural(history.epochs, 'epoch')} "
         f"({history.total_seconds / max(history.epochs, 1):.3f}s per epoch)"
     )
 
 
-def cmd_summary(args: argparse.Namespace) -> int:
-    """Print the article-style table of several runs."""
-    from .history import format_table
+class _RunFile:
+    """A run file as read back: its name, config (as saved) and history."""
 
-    rows = [(label, history.summary()) for label, history in _read_runs(args.runs)]
-    print(format_table(rows))
-    return 0
+    def __init__(self, path: str, config: dict[str, Any], history: Any) -> None:
+        self.name = Path(path).stem
+        self.config = config
+        self.history = history
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.config.get('backend', '')}/{self.config.get('dtype', '')}"
+
+    def describe(self, option: str) -> str:
+        """The saved value of ``option`` as the grid writes it."""
+        value = self.config.get(option)
+        try:
+            return OPTIONS[option].rule.format(value)
+        except (TypeError, ValueError, KeyError, IndexError):
+            return str(value)
 
 
-def _read_runs(paths: list[str]) -> list[tuple[str, Any]]:
-    """(label, History) of each run file; DataError naming a bad one."""
+def _read_runs(paths: list[str]) -> list[_RunFile]:
+    """Every run file; DataError naming a bad one."""
     from .errors import DataError
     from .history import History
 
@@ -467,21 +460,53 @@ def _read_runs(paths: list[str]) -> list[tuple[str, Any]]:
         try:
             record = json.loads(Path(path).read_text())
             history = History.from_dict(record["history"])
-            cfg = record.get("config", {})
+            config = dict(record.get("config") or {})
             history.summary()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{path}: not a fastnn run file ({exc.__class__.__name__}: {exc})"
             ) from None
-        runs.append((f"{Path(path).stem} {cfg.get('backend', '')}/{cfg.get('dtype', '')}", history))
+        runs.append(_RunFile(path, config, history))
     return runs
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    """Draw the runs' accuracy and loss curves into one PNG."""
-    from .plots import plot_runs
+def summary_rows(runs: list[_RunFile]) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """Table rows of runs: the file name, every option whose value differs between the runs
+    (as columns, in full), and backend/dtype."""
+    varying = [
+        name
+        for name in OPTIONS
+        if name not in ("backend", "dtype")
+        and len({run.describe(name) for run in runs}) > 1
+    ]
+    rows = []
+    for run in runs:
+        label = {"run": run.name}
+        label.update({name: run.describe(name) for name in varying})
+        label["backend/dtype"] = f"{run.describe('backend')}/{run.describe('dtype')}"
+        rows.append((label, run.history.summary()))
+    return rows
 
-    path = plot_runs(_read_runs(args.runs), args.out)
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """Print the article-style table of several runs."""
+    from .history import format_table
+
+    print(format_table(summary_rows(_read_runs(args.runs))))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw the runs' accuracy and loss curves into one image, in the format --out names."""
+    from .plots import image_format, plot_runs
+
+    _check_writable(args.out, "--out")
+    try:
+        image_format(args.out)
+    except ConfigError as exc:
+        raise UsageError(f"--out {exc}") from None
+    runs = _read_runs(args.runs)
+    path = plot_runs([(run.label, run.history) for run in runs], args.out)
     print(f"wrote {path}")
     return 0
 
@@ -497,27 +522,52 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Train each grid point (locally or on Dask), write one run file each, print the table."""
+    """Check the grid, backends and output folder, then train each grid point (locally or on
+    Dask), write one run file each and print the table with the grid values as columns."""
+    from contextlib import ExitStack
+
+    from .backends import names as backend_names
     from .history import History, format_table
-    from .sweep import load_data, parse_grid, run_sweep
+    from .sweep import dask_client, load_data, parse_grid, run_sweep
 
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1; got {args.workers}")
+    if args.dask and args.workers != 1:
+        raise UsageError("--workers is for local processes; with --dask the cluster decides")
     base = config_from_args(args)
     points = parse_grid(args.grid, base)
-    data = args.data or None
-    load_data(data)  # data errors (and the first-use download) before any run starts
+    for backend in dict.fromkeys(point.config.backend for point in points):
+        if args.dask:  # the workers load it; here only the name is checked
+            if backend not in backend_names():
+                raise ConfigError(
+                    f"unknown backend {backend!r}; valid backends: {', '.join(backend_names())}"
+                )
+        else:
+            _check_backend(backend)
     out_dir = Path(args.out_dir)
-    _check_writable(str(out_dir / "x.json"), "--out-dir")
-    print(f"sweeping {len(points)} runs into {out_dir}", flush=True)
-    rows = []
-    for name, record in run_sweep(points, data, workers=args.workers, dask=args.dask):
-        record["environment"] = environment(Config.from_dict(record["config"]))
-        write_json_atomic(out_dir / f"{name}.json", record)
-        history = History.from_dict(record["history"])
-        rows.append((name, history.summary()))
-        if not args.quiet:
-            print(f"done {name}: test acc {history.test_acc[-1]:.4f}", flush=True)
+    _writable_folder(out_dir, "--out-dir", out_dir)
+    with ExitStack() as stack:
+        client = stack.enter_context(dask_client(args.dask)) if args.dask else None
+        data = args.data or None
+        load_data(data)  # data errors (and the first-use download) before any run starts
+        print(f"sweeping {_plural(len(points), 'run')} into {out_dir}", flush=True)
+        values = {point.name: point.values for point in points}
+        rows = []
+        results = run_sweep(
+            points, data, workers=args.workers, client=client, threads=args.threads
+        )
+        for name, record in results:
+            config = Config.from_dict(record["config"])
+            record["environment"] = {
+                **environment(config),
+                **record.get("environment", {}),
+            }
+            write_json_atomic(out_dir / f"{name}.json", record)
+            history = History.from_dict(record["history"])
+            rows.append((values[name], history.summary()))
+            if not args.quiet:
+                where = " ".join(f"{key}={text}" for key, text in values[name].items())
+                print(f"done {where}: test acc {history.test_acc[-1]:.4f}", flush=True)
     print(format_table(rows))
     return 0
 

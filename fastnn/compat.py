@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import OPTIONS, Config
 from .errors import ConfigError
 from .network import Network
 from .train import Trainer
@@ -17,23 +17,34 @@ _OUTPUT_PAIRS = {
     ("identity", "mean_squared_error"): "identity_mse",
 }
 _WEIGHT_DECAYS = {"L1_norm": "l1", "L2_norm": "l2"}
-_REGULARIZATION_KEYS = (
-    "weight_decay_func",
-    "weight_decay_lambda",
-    "dropout_input_ratio",
-    "dropout_middle_ratio",
-    "batch_norm",
-    "batch_norm_node",
-    "batch_norm_eta",
-)
+_REGULARIZATION = "regularization_params."
+
+
+def learn_names() -> dict[str, str]:
+    """``learn`` argument -> Config option, for the arguments that map one to one (from the
+    options' ``learn`` names; the others are combined below)."""
+    return {
+        option.learn: name
+        for name, option in OPTIONS.items()
+        if option.learn and "." not in option.learn and "/" not in option.learn
+    }
+
+
+def regularization_keys() -> tuple[str, ...]:
+    """The keys ``regularization_params`` accepts (from the options' ``learn`` names)."""
+    keys: list[str] = []
+    for option in OPTIONS.values():
+        if option.learn and option.learn.startswith(_REGULARIZATION):
+            keys.extend(option.learn.removeprefix(_REGULARIZATION).split("/"))
+    return tuple(keys)
 
 
 def _regularization(params: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(params) - set(_REGULARIZATION_KEYS))
+    valid = regularization_keys()
+    unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ConfigError(
-            f"unknown regularization_params keys {unknown}; "
-            f"valid: {', '.join(_REGULARIZATION_KEYS)}"
+            f"unknown regularization_params keys {unknown}; valid: {', '.join(valid)}"
         )
     out: dict[str, Any] = {
         "dropout_input": params.get("dropout_input_ratio", 1.0),
@@ -108,7 +119,7 @@ def learn(
     Returns ``(y_train, y_test, W, b, train_rate, train_err, test_rate, test_err, total_time)``
     with W and b dicts keyed by layer 1..L and four history arrays of length epoch + 1.
     """
-    weight_init_params = dict(weight_init_params or {})
+    arguments = dict(locals())  # the article's names, as given
     unknown_norm = sorted(set(data_norm_params or {}) - {"axis"})
     if unknown_norm:
         raise ConfigError(f"unknown data_norm_params keys {unknown_norm}; valid: axis")
@@ -116,32 +127,28 @@ def learn(
         raise ConfigError(
             f"output_func {output_func!r} takes no output_params; got {output_params}"
         )
-    bias_init_params = dict(bias_init_params or {})
     if (output_func, error_func) not in _OUTPUT_PAIRS:
         raise ConfigError(
             "output_func/error_func must be softmax/cross_entropy_error or "
             f"identity/mean_squared_error; got {output_func}/{error_func}"
         )
+    options = {name: arguments[argument] for argument, name in learn_names().items()}
+    for name in ("activation_params", "init_params", "bias_init_params"):
+        options[name] = dict(options[name] or {})  # the article passes None for none
+    options["shuffle"] = bool(options["shuffle"])
+    for init, params in (("init", "init_params"), ("bias_init", "bias_init_params")):
+        if callable(options[init]):  # it draws the arrays below; the config keeps the default
+            del options[init]
+            options[params] = {}
+    weight_init_params = dict(weight_init_params or {})
+    bias_init_params = dict(bias_init_params or {})
     t_train, t_test = np.asarray(t_train), np.asarray(t_test)
     n_outputs = t_train.shape[1] if t_train.ndim == 2 else int(max(t_train.max(), t_test.max())) + 1
     config = Config(
-        hidden=tuple(md),
-        activation=middle_func,
-        activation_params=dict(middle_params or {}),
-        init=weight_init_func if isinstance(weight_init_func, str) else "he_normal",
-        init_params=weight_init_params if isinstance(weight_init_func, str) else {},
-        bias_init=bias_init_func if isinstance(bias_init_func, str) else "zeros_b",
-        bias_init_params=bias_init_params if isinstance(bias_init_func, str) else {},
+        **options,
         output=_OUTPUT_PAIRS[(output_func, error_func)],
-        normalize=data_norm_func,
         normalize_axis=(data_norm_params or {}).get("axis"),
-        eta=eta,
-        batch_size=batch_size,
-        epochs=epoch,
-        shuffle=bool(shuffle_flag),
         dtype="float64",
-        backend=backend,
-        seed=seed,
         n_inputs=int(np.prod(np.asarray(x_train).shape[1:])),
         n_outputs=n_outputs,
         **_regularization(regularization_params or {}),

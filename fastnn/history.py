@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,17 +114,28 @@ class History:
         return history
 
 
-def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """The article's result table: name, train %, test %, 95/97/98 epochs, best %, its epoch."""
-    header = (
-        f"{'run':<28} {'train':>7} {'test':>7} {'95':>4} {'97':>4} {'98':>4} {'best':>7} {'ep':>4}"
+def format_table(rows: Sequence[tuple[str | Mapping[str, str], Mapping[str, Any]]]) -> str:
+    """The article's result table: each row's label columns, then train %, test %, the first
+    epochs reaching 95/97/98 %, best test % and its epoch.
+
+    A row's label is a mapping of column name to text (e.g. the grid values of a sweep point)
+    or a plain string, shown in a column "run". Columns are as wide as their longest text.
+    """
+    labels = [{"run": label} if isinstance(label, str) else dict(label) for label, _ in rows]
+    columns = list(dict.fromkeys(column for label in labels for column in label)) or ["run"]
+    widths = {
+        column: max([len(column), *(len(label.get(column, "")) for label in labels)])
+        for column in columns
+    }
+    header = " ".join(f"{column:<{widths[column]}}" for column in columns) + (
+        f" {'train':>7} {'test':>7} {'95':>4} {'97':>4} {'98':>4} {'best':>7} {'ep':>4}"
     )
     lines = [header, "-" * len(header)]
-    for name, s in rows:
+    for label, (_, s) in zip(labels, rows, strict=True):
         ep = {k: "-" if s[k] is None else str(s[k]) for k in ("epoch_95", "epoch_97", "epoch_98")}
-
         lines.append(
-            f"{name[:28]:<28} {100 * s['train_acc']:7.2f} {100 * s['test_acc']:7.2f} "
+            " ".join(f"{label.get(column, ''):<{widths[column]}}" for column in columns)
+            + f" {100 * s['train_acc']:7.2f} {100 * s['test_acc']:7.2f} "
             f"{ep['epoch_95']:>4} {ep['epoch_97']:>4} {ep['epoch_98']:>4} "
             f"{100 * s['best_test_acc']:7.2f} {s['best_epoch']:>4}"
         )

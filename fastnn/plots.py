@@ -1,11 +1,12 @@
-"""Charts of runs (needs matplotlib: ``pip install "fastnn[plot]"``)."""
+"""Charts of runs (needs matplotlib: ``pip install matplotlib``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingDependency
+from .errors import ConfigError, MissingDependency
+from .fileio import write_atomically
 from .history import History
 
 
@@ -16,14 +17,33 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MissingDependency('plotting needs matplotlib: pip install "fastnn[plot]"') from None
+        raise MissingDependency("plotting needs matplotlib: pip install matplotlib") from None
     return plt
 
 
+def image_format(path: str | Path) -> str:
+    """The image format named by path's extension; `ConfigError` listing the formats
+    matplotlib can write when it names none of them."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ConfigError(
+            f"{path}: give a chart file name ending in an image extension "
+            f"({', '.join('.' + name for name in formats)})"
+        )
+    return suffix
+
+
 def plot_runs(runs: list[tuple[str, History]], path: str | Path) -> Path:
-    """Accuracy and loss per epoch of several runs on one chart; test loss marked by whether it
-    went down (filled) or up (hollow), as in the article."""
+    """Accuracy and loss per epoch of several runs on one chart, written atomically to exactly
+    ``path`` in the format its extension names; test loss marked by whether it went down
+    (filled) or up (hollow), as in the article."""
     plt = _pyplot()
+    path = Path(path)
+    fmt = image_format(path)
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, history in runs:
         epochs = range(len(history.test_acc))
@@ -45,7 +65,8 @@ def plot_runs(runs: list[tuple[str, History]], path: str | Path) -> Path:
     acc_ax.legend(fontsize=7)
     loss_ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda handle: fig.savefig(handle, format=fmt, dpi=110))
+    finally:
+        plt.close(fig)
     return path

@@ -1,89 +1,108 @@
-"""Grids of runs: parse ``OPTION=V1,V2`` grids, train every point locally or on Dask."""
+"""Grids of runs: parse ``OPTION=V1,V2`` grids, train every point locally or on Dask.
+
+Every point gets its share of the CPUs: local worker processes split the usable CPUs among
+themselves (through ``FASTNN_THREADS`` and the BLAS/Numba thread variables, set before the
+worker imports NumPy), and runs on a Dask worker split that worker's share of its host.
+"""
 
 from __future__ import annotations
 
 import functools
 import itertools
+import multiprocessing
+import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError, MissingDependency
+from .config import OPTIONS, Config, sweepable
+from .errors import ConfigError, DataError, MissingDependency
+from .threads import THREADS_ENV, default_threads, usable_cpus
 
-_INTS = ("batch_size", "epochs", "seed", "early_stopping")
-_FLOATS = (
-    "eta",
-    "dropout_input",
-    "dropout_hidden",
-    "batch_norm_eta",
-    "bn_momentum",
-    "validation_fraction",
+#: the variables that cap a worker process's threads (fastnn's own, OpenBLAS, Numba, OpenMP, MKL)
+THREAD_VARIABLES = (
+    THREADS_ENV,
+    "OPENBLAS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
 )
-_WORDS = (
-    "activation",
-    "init",
-    "bias_init",
-    "output",
-    "normalize",
-    "dropout_mode",
-    "batch_norm",
-    "bn_eval",
-    "dtype",
-    "backend",
-)
-SWEEPABLE = (*_INTS, *_FLOATS, *_WORDS, "hidden", "weight_decay", "shuffle")
+#: seconds to wait for a Dask scheduler before calling its address unreachable
+DASK_CONNECT_TIMEOUT_S = 5.0
+#: set to 1 to never download MNIST (the data must be in the cache or given with --data)
+OFFLINE_ENV = "FASTNN_OFFLINE"
 
 
-def _value(field: str, text: str) -> Any:
-    text = text.strip()
-    try:
-        if field in _INTS:
-            return int(text)
-        if field in _FLOATS:
-            return float(text)
-        if field == "hidden":
-            return tuple(int(part) for part in text.split("/"))
-        if field == "weight_decay":
-            if text.lower() in ("none", "off"):
-                return None
-            kind, _, lam = text.partition(":")
-            return kind.lower(), float(lam)
-        if field == "shuffle":
-            return {"true": True, "false": False}[text.lower()]
-    except (ValueError, KeyError):
-        raise ConfigError(f"grid {field}: cannot read value {text!r}") from None
-    return text
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep: its file name, its config and its grid values as text."""
+
+    name: str
+    config: Config
+    values: dict[str, str]
 
 
-def parse_grid(items: list[str], base: Config) -> list[tuple[str, Config]]:
-    """Every point of the product of the grids, as (name, validated Config)."""
+def grid_option(key: str) -> str:
+    """The option a grid key names: a field name (``batch_size``, ``batch-size``) or the
+    option's flag without dashes (``alpha``, ``init-param``)."""
+    word = key.strip().lstrip("-").replace("-", "_")
+    aliases = {
+        option.flag.lstrip("-").replace("-", "_"): name
+        for name, option in OPTIONS.items()
+        if option.flag and not option.switch
+    }
+    name = word if word in OPTIONS else aliases.get(word, word)
+    if name not in sweepable():
+        raise ConfigError(f"cannot sweep {key.strip()!r}; sweepable: {', '.join(sweepable())}")
+    return name
+
+
+def parse_grid_values(name: str, text: str) -> list[Any]:
+    """The values of one grid option, each read and checked as the option's rule says."""
+    rule = OPTIONS[name].rule
+    values: list[Any] = []
+    for part in text.split(","):
+        try:
+            parsed = rule.parse(part)
+        except ValueError as exc:
+            raise ConfigError(f"grid {name}: cannot read value, {exc}") from None
+        value = rule.check(f"grid {name}", parsed)
+        if value in values:
+            raise ConfigError(f"grid {name}: the value {rule.format(value)} is given twice")
+        values.append(value)
+    return values
+
+
+def parse_grid(items: list[str], base: Config) -> list[Point]:
+    """Every point of the product of the grids, with validated configs."""
     axes: dict[str, list[Any]] = {}
     for item in items:
-        field, sep, values = item.partition("=")
-        field = field.strip().replace("-", "_")
-        if not sep or not values.strip():
+        key, sep, text = item.partition("=")
+        if not sep or not text.strip() or not key.strip():
             raise ConfigError(f"grid must look like OPTION=V1,V2; got {item!r}")
-        if field not in SWEEPABLE:
-            raise ConfigError(f"cannot sweep {field!r}; sweepable: {', '.join(SWEEPABLE)}")
-        if field in axes:
-            raise ConfigError(f"grid {field!r} given twice")
-        axes[field] = [_value(field, text) for text in values.split(",")]
+        name = grid_option(key)
+        if name in axes:
+            raise ConfigError(f"grid {name!r} given twice")
+        axes[name] = parse_grid_values(name, text)
     points = []
     for combination in itertools.product(*axes.values()):
         changes = dict(zip(axes, combination, strict=True))
-        points.append((_name(changes), base.replace(**changes)))
+        values = {name: OPTIONS[name].rule.format(value) for name, value in changes.items()}
+        try:
+            config = base.replace(**changes)
+        except ConfigError as exc:
+            where = " ".join(f"{name}={text}" for name, text in values.items())
+            raise ConfigError(f"grid point {where}: {exc}") from None
+        points.append(Point(_file_name(values), config, values))
     return points
 
 
-def _name(changes: dict[str, Any]) -> str:
-    def show(value: Any) -> str:
-        if isinstance(value, tuple):
-            return "-".join(str(v) for v in value)
-        return str(value)
-
-    text = "_".join(f"{field}={show(value)}" for field, value in changes.items()) or "run"
+def _file_name(values: dict[str, str]) -> str:
+    text = "_".join(f"{name}={value}" for name, value in values.items()) or "run"
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
 
 
@@ -95,61 +114,215 @@ def sized_for(config: Config, data: tuple) -> Config:
     return config.replace(n_inputs=n_inputs, n_outputs=max(top + 1, 2))
 
 
+def offline() -> bool:
+    """True when ``FASTNN_OFFLINE`` forbids downloading MNIST."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def read_data(data_path: str | None) -> tuple:
+    """The IDX folder ``data_path``, or MNIST from the cache (fetched unless `offline`)."""
+    from .datasets import load_mnist
+
+    if data_path:
+        return load_mnist(data_path)
+    try:
+        return load_mnist(fetch=not offline())
+    except DataError as exc:
+        if offline():
+            raise DataError(f"{exc} ({OFFLINE_ENV}=1: not downloaded)") from None
+        raise
+
+
 @functools.lru_cache(maxsize=1)
 def load_data(data_path: str | None) -> tuple:
     """The data set of a sweep, read once per process (every point of a sequential sweep and
     the up-front check share it; training never writes to it)."""
-    from .datasets import load_mnist
-
-    return load_mnist(data_path) if data_path else load_mnist()
+    return read_data(data_path)
 
 
-def run_point(name: str, config: dict[str, Any], data_path: str | None) -> tuple[str, dict]:
-    """Train one point (in any process); return its name and run record."""
+def threads_per_run(requested: int | None, workers: int) -> int:
+    """Threads of each run of ``workers`` local processes: ``requested``, else
+    ``FASTNN_THREADS``, else the usable CPUs split among the workers."""
+    if requested is not None:
+        return requested
+    if os.environ.get(THREADS_ENV, "").strip():
+        return default_threads()
+    return max(1, usable_cpus() // workers)
+
+
+def worker_environment(threads: int) -> dict[str, str]:
+    """The environment variables that give a worker process ``threads`` threads."""
+    return {variable: str(threads) for variable in THREAD_VARIABLES}
+
+
+def run_point(
+    name: str, config: dict[str, Any], data_path: str | None, threads: int | None = None
+) -> tuple[str, dict]:
+    """Train one point (in any process); return its name and run record.
+
+    ``threads`` None: ``FASTNN_THREADS`` of this process, else its usable CPUs.
+    """
     from .train import Trainer
 
+    used = default_threads() if threads is None else threads
     data = load_data(data_path)
     cfg = sized_for(Config.from_dict(config), data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # divergence is recorded in the history's events
-        history = Trainer(cfg).fit(*data)
+        history = Trainer(cfg, threads=used).fit(*data)
     return name, {
         "config": cfg.to_dict(),
         "history": history.to_dict(),
         "summary": history.summary(),
+        "environment": {"threads": used},
     }
 
 
 def run_sweep(
-    points: list[tuple[str, Config]],
+    points: Sequence[Point | tuple[str, Config]],
     data_path: str | None,
     *,
     workers: int = 1,
     dask: str | None = None,
+    client: Any = None,
+    threads: int | None = None,
 ) -> Iterator[tuple[str, dict]]:
-    """Run every point, yielding (name, record) in grid order."""
-    jobs = [(name, config.to_dict(), data_path) for name, config in points]
-    if dask:
-        yield from _on_dask(jobs, dask)
+    """Run every point (a `Point` or a (name, Config) pair), yielding (name, record) in grid
+    order: on Dask (a ``client``, or the scheduler at address ``dask``) when given, else in
+    ``workers`` local processes. ``threads``: per run (None: see `threads_per_run`; on Dask,
+    each worker's share of its host's CPUs)."""
+    pairs = [(p.name, p.config) if isinstance(p, Point) else p for p in points]
+    jobs = [(name, config.to_dict(), data_path) for name, config in pairs]
+    if client is None and dask:
+        with dask_client(dask) as own_client:
+            yield from _on_dask(own_client, jobs, threads)
+    elif client is not None:
+        yield from _on_dask(client, jobs, threads)
     elif workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            yield from pool.map(run_point, *zip(*jobs, strict=True))
+        yield from _in_processes(jobs, workers, threads_per_run(threads, workers))
     else:
+        per_run = threads_per_run(threads, 1)
         for job in jobs:
-            yield run_point(*job)
+            yield run_point(*job, per_run)
 
 
-def _on_dask(jobs: list[tuple], address: str) -> Iterator[tuple[str, dict]]:
+def _in_processes(
+    jobs: list[tuple], workers: int, threads: int
+) -> Iterator[tuple[str, dict]]:
+    """Run the jobs in fresh ("spawn") processes that start with the thread variables set,
+    so NumPy, OpenBLAS and Numba come up with ``threads`` threads; each run reads its count
+    from ``FASTNN_THREADS``."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with _environment(worker_environment(threads)), ProcessPoolExecutor(
+        max_workers=workers, mp_context=context
+    ) as pool:
+        yield from pool.map(run_point, *zip(*jobs, strict=True))
+
+
+@contextmanager
+def _environment(changes: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (the processes it starts inherit them)."""
+    saved = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# ---- Dask ----
+
+
+def _dask() -> tuple[Any, Any]:
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        raise MissingDependency('sweeping on Dask needs dask: pip install "fastnn[dask]"') from None
-    cluster = LocalCluster(processes=True) if address == "local" else None
-    with Client(cluster if cluster is not None else address) as client:
-        futures = client.map(run_point, *zip(*jobs, strict=True), pure=False)
-        for future in futures:
-            yield future.result()
-    if cluster is not None:
-        cluster.close()
+        raise MissingDependency(
+            'sweeping on Dask needs dask: pip install "dask[distributed]"'
+        ) from None
+    return Client, LocalCluster
+
+
+@contextmanager
+def dask_client(address: str) -> Iterator[Any]:
+    """A client of the scheduler at ``address`` (``local``: a new local cluster); a
+    `ConfigError` naming the address when no scheduler answers within
+    `DASK_CONNECT_TIMEOUT_S`."""
+    client_class, cluster_class = _dask()
+    if address == "local":
+        with cluster_class(processes=True) as cluster, client_class(cluster) as client:
+            yield client
+        return
+    try:
+        client = client_class(address, timeout=DASK_CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(
+            f"--dask {address}: no Dask scheduler answered within "
+            f"{DASK_CONNECT_TIMEOUT_S:g} s ({exc.__class__.__name__})"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"--dask {address}: not a scheduler address ({exc})") from None
+    with client:
+        yield client
+
+
+def threads_for_workers(workers: Mapping[str, tuple[str, int, int]]) -> dict[str, int]:
+    """Threads per run on each Dask worker, from ``address -> (host, nthreads, host_cpus)``:
+    the worker's share of its host's CPUs (hosts shared by several workers split them),
+    divided among the worker's threads, each of which runs one point at a time."""
+    per_host = Counter(host for host, _, _ in workers.values())
+    return {
+        address: max(1, (cpus // per_host[host]) // max(1, nthreads))
+        for address, (host, nthreads, cpus) in workers.items()
+    }
+
+
+def _dask_threads(client: Any) -> dict[str, int]:
+    info = client.scheduler_info()["workers"]
+    cpus = client.run(usable_cpus)
+    return threads_for_workers(
+        {
+            address: (worker["host"], int(worker["nthreads"]), int(cpus.get(address, 1)))
+            for address, worker in info.items()
+        }
+    )
+
+
+def _run_on_dask_worker(
+    name: str,
+    config: dict[str, Any],
+    data_path: str | None,
+    threads: int | None,
+    threads_by_worker: dict[str, int],
+) -> tuple[str, dict]:
+    """`run_point` on a Dask worker, with ``threads`` or this worker's share of the CPUs."""
+    if threads is None:
+        from dask.distributed import get_worker
+
+        worker = get_worker()
+        threads = threads_by_worker.get(worker.address) or max(
+            1, usable_cpus() // max(1, worker.state.nthreads)
+        )
+    return run_point(name, config, data_path, threads)
+
+
+def _on_dask(client: Any, jobs: list[tuple], threads: int | None) -> Iterator[tuple[str, dict]]:
+    threads_by_worker = {} if threads is not None else _dask_threads(client)
+    names, configs, paths = zip(*jobs, strict=True)
+    futures = client.map(
+        _run_on_dask_worker,
+        names,
+        configs,
+        paths,
+        [threads] * len(jobs),
+        [threads_by_worker] * len(jobs),
+        pure=False,
+    )
+    for future in futures:
+        yield future.result()

@@ -19,8 +19,28 @@ from fastnn.cli import main
 TINY = ["--hidden", "16,8", "--epochs", "2", "--batch-size", "50"]
 
 
+@pytest.fixture(autouse=True)
+def no_download(tmp_path: Path, monkeypatch):
+    """Every test here runs with an empty MNIST cache and fails if anything tries to fetch."""
+    import fastnn.datasets as datasets
+
+    attempts = []
+
+    class Forbidden:
+        name = "no downloads in tests"
+
+        def fetch(self, names):
+            attempts.append(list(names))
+            raise RuntimeError("a test tried to download MNIST")
+
+    monkeypatch.setenv("FASTNN_DATA", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(datasets, "DEFAULT_SOURCES", (Forbidden(),))
+    yield
+    assert attempts == [], "a test tried to download MNIST"
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FASTNN_DATA": "/nonexistent-fastnn-cache"}
+    env = {**os.environ, "FASTNN_DATA": "/nonexistent-fastnn-cache", "FASTNN_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "fastnn", *args],
         capture_output=True,
@@ -170,12 +190,19 @@ def test_every_config_flag_reaches_the_config(idx_folder: Path, tmp_path: Path) 
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["train", "--epochs", "x"], "invalid int"),
+        (["train", "--epochs", "x"], "argument --epochs: expected an integer >= 0; got 'x'"),
         (["train", "--dropout-input", "1.5"], "(0, 1]"),
         (["train", "--eta", "-1"], "eta must be > 0"),
-        (["train", "--batch-size", "0"], "batch_size"),
+        (["train", "--batch-size", "0"], "--batch-size must be an integer >= 1"),
         (["train", "--hidden", "100,-5"], "hidden sizes"),
         (["train", "--backend", "tpu"], "numpy, numba, cupy"),
+        (["train", "--hidden", "100,,50"], "no empty size"),
+        (["train", "--validation-fraction", "0.3"], "set --early-stopping too"),
+        (["train", "--alpha", "0.3"], "--alpha needs --activation leaky_relu"),
+        (["train", "--init-param", "std=0.1"], "--init-param std=... needs --init normal_w"),
+        (["train", "--threads", "0"], "--threads must be an integer >= 1"),
+        (["train", "--eta", "abc"], "argument --eta: expected a number > 0; got 'abc'"),
+        (["sweep", "--grid", "eta=0.1", "--dask", "local", "--workers", "2"], "--workers"),
         (["train", "--activation", "swish"], "invalid choice"),
         (["train", "--weight-decay", "l3:1"], "l1, l2"),
         (["train", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
@@ -188,6 +215,8 @@ def test_usage_config_and_data_errors_are_one_line_exit_2(args, fragment, capsys
     assert main(args) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("fastnn: error: ") and err.count("error:") == 1  # one prefix
+    assert "fastnn train:" not in err and "fastnn sweep:" not in err
 
 
 def test_bad_data_file_is_exit_2_in_a_subprocess(tmp_path: Path) -> None:
@@ -383,7 +412,7 @@ def test_plot_without_matplotlib_gives_the_install_command(tmp_path, monkeypatch
     )
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["plot", str(run)]) == 2
-    assert 'pip install "fastnn[plot]"' in capsys.readouterr().err
+    assert "plotting needs matplotlib: pip install matplotlib\n" in capsys.readouterr().err
 
 
 def test_unwritable_outputs_fail_before_training(idx_folder: Path, tmp_path: Path, capsys) -> None:
@@ -519,11 +548,19 @@ def test_sweep_trains_every_grid_point_and_tabulates(
     record = json.loads((out_dir / "eta=0.2_batch_norm=node.json").read_text())
     assert record["config"]["eta"] == 0.2 and record["config"]["batch_norm"] == "node"
     assert len(record["history"]["test_acc"]) == 3 and "environment" in record
-    assert capsys.readouterr().out.count("eta=") >= 4
+    table = capsys.readouterr().out.splitlines()[-6:]  # header, rule, four rows
+    assert table[0].split()[:3] == ["eta", "batch_norm", "train"]
+    assert [line.split()[:2] for line in table[2:]] == [
+        ["0.05", "off"],
+        ["0.05", "node"],
+        ["0.2", "off"],
+        ["0.2", "node"],
+    ]
 
 
 def test_sweep_in_parallel_processes_matches_sequential(idx_folder: Path, tmp_path: Path) -> None:
-    grids = ["--grid", "seed=0,1", "--grid", "hidden=8/4,6"]
+    # one thread per run in both, so BLAS sums in the same order (threads may change bits)
+    grids = ["--grid", "seed=0,1", "--grid", "hidden=8/4,6", "--threads", "1"]
     for workers, folder in (("1", "seq"), ("2", "par")):
         assert (
             main(
@@ -554,6 +591,9 @@ def test_sweep_in_parallel_processes_matches_sequential(idx_folder: Path, tmp_pa
         ("n_inputs=3,4", "cannot sweep"),
         ("eta=fast", "cannot read"),
         ("batch_norm=on", "off, n, bn, node"),
+        ("eta=0.1,0.10", "given twice"),
+        ("eta=-1", "grid eta must be > 0"),
+        ("bn_eval=running", "grid point bn_eval=running: bn_eval needs batch norm"),
     ],
 )
 def test_sweep_rejects_bad_grids(idx_folder: Path, grid: str, fragment: str, capsys) -> None:
@@ -582,4 +622,4 @@ def test_sweep_on_dask_without_dask_gives_the_install_command(
         )
         == 2
     )
-    assert 'pip install "fastnn[dask]"' in capsys.readouterr().err
+    assert 'needs dask: pip install "dask[distributed]"\n' in capsys.readouterr().err

@@ -18,14 +18,16 @@ from fastnn.functions import ACTIVATIONS as ACTIVATION_FUNCTIONS
         ({"hidden": (100, 0)}, "hidden sizes must be an integer >= 1"),
         ({"hidden": "100"}, "hidden"),
         ({"activation": "swish"}, "sigmoid, tanh, relu"),
-        ({"activation_params": {"beta": 1}}, "valid keys: none"),
+        ({"activation_params": {"beta": 1}}, "valid keys for activation relu: none"),
+        ({"activation_params": {"alpha": 0.3}}, "key 'alpha' needs activation leaky_relu"),
         ({"activation": "leaky_relu", "activation_params": {"alpha": "x"}}, "finite number"),
         ({"init": "xavier"}, "he_normal"),
         ({"init": "normal_w", "init_params": {"sigma": 1}}, "mean, std, var"),
         ({"bias_init": "random"}, "zeros_b"),
         ({"output": "softmax"}, "softmax_cross_entropy, identity_mse"),
         ({"normalize": "l2"}, "min_max, z_score"),
-        ({"normalize_axis": 1}, "None or 0"),
+        ({"normalize_axis": 1}, "one of none, 0"),
+        ({"normalize_axis": False}, "one of none, 0"),
         ({"eta": 0}, "eta must be > 0"),
         ({"eta": float("nan")}, "finite"),
         ({"batch_size": 0}, "batch_size"),
@@ -51,8 +53,10 @@ from fastnn.functions import ACTIVATIONS as ACTIVATION_FUNCTIONS
             {"bias_init": "uniform_b", "bias_init_params": {"min": 2, "max": 1}},
             "min must be <= max",
         ),
-        ({"batch_norm_eta": 0.1}, "need batch norm"),
-        ({"bn_eval": "running"}, "need batch norm"),
+        ({"batch_norm_eta": 0.1}, "batch_norm_eta needs batch norm"),
+        ({"bn_eval": "running"}, "bn_eval needs batch norm"),
+        ({"validation_fraction": 0.3}, "validation_fraction is used only by early stopping"),
+        ({"bias_init_params": {"std": 1}}, "bias_init_params key 'std' needs bias_init normal_b"),
     ],
 )
 def test_bad_values_name_the_valid_choices(changes, fragment) -> None:
@@ -84,15 +88,13 @@ def test_unknown_backend_and_missing_optional_dependency(monkeypatch) -> None:
         backends.get_backend("tpu")
     monkeypatch.setitem(sys.modules, "cupy", None)  # as if not installed
     monkeypatch.delitem(backends._INSTANCES, "cupy", raising=False)
-    with pytest.raises(BackendUnavailable, match=r'pip install "fastnn\[cuda12\]"'):
+    with pytest.raises(BackendUnavailable, match=r"pip install cupy-cuda12x \(or cupy-cuda13x"):
         backends.get_backend("cupy")
     monkeypatch.setitem(sys.modules, "numba", None)
     monkeypatch.delitem(backends._INSTANCES, "numba", raising=False)
     monkeypatch.delitem(sys.modules, "fastnn.backends.numba_backend", raising=False)
     with pytest.raises(
-        BackendUnavailable,
-        match=r"backend 'numba' needs numba: pip install "
-        r'"fastnn\[numba\]"',
+        BackendUnavailable, match=r"backend 'numba' needs numba: pip install numba scipy"
     ):
         backends.get_backend("numba")
     assert "numba" in backends.available()["numba"]

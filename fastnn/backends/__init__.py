@@ -47,7 +47,10 @@ def _load(name: str) -> Ops:
             module = importlib.import_module(entry.module)
         except ImportError as exc:
             missing = getattr(exc, "name", None) or entry.needs
-            hint = f': pip install "fastnn[{entry.extra}]"' if entry.extra else ""
+            hint = {
+                "numba": ": pip install numba scipy",
+                "cupy": ": pip install cupy-cuda12x (or cupy-cuda13x for CUDA 13)",
+            }.get(name, "")
             raise BackendUnavailable(
                 f"backend {name!r} needs {missing or entry.needs}{hint} ({exc})"
             ) from None
