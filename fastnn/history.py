@@ -54,16 +54,30 @@ class History:
         """Time of the epochs, evaluation included, epoch 0 excluded."""
         return float(sum(self.epoch_seconds[1:]))
 
+    @property
+    def final_epoch(self) -> int:
+        """The epoch whose model the run kept: the restored best epoch after early stopping,
+        else the last one."""
+        restored = self.events.get("restored_best_epoch")
+        if isinstance(restored, int) and 0 <= restored < len(self.test_acc):
+            return restored
+        return max(len(self.test_acc) - 1, 0)
+
     def summary(self) -> dict[str, Any]:
-        """Final train/test accuracy, first epoch reaching 95/97/98 % test accuracy (None when
-        never), best test accuracy and its epoch (the first on ties), lowest test loss."""
+        """Final train/test accuracy (of the kept model: `final_epoch`), first epoch reaching
+        95/97/98 % test accuracy (None when never), best test accuracy and its epoch (the first
+        on ties), lowest test loss."""
         if not self.test_acc:
             raise ValueError("empty history")
         best = max(range(len(self.test_acc)), key=lambda k: (self.test_acc[k], -k))
         low = min(range(len(self.test_loss)), key=lambda k: (self.test_loss[k], k))
+        final = self.final_epoch
         out: dict[str, Any] = {
-            "train_acc": self.train_acc[-1],
-            "test_acc": self.test_acc[-1],
+            "final_epoch": final,
+            "train_acc": self.train_acc[final],
+            "test_acc": self.test_acc[final],
+            "train_loss": self.train_loss[final],
+            "test_loss": self.test_loss[final],
         }
         for threshold in THRESHOLDS:
             reached = [k for k, acc in enumerate(self.test_acc) if acc >= threshold]
@@ -115,8 +129,9 @@ class History:
 
 
 def format_table(rows: Sequence[tuple[str | Mapping[str, str], Mapping[str, Any]]]) -> str:
-    """The article's result table: each row's label columns, then train %, test %, the first
-    epochs reaching 95/97/98 %, best test % and its epoch.
+    """The article's result table: each row's label columns, then train %, test % (of the kept
+    model), the first epochs reaching 95/97/98 %, best test % and its epoch, and the epoch of
+    the kept model ("kept": the last, or the restored best after early stopping).
 
     A row's label is a mapping of column name to text (e.g. the grid values of a sweep point)
     or a plain string, shown in a column "run". Columns are as wide as their longest text.
@@ -128,7 +143,8 @@ def format_table(rows: Sequence[tuple[str | Mapping[str, str], Mapping[str, Any]
         for column in columns
     }
     header = " ".join(f"{column:<{widths[column]}}" for column in columns) + (
-        f" {'train':>7} {'test':>7} {'95':>4} {'97':>4} {'98':>4} {'best':>7} {'ep':>4}"
+        f" {'train':>7} {'test':>7} {'95':>4} {'97':>4} {'98':>4} {'best':>7} {'ep':>4} "
+        f"{'kept':>4}"
     )
     lines = [header, "-" * len(header)]
     for label, (_, s) in zip(labels, rows, strict=True):
@@ -137,6 +153,7 @@ def format_table(rows: Sequence[tuple[str | Mapping[str, str], Mapping[str, Any]
             " ".join(f"{label.get(column, ''):<{widths[column]}}" for column in columns)
             + f" {100 * s['train_acc']:7.2f} {100 * s['test_acc']:7.2f} "
             f"{ep['epoch_95']:>4} {ep['epoch_97']:>4} {ep['epoch_98']:>4} "
-            f"{100 * s['best_test_acc']:7.2f} {s['best_epoch']:>4}"
+            f"{100 * s['best_test_acc']:7.2f} {s['best_epoch']:>4} "
+            f"{s.get('final_epoch', s.get('epochs', '-')):>4}"
         )
     return "\n".join(lines)
