@@ -347,6 +347,16 @@ def test_early_stopping_uses_a_validation_split_and_restores_the_best() -> None:
     train, _, val = trainer.prepare(*data)
     assert train.size == 150 and val.size == 50  # carved out of the training set
     assert trainer.network.evaluate(val.x, val.t, val.labels)[1] == history.val_loss[best]
+    # every "final" figure is the kept (restored) model's, and says which epoch that is
+    summary = history.summary()
+    assert summary["final_epoch"] == best != history.epochs
+    assert (summary["test_acc"], summary["train_acc"]) == (
+        history.test_acc[best], history.train_acc[best])
+    _, test, _ = trainer.prepare(*data)
+    kept_acc, kept_loss, _ = trainer.network.evaluate(test.x, test.t, test.labels)
+    assert (kept_acc, kept_loss) == (summary["test_acc"], summary["test_loss"])
+    table = format_table([("run", summary)]).splitlines()
+    assert table[0].split()[-1] == "kept" and table[2].split()[-1] == str(best)
 
 
 def test_divergence_completes_the_run_warns_once_and_can_stop() -> None:
