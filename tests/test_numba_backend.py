@@ -353,17 +353,18 @@ def test_sparse_fit_matches_numpy(changes: dict[str, Any]) -> None:
 
 
 def test_sparse_fit_float32_and_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
-    """float32 trains dense in "auto"; forced sparse it matches the reference and repeats."""
-    _, _, counters = _sparse_fit("numba", dtype="float32")
-    assert counters["train_dense"] == 3 and counters["evaluate_sparse"] == 8
-    monkeypatch.setitem(backend_module.WORKSPACE_DEFAULTS, "sparse_train_dtypes", DTYPES)
+    """float32 trains sparse in "auto" (dense when the option leaves float32 out); it matches
+    the reference and repeats bit for bit."""
     history, first, counters = _sparse_fit("numba", dtype="float32")
-    assert counters["train_sparse"] == 3
+    assert counters["train_sparse"] == 3 and counters["evaluate_sparse"] == 8
     history_ref, _, _ = _sparse_fit("numpy", dtype="float32")
     assert_close("fit", history.train_loss, history_ref.train_loss, "float32", "train_loss")
     assert np.abs(np.subtract(history.test_acc, history_ref.test_acc)).max() <= 1 / 200
     second = _sparse_fit("numba", dtype="float32")[1]
     assert all(np.array_equal(first[name], second[name]) for name in first)
+    monkeypatch.setitem(backend_module.WORKSPACE_DEFAULTS, "sparse_train_dtypes", ("float64",))
+    _, _, dense_counters = _sparse_fit("numba", dtype="float32")
+    assert dense_counters["train_dense"] == 3
 
 
 def test_kernel_cache_is_keyed_by_every_kernel_source(tmp_path: Any) -> None:
