@@ -30,15 +30,17 @@ class History:
     def record(
         self,
         train: tuple[float, float],
-        test: tuple[float, float],
+        test: tuple[float, float] | None,
         seconds: float,
         val: tuple[float, float] | None = None,
     ) -> None:
-        """Append one epoch's (accuracy, loss) pairs and its time."""
+        """Append one epoch's (accuracy, loss) pairs and its time (no test pair: a run
+        without a test set)."""
         self.train_acc.append(train[0])
         self.train_loss.append(train[1])
-        self.test_acc.append(test[0])
-        self.test_loss.append(test[1])
+        if test is not None:
+            self.test_acc.append(test[0])
+            self.test_loss.append(test[1])
         self.epoch_seconds.append(seconds)
         if val is not None:
             self.val_acc.append(val[0])
@@ -47,7 +49,7 @@ class History:
     @property
     def epochs(self) -> int:
         """Epochs trained (entries minus the initial one)."""
-        return max(len(self.test_acc) - 1, 0)
+        return max(len(self.train_acc) - 1, 0)
 
     @property
     def total_seconds(self) -> float:
@@ -59,26 +61,31 @@ class History:
         """The epoch whose model the run kept: the restored best epoch after early stopping,
         else the last one."""
         restored = self.events.get("restored_best_epoch")
-        if isinstance(restored, int) and 0 <= restored < len(self.test_acc):
+        if isinstance(restored, int) and 0 <= restored < len(self.train_acc):
             return restored
-        return max(len(self.test_acc) - 1, 0)
+        return max(len(self.train_acc) - 1, 0)
 
     def summary(self) -> dict[str, Any]:
         """Final train/test accuracy (of the kept model: `final_epoch`), first epoch reaching
         95/97/98 % test accuracy (None when never), best test accuracy and its epoch (the first
         on ties), lowest test loss."""
-        if not self.test_acc:
+        if not self.train_acc:
             raise ValueError("empty history")
-        best = max(range(len(self.test_acc)), key=lambda k: (self.test_acc[k], -k))
-        low = min(range(len(self.test_loss)), key=lambda k: (self.test_loss[k], k))
         final = self.final_epoch
         out: dict[str, Any] = {
             "final_epoch": final,
             "train_acc": self.train_acc[final],
-            "test_acc": self.test_acc[final],
             "train_loss": self.train_loss[final],
-            "test_loss": self.test_loss[final],
         }
+        if not self.test_acc:  # a run without a test set
+            out.update(dict.fromkeys(
+                ("test_acc", "test_loss", *(f"epoch_{round(t * 100)}" for t in THRESHOLDS),
+                 "best_test_acc", "best_epoch", "lowest_test_loss", "lowest_loss_epoch")))
+            out.update(epochs=self.epochs, total_seconds=self.total_seconds)
+            return out
+        best = max(range(len(self.test_acc)), key=lambda k: (self.test_acc[k], -k))
+        low = min(range(len(self.test_loss)), key=lambda k: (self.test_loss[k], k))
+        out.update(test_acc=self.test_acc[final], test_loss=self.test_loss[final])
         for threshold in THRESHOLDS:
             reached = [k for k, acc in enumerate(self.test_acc) if acc >= threshold]
             out[f"epoch_{round(threshold * 100)}"] = reached[0] if reached else None
@@ -151,9 +158,17 @@ def format_table(rows: Sequence[tuple[str | Mapping[str, str], Mapping[str, Any]
         ep = {k: "-" if s[k] is None else str(s[k]) for k in ("epoch_95", "epoch_97", "epoch_98")}
         lines.append(
             " ".join(f"{label.get(column, ''):<{widths[column]}}" for column in columns)
-            + f" {100 * s['train_acc']:7.2f} {100 * s['test_acc']:7.2f} "
+            + f" {_percent(s['train_acc'])} {_percent(s['test_acc'])} "
             f"{ep['epoch_95']:>4} {ep['epoch_97']:>4} {ep['epoch_98']:>4} "
-            f"{100 * s['best_test_acc']:7.2f} {s['best_epoch']:>4} "
-            f"{s.get('final_epoch', s.get('epochs', '-')):>4}"
+            f"{_percent(s['best_test_acc'])} {_text(s['best_epoch']):>4} "
+            f"{_text(s.get('final_epoch', s.get('epochs'))):>4}"
         )
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return f"{'-':>7}" if value is None else f"{100 * value:7.2f}"
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else str(value)

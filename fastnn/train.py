@@ -77,9 +77,9 @@ class Trainer:
 
     # ---- data ----
     def prepare(
-        self, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
+        self, x_train: Any, t_train: Any, x_test: Any = None, t_test: Any = None,
         workspace: Workspace | None = None,
-    ) -> tuple[Split, Split, Split | None]:
+    ) -> tuple[Split, Split | None, Split | None]:
         """Normalise with training statistics, one-hot the targets, carve the validation split.
 
         The splits are the trainer's own copies on the backend (the caller's arrays are not
@@ -87,15 +87,14 @@ class Trainer:
         numba backend's CSR form of sparse inputs).
         """
         cfg = self.config
-        xs = [
-            as_inputs(x_train, cfg.n_inputs, "x_train"),
-            as_inputs(x_test, cfg.n_inputs, "x_test"),
-        ]
-        ts = [
-            labels_and_one_hot(t_train, cfg.n_outputs, "t_train"),
-            labels_and_one_hot(t_test, cfg.n_outputs, "t_test"),
-        ]
-        for name, x, (labels, _) in zip(("train", "test"), xs, ts, strict=True):
+        if (x_test is None) != (t_test is None):
+            raise DataError("give both x_test and t_test, or neither")
+        xs = [as_inputs(x_train, cfg.n_inputs, "x_train")]
+        ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train")]
+        if x_test is not None:
+            xs.append(as_inputs(x_test, cfg.n_inputs, "x_test"))
+            ts.append(labels_and_one_hot(t_test, cfg.n_outputs, "t_test"))
+        for name, x, (labels, _) in zip(("train", "test")[: len(xs)], xs, ts, strict=True):
             if len(x) != len(labels):
                 raise DataError(f"{name}: {len(x)} inputs but {len(labels)} targets")
             if len(x) == 0:
@@ -113,7 +112,7 @@ class Trainer:
             ts[0] = (ts[0][0][train_idx], ts[0][1][train_idx])
         self.normalizer = Normalizer(cfg.normalize, cfg.normalize_axis).fit(xs[0])
         train = self._split(xs[0], ts[0])
-        test = self._split(xs[1], ts[1])
+        test = self._split(xs[1], ts[1]) if len(xs) > 1 else None
         val = self._split(*val_parts) if val_parts else None
         if workspace is not None:
             ops = self._network_ops()
@@ -137,13 +136,16 @@ class Trainer:
         self,
         x_train: Any,
         t_train: Any,
-        x_test: Any,
-        t_test: Any,
+        x_test: Any = None,
+        t_test: Any = None,
         *,
         network: Network | None = None,
         resume: TrainState | None = None,
     ) -> History:
-        """Train for ``config.epochs`` epochs (continuing ``resume`` when given)."""
+        """Train for ``config.epochs`` epochs (continuing ``resume`` when given).
+
+        Without a test set the history records the training (and validation) figures only.
+        """
         cfg = self.config
         net = network if network is not None else Network(cfg)
         self.network = net
@@ -171,7 +173,8 @@ class Trainer:
         return self.history
 
     def _loop(
-        self, net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+        self, net: Network, workspace: Workspace, train: Split, test: Split | None,
+        val: Split | None,
     ) -> None:
         history = self.history
         if not (history.events.get("stopped_early_at")
@@ -189,7 +192,8 @@ class Trainer:
         return bool(events.get("stopped_early_at") or events.get("stopped_on_divergence_at"))
 
     def _epochs_in_turn(
-        self, net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+        self, net: Network, workspace: Workspace, train: Split, test: Split | None,
+        val: Split | None,
     ) -> None:
         """Train an epoch, evaluate it, decide, then the next epoch."""
         for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
@@ -204,7 +208,8 @@ class Trainer:
                 break
 
     def _overlapped_epochs(
-        self, net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+        self, net: Network, workspace: Workspace, train: Split, test: Split | None,
+        val: Split | None,
     ) -> None:
         """The same epochs with both cores busy: a copy of epoch e's parameters is evaluated on
         one thread while epoch e + 1 trains on another. Every figure, decision and snapshot is
@@ -245,6 +250,32 @@ class Trainer:
             executor.shutdown(wait=True, cancel_futures=True)
             workspace.reserved_threads = 0
 
+    # ---- using the trained network on raw inputs ----
+    def _raw_inputs(self, x: Any) -> Any:
+        if self.network is None or self.normalizer is None:
+            raise DataError("the trainer has not been fitted: call fit first")
+        inputs = self.normalizer.transform(as_inputs(x, self.config.n_inputs, "x"))
+        return self.network.ops.asarray(inputs, self.config.dtype)
+
+    def predict(self, x: Any) -> np.ndarray:
+        """The fitted network's outputs (class probabilities, or regression values) for raw
+        inputs, normalised as the training set was."""
+        inputs = self._raw_inputs(x)
+        net = self.network
+        return np.asarray(net.ops.to_numpy(net.forward_eval(inputs)))
+
+    def evaluate(self, x: Any, t: Any) -> tuple[float, float]:
+        """(accuracy, loss with the weight-decay penalty) of raw inputs and their targets
+        (integer labels or one-hot rows), in evaluation mode."""
+        labels, one_hot = labels_and_one_hot(t, self.config.n_outputs, "t")
+        inputs = self._raw_inputs(x)
+        if len(labels) != len(inputs):
+            raise DataError(f"{len(inputs)} inputs but {len(labels)} targets")
+        net = self.network
+        targets = net.ops.asarray(one_hot, self.config.dtype)
+        accuracy, loss, _ = net.evaluate(inputs, targets, labels)
+        return accuracy, loss
+
     def epoch_order(self, epoch: int, n: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the training rows (its own random stream)."""
         if not self.config.shuffle:
@@ -257,7 +288,7 @@ class Trainer:
         net: Network,
         workspace: Workspace,
         train: Split,
-        test: Split,
+        test: Split | None,
         val: Split | None,
         seconds: float | None,
         start: float,
@@ -267,11 +298,13 @@ class Trainer:
 
     @staticmethod
     def _measure(
-        net: Network, workspace: Workspace, train: Split, test: Split, val: Split | None
+        net: Network, workspace: Workspace, train: Split, test: Split | None, val: Split | None
     ) -> tuple[Any, ...]:
         """Evaluate a network on every split (any thread): the figures `_record` takes."""
         train_acc, train_loss, predicted = net.evaluate(train.x, train.t, train.labels, workspace)
-        test_result = net.evaluate(test.x, test.t, test.labels, workspace)[:2]
+        test_result = (
+            net.evaluate(test.x, test.t, test.labels, workspace)[:2] if test is not None else None
+        )
         val_result = (
             net.evaluate(val.x, val.t, val.labels, workspace)[:2] if val is not None else None
         )

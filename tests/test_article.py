@@ -10,7 +10,7 @@ from article_reference import article_run
 from conftest import make_blobs
 from gradcheck import small_batch, small_config
 
-from fastnn import Config, History, Network, Trainer, rng
+from fastnn import Config, DataError, History, Network, Trainer, rng
 from fastnn.backends import steps
 from fastnn.history import format_table
 from fastnn.preprocessing import Normalizer
@@ -384,3 +384,25 @@ def test_rng_values_are_distinct_and_reproducible() -> None:
     )
     u = rng.uniform01(np, 123, 100000)
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_fit_without_a_test_set_then_predict_and_evaluate_raw_inputs() -> None:
+    x_train, t_train, x_test, t_test = _data()
+    config = Config(hidden=(16,), n_inputs=20, n_outputs=3, epochs=3)
+    with_test = Trainer(config)
+    full = with_test.fit(x_train, t_train, x_test, t_test)
+    trainer = Trainer(config)
+    history = trainer.fit(x_train, t_train)
+    assert history.train_loss == full.train_loss and history.test_acc == []
+    assert history.epochs == 3 and history.summary()["test_acc"] is None
+    assert format_table([("run", history.summary())]).splitlines()[2].split()[2] == "-"
+    accuracy, loss = trainer.evaluate(x_test, t_test)  # raw inputs, integer labels
+    assert (accuracy, loss) == (full.test_acc[-1], full.test_loss[-1])
+    outputs = trainer.predict(x_test)
+    assert outputs.shape == (len(x_test), 3)
+    np.testing.assert_allclose(outputs.sum(axis=1), 1.0, rtol=1e-12)
+    assert ((outputs.argmax(1) == t_test).mean()) == accuracy
+    with pytest.raises(DataError, match="both"):
+        trainer.fit(x_train, t_train, x_test)
+    with pytest.raises(DataError, match="fitted"):
+        Trainer(config).predict(x_test)

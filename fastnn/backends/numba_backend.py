@@ -13,8 +13,9 @@ product and weight gradient skip the zeros. Workspace options (from the environm
 workspace is made): ``sparse_mode`` "auto" (CSR when the nonzero fraction is below
 ``sparse_threshold``, 0.35), "1" (always) or "0" (never), from FASTNN_NUMBA_SPARSE;
 ``sparse_train_dtypes`` (dtypes whose training "auto" runs sparse: both; on MNIST the sparse
-float32 epoch trains 15-20 % faster than the dense BLAS one); ``eval_block`` (rows per evaluation block) and ``eval_threads``
-(threads sharing the blocks, default the run's thread count). The workspace's ``counters``
+float32 epoch trains 15-20 % faster than the dense BLAS one); ``eval_block`` (rows per
+evaluation block) and ``eval_threads`` (threads sharing the blocks, default the run's thread
+count). The workspace's ``counters``
 count which first-layer path each call took ("train_sparse", "evaluate_dense", ...), and
 ``counters["sparse_steps"]`` the steps that ran sparse. Results match the dense path to
 rounding; a step whose W1 (or first-layer gradient) is not finite runs densely, so inf/NaN
