@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 
 from . import rng
 from .backends.workspace import Workspace
+from .callbacks import Callback, EpochMetrics, call
 from .config import Config
 from .errors import DataError
 from .history import History
@@ -53,6 +54,8 @@ class TrainState:
 
 
 EpochCallback = Callable[["Trainer", int], None]
+#: history events that end a run before its last epoch
+STOP_EVENTS = ("stopped_early_at", "stopped_on_divergence_at", "stopped_by_callback_at")
 
 
 class Trainer:
@@ -70,6 +73,7 @@ class Trainer:
         self.history = History()
         self.state: TrainState | None = None  # snapshot after the last completed epoch
         self.normalizer: Normalizer | None = None
+        self.callbacks: list[Callback] = []
         #: how often each backend code path ran in the last ``fit`` (e.g. "train_sparse")
         self.counters: dict[str, int] = {}
         #: (train, test, validation) as prepared by the last ``fit``
@@ -141,11 +145,15 @@ class Trainer:
         *,
         network: Network | None = None,
         resume: TrainState | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> History:
         """Train for ``config.epochs`` epochs (continuing ``resume`` when given).
 
         Without a test set the history records the training (and validation) figures only.
+        ``callbacks`` see every epoch's figures (epoch 0 included) and may stop the run (see
+        `fastnn.callbacks`).
         """
+        self.callbacks = list(callbacks)
         cfg = self.config
         net = network if network is not None else Network(cfg)
         self.network = net
@@ -161,6 +169,7 @@ class Trainer:
                     start = time.perf_counter()
                     elapsed = time.perf_counter() - start
                     self._evaluate(net, workspace, train, test, val, elapsed, start)
+                    self._call_back(0)
                     self.state = self._snapshot(0, None)
                 else:
                     self.history = History.from_dict(resume.history.to_dict())
@@ -170,6 +179,10 @@ class Trainer:
         finally:
             self.counters = dict(workspace.counters)
             workspace.clear()
+            for callback in self.callbacks:  # loggers: close their files (reopened on resume)
+                close = getattr(callback, "close", None)
+                if callable(close):
+                    close()
         return self.history
 
     def _loop(
@@ -177,8 +190,7 @@ class Trainer:
         val: Split | None,
     ) -> None:
         history = self.history
-        if not (history.events.get("stopped_early_at")
-                or history.events.get("stopped_on_divergence_at")):
+        if not self._stopped():
             if net.ops.overlaps_evaluation and workspace.threads >= 2:
                 self._overlapped_epochs(net, workspace, train, test, val)
             else:
@@ -189,7 +201,25 @@ class Trainer:
 
     def _stopped(self) -> bool:
         events = self.history.events
-        return bool(events.get("stopped_early_at") or events.get("stopped_on_divergence_at"))
+        return any(events.get(name) is not None for name in STOP_EVENTS)
+
+    def _call_back(self, epoch: int) -> None:
+        """Give every callback the figures just recorded; note a request to stop."""
+        if not self.callbacks:
+            return
+        history = self.history
+
+        def last(values: list[float]) -> float | None:
+            return values[-1] if values else None
+
+        metrics = EpochMetrics(
+            epoch, history.train_acc[-1], history.train_loss[-1], last(history.test_acc),
+            last(history.test_loss), last(history.val_acc), last(history.val_loss),
+            history.epoch_seconds[-1],
+        )
+        wants_stop = [call(callback, metrics) for callback in self.callbacks]
+        if any(wants_stop) and "stopped_by_callback_at" not in history.events:
+            history.events["stopped_by_callback_at"] = epoch
 
     def _epochs_in_turn(
         self, net: Network, workspace: Workspace, train: Split, test: Split | None,
@@ -201,6 +231,7 @@ class Trainer:
             net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
                             workspace)
             self._evaluate(net, workspace, train, test, val, None, start)
+            self._call_back(epoch)
             self._after_epoch(net, epoch)
             if self.on_epoch is not None:
                 self.on_epoch(self, epoch)
@@ -228,6 +259,7 @@ class Trainer:
             now = time.perf_counter()
             self._record(measured, now - mark)
             mark = now
+            self._call_back(epoch)
             self._after_epoch(copy, epoch)
             if self.on_epoch is not None:
                 self.on_epoch(self, epoch)
