@@ -6,6 +6,7 @@ from . import datasets
 from .config import Config
 from .errors import BackendUnavailable, CheckpointError, ConfigError, DataError, FastnnError
 from .history import History
+from .model import Model
 from .network import Network
 from .train import Trainer
 
@@ -27,6 +28,7 @@ __all__ = [
     "DataError",
     "FastnnError",
     "History",
+    "Model",
     "Network",
     "Trainer",
     "datasets",

@@ -271,16 +271,21 @@ class Network:
                 self.ops.asarray(arrays[f"running_var{k}"], self.dtype),
             )
 
-    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+    def save(
+        self, path: str | Path, extra: Mapping[str, Any] | None = None,
+        extra_arrays: Mapping[str, Any] | None = None,
+    ) -> None:
         """Write config, parameters and batch-norm state to an .npz file at exactly ``path``
-        (through a temporary file and a rename)."""
+        (through a temporary file and a rename); ``extra`` goes into the JSON header and
+        ``extra_arrays`` beside the parameters (what a `fastnn.model.Model` adds)."""
         meta = {
             "format": "fastnn-network",
             "version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             **(extra or {}),
         }
-        arrays = self.state_arrays()
+        arrays = {**{name: np.asarray(value) for name, value in (extra_arrays or {}).items()},
+                  **self.state_arrays()}
         write_atomically(
             path, lambda handle: np.savez(handle, __meta__=np.array(json.dumps(meta)), **arrays)
         )
@@ -288,13 +293,13 @@ class Network:
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None) -> Network:
         """Read a network written by `save` (optionally onto another backend)."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["__meta__"]))
-                arrays = {name: data[name] for name in data.files if name != "__meta__"}
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise DataError(f"{path}: not a fastnn network file ({exc})") from None
+        return cls.from_file_contents(path, *read_network_file(path), backend=backend)
+
+    @classmethod
+    def from_file_contents(
+        cls, path: str | Path, meta: Any, arrays: Mapping[str, Any], backend: str | None = None
+    ) -> Network:
+        """The network of a file's header and arrays (as `read_network_file` gives them)."""
         if (
             not isinstance(meta, dict)
             or meta.get("format") != "fastnn-network"
@@ -314,6 +319,17 @@ class Network:
             raise DataError(f"{path}: missing parameters {missing}")
         net.load_state_arrays(arrays)
         return net
+
+
+def read_network_file(path: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """(JSON header, arrays) of a file written by `Network.save`; `DataError` if unreadable."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            meta = json.loads(str(data["__meta__"]))
+            arrays = {name: data[name] for name in data.files if name != "__meta__"}
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise DataError(f"{path}: not a fastnn network file ({exc})") from None
+    return meta, arrays
 
 
 class ParamDict(dict):

@@ -6,6 +6,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from .callbacks import Callback, EpochMetrics, call
 from .config import Config
 from .errors import DataError
 from .history import History
+from .model import Model
 from .network import Network
 from .preprocessing import Normalizer, as_inputs, labels_and_one_hot
 from .threads import check_threads
@@ -307,6 +309,17 @@ class Trainer:
         targets = net.ops.asarray(one_hot, self.config.dtype)
         accuracy, loss, _ = net.evaluate(inputs, targets, labels)
         return accuracy, loss
+
+    def model(self, classes: Sequence[Any] | None = None) -> Model:
+        """The fitted network with its input normaliser (and class labels) as a `Model`."""
+        if self.network is None or self.normalizer is None:
+            raise DataError("the trainer has not been fitted: call fit first")
+        return Model(self.network, self.normalizer, classes)
+
+    def save(self, path: str | Path, classes: Sequence[Any] | None = None) -> None:
+        """Save the fitted model (network, input normaliser, class labels) to one .npz file;
+        ``fastnn.Model.load(path).predict(raw_x)`` predicts as this trainer does."""
+        self.model(classes).save(path)
 
     def epoch_order(self, epoch: int, n: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the training rows (its own random stream)."""
