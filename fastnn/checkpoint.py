@@ -9,6 +9,8 @@ needed: resuming repeats the interrupted epoch exactly.
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from .config import Config
 from .errors import CheckpointError, ConfigError
-from .fileio import write_atomically
+from .fileio import os_reason, remove_partial_files, write_atomically
 from .history import History
 from .train import TrainState
 
@@ -54,6 +56,63 @@ def save_checkpoint(
         directory / FILENAME,
         lambda handle: np.savez(handle, __header__=np.array(json.dumps(header)), **arrays),
     )
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints into ``directory`` every ``every`` epochs (and at the last).
+
+    A write that fails (a full disk, a lost mount) does not end the run: it is reported in one
+    line on stderr, naming the file and the reason (once, until the reason changes or a write
+    succeeds again), the checkpoint already there stays as it was, and the next checkpoint
+    tries again.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        config: Config,
+        extra: dict[str, Any] | None = None,
+        every: int = 1,
+        report: Callable[[str], None] = _warn,
+    ) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / FILENAME
+        self.config = config
+        self.extra = extra
+        self.every = every
+        self.report = report
+        #: the epoch of the last checkpoint written by this writer (None: none yet)
+        self.saved_epoch: int | None = None
+        #: the reason the last write failed (None: it succeeded, or none was tried)
+        self.failure: str | None = None
+        remove_partial_files(self.path)  # left by a process killed mid-write
+
+    def due(self, epoch: int) -> bool:
+        """True when a checkpoint is to be written after ``epoch``."""
+        return epoch % self.every == 0 or epoch == self.config.epochs
+
+    def save(self, state: TrainState) -> bool:
+        """Write ``state``; False (reported) when the write failed."""
+        try:
+            save_checkpoint(self.directory, self.config, state, self.extra)
+        except OSError as exc:
+            reason = os_reason(exc)
+            if reason != self.failure:
+                self.report(
+                    f"warning: could not write checkpoint {self.path} after epoch {state.epoch} "
+                    f"({reason}); training goes on and retries at the next checkpoint"
+                )
+            self.failure = reason
+            return False
+        if self.failure is not None:
+            self.report(f"checkpoint {self.path} written again after epoch {state.epoch}")
+        self.failure = None
+        self.saved_epoch = state.epoch
+        return True
 
 
 def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:

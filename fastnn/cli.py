@@ -1,7 +1,10 @@
-"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot`` and ``info``.
+"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot``, ``data`` and ``info``.
 
-Exit codes: 0 success, 2 usage/config/data errors (one line on stderr), 1 internal error,
-130 interrupted (after saving a checkpoint and the partial results).
+Exit codes: 0 success; 2 usage/config/data errors (one line on stderr); 1 internal error;
+3 the run finished but its results file (``--out``, a sweep's run file) or ``--save-model``
+could not be written (the run record is printed on stdout as one line of JSON); 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM), 129 hung up (SIGHUP), each after saving a checkpoint and
+the partial results.
 """
 
 from __future__ import annotations
@@ -11,23 +14,85 @@ import json
 import math
 import os
 import platform
+import shutil
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
 from .config import CLI_DEFAULTS, OPTIONS, Config, cli_default, flag_names
-from .errors import ConfigError, FastnnError
-from .fileio import check_writable_folder, write_atomically
+from .errors import ConfigError, DataError, FastnnError
+from .fileio import check_writable_folder, os_reason, remove_partial_files, write_atomically
 from .threads import THREADS_ENV, check_threads, default_threads, usable_cpus
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
+#: the run finished, but --out, a sweep's run file or --save-model could not be written
+EXIT_UNSAVED = 3
 INTERRUPT_DIR = "fastnn-interrupted"
+#: the signals that stop a command the way Ctrl-C does (batch schedulers send SIGTERM first)
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+#: where a sweep's runs checkpoint, under --out-dir (removed once a run's file is written)
+SWEEP_CHECKPOINTS = "checkpoints"
 
 
 class UsageError(FastnnError):
     """A bad command line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP), raised where it lands so that the command takes the
+    path of Ctrl-C: the step ends, the last completed epoch is saved, then the exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_text(exc: BaseException) -> str:
+    """How the command was stopped, for its one-line message."""
+    if isinstance(exc, Terminated):
+        return f"terminated by {signal.Signals(exc.signum).name}"
+    return "interrupted"
+
+
+def _stop_code(exc: BaseException) -> int:
+    """The exit status of a stopped command: 128 + the signal's number (130 for Ctrl-C)."""
+    return 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+@contextmanager
+def stop_signals_as_interrupts() -> Iterator[None]:
+    """Within the block (in the main thread), SIGTERM and SIGHUP raise `Terminated`, once: a
+    second signal while the command saves its work is ignored. A signal the process ignores
+    (SIGHUP under ``nohup``) stays ignored. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Terminated(signum)
+
+    previous = {}
+    for signum in STOP_SIGNALS:
+        before = signal.getsignal(signum)
+        if before is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before if before is not None else signal.SIG_DFL)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no line per finished run")
     sweep.add_argument("--workers", type=int, default=1, help="parallel local processes")
     sweep.add_argument(
+        "--redo",
+        action="store_true",
+        help="train every point again (default: a point whose run file in --out-dir has the "
+        "same config and data is kept)",
+    )
+    sweep.add_argument(
         "--dask",
         metavar="ADDRESS|local",
         help='run the points on a Dask cluster (needs pip install "dask[distributed]")',
@@ -146,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", metavar="RUN.json")
     plot.add_argument("--out", default="runs.png", metavar="CHART.png")
     sub.add_parser("info", help="backends and why any is unavailable")
+    data = sub.add_parser("data", help="check or repair the MNIST cache")
+    actions = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, text in (
+        ("verify", "check every cached MNIST file's checksum: ok, missing or damaged"),
+        ("fetch", "fetch the missing or damaged MNIST files (not with FASTNN_OFFLINE=1)"),
+    ):
+        actions.add_parser(action, help=text).add_argument(
+            "--data-dir",
+            metavar="DIR",
+            help="the cache folder (default: $FASTNN_DATA, else ~/.cache/fastnn/mnist)",
+        )
     return parser
 
 
@@ -173,8 +255,11 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def environment(config: Config, threads: int | None = None) -> dict[str, Any]:
-    """Backend, dtype, threads, versions and CPU of this run."""
+def environment(
+    config: Config, threads: int | None = None, data: str | None = None
+) -> dict[str, Any]:
+    """Backend, dtype, threads, data (an IDX folder; None: MNIST from the cache), versions and
+    CPU of this run."""
     import numpy
 
     versions = {
@@ -190,6 +275,7 @@ def environment(config: Config, threads: int | None = None) -> dict[str, Any]:
         "backend": config.backend,
         "dtype": config.dtype,
         "threads": threads,
+        "data": data,
         "versions": versions,
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -292,7 +378,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Check every option and output path, then read the data, train, report per epoch and
     write --out/--save-model/checkpoints."""
     from . import checkpoint as ckpt
-    from .sweep import read_data, sized_for
+    from .sweep import data_marker, read_data, sized_for
     from .train import Trainer
 
     resume_state = None
@@ -320,18 +406,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     every = args.checkpoint_every or saved_extra.get("checkpoint_every") or 1
     if args.resume and not args.data:
         args.data = saved_extra.get("data")
-    extra = {
-        "data": str(Path(args.data).resolve()) if args.data else None,
-        "checkpoint_every": every,
-    }
+    extra = {"data": data_marker(args.data), "checkpoint_every": every}
     data = read_data(args.data)
     if resume_state is None:
         config = sized_for(config, data)
+    writer = ckpt.CheckpointWriter(checkpoint_dir, config, extra, every) if checkpoint_dir else None
     bar = _progress_bar(config, args, resume_state)
 
     def on_epoch(trainer: Trainer, epoch: int) -> None:
-        if checkpoint_dir and (epoch % every == 0 or epoch == config.epochs):
-            ckpt.save_checkpoint(checkpoint_dir, config, trainer.state, extra)
+        if writer is not None and writer.due(epoch):
+            writer.save(trainer.state)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(test_acc=f"{trainer.history.test_acc[-1]:.4f}")
@@ -345,15 +429,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             warnings.showwarning = _show_warning
             warnings.simplefilter("always", _divergence_warning())
             trainer.fit(*data, resume=resume_state)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
         if bar is not None:
             bar.close()
-        _save_interrupted(trainer, config, args, checkpoint_dir, extra, threads)
-        return EXIT_INTERRUPTED
+        _save_interrupted(trainer, config, args, writer, extra, threads, exc)
+        return _stop_code(exc)
     if bar is not None:
         bar.close()
-    _finish(trainer, config, args, threads)
-    return 0
+    return _finish(trainer, config, args, threads, writer, extra)
 
 
 def _divergence_warning() -> type[Warning]:
@@ -375,58 +458,124 @@ def _progress_bar(config: Config, args: argparse.Namespace, resume_state: Any) -
     return tqdm(total=config.epochs, initial=done, unit="epoch", desc="training")
 
 
+def _keep_checkpoint(
+    writer: Any, config: Config, state: Any, extra: dict
+) -> tuple[Path | None, int | None, str]:
+    """Make sure a checkpoint of ``state`` is on disk (in the writer's directory, else
+    `INTERRUPT_DIR`): the directory holding a checkpoint of this run (None: none), the epoch
+    of that checkpoint, and what happened, in words."""
+    from . import checkpoint as ckpt
+
+    if writer is not None and writer.saved_epoch == state.epoch:
+        return writer.directory, state.epoch, f"checkpoint saved to {writer.directory}"
+    directory = writer.directory if writer is not None else Path(INTERRUPT_DIR)
+    try:
+        ckpt.save_checkpoint(directory, config, state, extra)
+    except OSError as exc:
+        text = f"could not write checkpoint {directory / ckpt.FILENAME} ({os_reason(exc)})"
+        if writer is not None and writer.saved_epoch is not None:
+            kept = writer.saved_epoch
+            return directory, kept, f"{text}; the one there is of epoch {kept}"
+        return None, None, text
+    return directory, state.epoch, f"checkpoint saved to {directory}"
+
+
+def _write_results(path: str, record: dict[str, Any], what: str) -> str | None:
+    """Write a run record to ``path``; when that fails, print it on stdout (one line of JSON)
+    and return the one-line reason."""
+    try:
+        write_json_atomic(path, record)
+    except OSError as exc:
+        print(json.dumps(_finite(record), allow_nan=False), flush=True)
+        return f"could not write {path} ({os_reason(exc)}); the {what} are on stdout, as JSON"
+    return None
+
+
 def _save_interrupted(
     trainer: Any,
     config: Config,
     args: argparse.Namespace,
-    directory: Any,
+    writer: Any,
     extra: dict,
     threads: int,
+    stop: BaseException,
 ) -> None:
-    from . import checkpoint as ckpt
-
+    """Save the checkpoint of the last completed epoch and the partial --out; one line on
+    stderr says what was saved where (and what could not be)."""
+    what = _stop_text(stop)
     if trainer.state is None:
-        print("interrupted before the first evaluation; nothing to save", file=sys.stderr)
+        print(f"{what} before the first evaluation; nothing to save", file=sys.stderr)
         return
-    directory = directory or INTERRUPT_DIR
-    ckpt.save_checkpoint(directory, config, trainer.state, extra)
-    trainer.history = trainer.state.history
-    trainer.history.events["interrupted_after_epoch"] = trainer.state.epoch
+    state = trainer.state
+    parts = [f"{what} after epoch {state.epoch}"]
+    directory, _, text = _keep_checkpoint(writer, config, state, extra)
+    parts.append(text)
+    trainer.history = state.history
+    trainer.history.events["interrupted_after_epoch"] = state.epoch
     if args.out:
-        write_json_atomic(args.out, _run_record(trainer, config, threads))
-    print(
-        f"interrupted after epoch {trainer.state.epoch}; checkpoint saved to {directory}"
-        f"{'; partial results in ' + args.out if args.out else ''}; "
-        f"continue with: fastnn train --resume {directory}",
-        file=sys.stderr,
-    )
+        record = _run_record(trainer, config, threads, extra)
+        failure = _write_results(args.out, record, "partial results")
+        parts.append(failure or f"partial results in {args.out}")
+    if directory is not None:
+        parts.append(f"continue with: fastnn train --resume {directory}")
+    print("; ".join(parts), file=sys.stderr, flush=True)
 
 
-def _run_record(trainer: Any, config: Config, threads: int) -> dict[str, Any]:
+def _run_record(
+    trainer: Any, config: Config, threads: int, extra: dict | None = None
+) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
         "history": trainer.history.to_dict(),
         "summary": trainer.history.summary(),
-        "environment": environment(config, threads),
+        "environment": environment(config, threads, (extra or {}).get("data")),
     }
 
 
-def _finish(trainer: Any, config: Config, args: argparse.Namespace, threads: int) -> None:
+def _finish(
+    trainer: Any,
+    config: Config,
+    args: argparse.Namespace,
+    threads: int,
+    writer: Any = None,
+    extra: dict | None = None,
+) -> int:
+    """Write --out and --save-model, print the events and the table; `EXIT_UNSAVED` (the
+    record on stdout, the reasons on stderr) when an output could not be written."""
     from .history import format_table
 
     history = trainer.history
-    if args.out:
-        write_json_atomic(args.out, _run_record(trainer, config, threads))
+    record = _run_record(trainer, config, threads, extra)
+    failures = []
     if args.save_model:
-        trainer.network.save(args.save_model)
+        try:
+            trainer.network.save(args.save_model)
+        except OSError as exc:
+            state = trainer.state
+            directory, epoch, text = _keep_checkpoint(writer, config, state, extra or {})
+            hint = (
+                f"{text}: `fastnn train --resume {directory} --save-model {args.save_model}` "
+                "writes the network from it"
+                if epoch == state.epoch
+                else f"{text}; the trained network is lost"
+            )
+            failures.append(f"could not write {args.save_model} ({os_reason(exc)}); {hint}")
     for event in ("stopped_early_at", "stopped_on_divergence_at", "restored_best_epoch"):
         if event in history.events:
             print(f"{event.replace('_', ' ')} {history.events[event]}")
     print(format_table([(f"{config.backend}/{config.dtype}", history.summary())]))
     print(
         f"total {history.total_seconds:.2f}s for {_plural(history.epochs, 'epoch')} "
-        f"({history.total_seconds / max(history.epochs, 1):.3f}s per epoch)"
+        f"({history.total_seconds / max(history.epochs, 1):.3f}s per epoch)",
+        flush=True,
     )
+    if args.out:
+        failure = _write_results(args.out, record, "results")
+        if failure:
+            failures.insert(0, failure)
+    for failure in failures:
+        print(f"fastnn: error: {failure}", file=sys.stderr, flush=True)
+    return EXIT_UNSAVED if failures else 0
 
 
 class _RunFile:
@@ -523,12 +672,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Check the grid, backends and output folder, then train each grid point (locally or on
-    Dask), write one run file each and print the table with the grid values as columns."""
+    Dask), write each run file as the run finishes and print the table with the grid values
+    as columns. Points whose run file is already there (same config and data) are kept; local
+    runs checkpoint every epoch under --out-dir, so a stopped sweep continues where it was."""
     from contextlib import ExitStack
 
     from .backends import names as backend_names
-    from .history import History, format_table
-    from .sweep import dask_client, load_data, parse_grid, run_sweep
+    from .history import format_table
+    from .sweep import dask_client, data_marker, load_data, parse_grid, run_sweep, sized_for
 
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1; got {args.workers}")
@@ -546,30 +697,172 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _check_backend(backend)
     out_dir = Path(args.out_dir)
     _writable_folder(out_dir, "--out-dir", out_dir)
+    checkpoints = None if args.dask else out_dir / SWEEP_CHECKPOINTS
+    values = {point.name: point.values for point in points}
+    records: dict[str, dict[str, Any]] = {}
+    unsaved: list[str] = []
     with ExitStack() as stack:
         client = stack.enter_context(dask_client(args.dask)) if args.dask else None
         data = args.data or None
-        load_data(data)  # data errors (and the first-use download) before any run starts
-        print(f"sweeping {_plural(len(points), 'run')} into {out_dir}", flush=True)
-        values = {point.name: point.values for point in points}
-        rows = []
-        results = run_sweep(
-            points, data, workers=args.workers, client=client, threads=args.threads
+        loaded = load_data(data)  # data errors (and the first-use download) before any run
+        marker = data_marker(data)
+        for point in points:
+            if args.redo:  # train afresh, not from a checkpoint either
+                if checkpoints is not None:
+                    shutil.rmtree(checkpoints / point.name, ignore_errors=True)
+                continue
+            path = out_dir / f"{point.name}.json"
+            kept = _finished_run(path, sized_for(point.config, loaded), marker)
+            if kept is not None:
+                records[point.name] = kept
+        todo = [point for point in points if point.name not in records]
+        kept_text = (
+            f" ({len(records)} already there, kept; --redo trains them again)" if records else ""
         )
-        for name, record in results:
-            config = Config.from_dict(record["config"])
-            record["environment"] = {
-                **environment(config),
-                **record.get("environment", {}),
-            }
-            write_json_atomic(out_dir / f"{name}.json", record)
-            history = History.from_dict(record["history"])
-            rows.append((values[name], history.summary()))
-            if not args.quiet:
-                where = " ".join(f"{key}={text}" for key, text in values[name].items())
-                print(f"done {where}: test acc {history.test_acc[-1]:.4f}", flush=True)
-    print(format_table(rows))
+        print(f"sweeping {_plural(len(points), 'run')} into {out_dir}{kept_text}", flush=True)
+        results = run_sweep(
+            todo, data, workers=args.workers, client=client, threads=args.threads,
+            checkpoints=checkpoints,
+        )
+        try:
+            with closing(results):  # an interrupt stops the worker processes at once
+                for name, record in results:
+                    config = Config.from_dict(record["config"])
+                    record["environment"] = {
+                        **environment(config, data=marker),
+                        **record.get("environment", {}),
+                    }
+                    records[name] = record
+                    if _save_run(out_dir / f"{name}.json", record):
+                        if checkpoints is not None:
+                            shutil.rmtree(checkpoints / name, ignore_errors=True)
+                    else:
+                        unsaved.append(name)
+                    if not args.quiet:
+                        where = " ".join(f"{key}={text}" for key, text in values[name].items())
+                        test_acc = record["history"]["test_acc"][-1]
+                        print(f"done {where}: test acc {_number(test_acc)}", flush=True)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
+            _sweep_stopped(exc, len(records), len(points), out_dir, checkpoints, todo)
+            return _stop_code(exc)
+    if checkpoints is not None:
+        try:
+            checkpoints.rmdir()  # only when empty: a run whose file is missing keeps its own
+        except OSError:
+            pass
+    print(format_table([_row(values[p.name], records[p.name]) for p in points]))
+    if unsaved:
+        print(
+            f"fastnn: error: {_plural(len(unsaved), 'run file')} could not be written (see "
+            "above); their records are on stdout, one line of JSON each",
+            file=sys.stderr,
+        )
+        return EXIT_UNSAVED
     return 0
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _row(values: dict[str, str], record: dict[str, Any]) -> tuple[dict[str, str], Any]:
+    from .history import History
+
+    return values, History.from_dict(record["history"]).summary()
+
+
+def _finished_run(path: Path, config: Config, data: str | None) -> dict[str, Any] | None:
+    """The record in run file ``path`` when it is a finished run of ``config`` on ``data``
+    (a later sweep keeps it), else None."""
+    from .history import History
+
+    try:
+        record = json.loads(path.read_text())
+        history = History.from_dict(record["history"])
+        history.summary()
+        same = record["config"] == json.loads(json.dumps(config.to_dict()))
+        env = record.get("environment") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    events = history.events
+    finished = len(history.test_acc) == config.epochs + 1 or any(
+        key in events for key in ("stopped_early_at", "stopped_on_divergence_at")
+    )
+    if not same or "data" not in env or env["data"] != data:
+        return None
+    if "interrupted_after_epoch" in events or not finished:
+        return None
+    return record
+
+
+def _save_run(path: Path, record: dict[str, Any]) -> bool:
+    """Write one run file of a sweep; when that fails, say so on stderr, print the record on
+    stdout (one line of JSON) and return False: the sweep goes on."""
+    failure = _write_results(str(path), record, "results")
+    if failure is not None:
+        print(f"warning: {failure}", file=sys.stderr, flush=True)
+    return failure is None
+
+
+def _sweep_stopped(
+    stop: BaseException,
+    done: int,
+    total: int,
+    out_dir: Path,
+    checkpoints: Path | None,
+    todo: list[Any],
+) -> None:
+    """One line on stderr: what a stopped sweep kept, and how it continues."""
+    from .checkpoint import FILENAME
+
+    if checkpoints is not None:
+        for point in todo:  # temporary files of workers killed mid-write
+            remove_partial_files(checkpoints / point.name / FILENAME)
+    later = (
+        "the running ones continue from their checkpoints" if checkpoints is not None
+        else "the others are trained"
+    )
+    print(
+        f"fastnn: {_stop_text(stop)}: {done} of {_plural(total, 'run')} done, their files are "
+        f"in {out_dir}; {later} when the same command runs again",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``data verify``: one line per cached MNIST file (ok, missing, damaged), exit 2 unless
+    all are ok; ``data fetch``: fetch the missing or damaged ones (not when offline)."""
+    from .datasets import MNIST_FILES, cache_dir, cache_status, fetch_mnist
+    from .sweep import OFFLINE_ENV, offline
+
+    folder = Path(args.data_dir).expanduser() if args.data_dir else cache_dir()
+    statuses = cache_status(folder)
+    bad = [name for name, status in statuses.items() if status != "ok"]
+    if args.action == "fetch" and bad:
+        if offline():
+            _print_statuses(folder, statuses)
+            raise DataError(
+                f"{OFFLINE_ENV}=1: not fetching {_plural(len(bad), 'MNIST file')} into {folder}; "
+                f"unset {OFFLINE_ENV}, or put the four IDX files (raw or .gz) there by hand"
+            )
+        statuses = fetch_mnist(folder)
+        bad = [name for name, status in statuses.items() if status != "ok"]
+    _print_statuses(folder, statuses)
+    if bad:
+        where = f" --data-dir {args.data_dir}" if args.data_dir else ""
+        raise DataError(
+            f"{len(bad)} of {len(MNIST_FILES)} MNIST files in {folder} are missing or damaged; "
+            f"run `fastnn data fetch{where}`"
+        )
+    return 0
+
+
+def _print_statuses(folder: Path, statuses: dict[str, str]) -> None:
+    from .datasets import cached_file
+
+    for name, status in statuses.items():
+        print(f"{status:8s} {cached_file(folder, name) or folder / name}", flush=True)
 
 
 COMMANDS = {
@@ -578,20 +871,22 @@ COMMANDS = {
     "summary": cmd_summary,
     "plot": cmd_plot,
     "info": cmd_info,
+    "data": cmd_data,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastnn`` command."""
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with stop_signals_as_interrupts():
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
     except FastnnError as exc:
         print(f"fastnn: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("fastnn: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # before training started, or after it ended
+        print(f"fastnn: {_stop_text(exc)}", file=sys.stderr)
+        return _stop_code(exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if os.environ.get("FASTNN_DEBUG"):
             raise

@@ -566,6 +566,11 @@ def fetch_mnist(
     return cache_status(folder)
 
 
+def cached_file(folder: str | os.PathLike[str], name: str) -> Path | None:
+    """The file holding MNIST file ``name`` in ``folder`` (raw preferred over .gz), or None."""
+    return _cached_path(Path(folder), name)
+
+
 def _cached_path(folder: Path, name: str) -> Path | None:
     """The file for name in folder (raw preferred over .gz), or None."""
     for candidate in (folder / name, folder / f"{name}.gz"):

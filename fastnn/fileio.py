@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import threading
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 _UMASK_LOCK = threading.Lock()
+#: the name ending of the temporary files `write_atomically` writes
+PART_SUFFIX = ".part"
 
 
 def current_umask() -> int:
@@ -30,16 +33,22 @@ def write_atomically(
     path: str | Path, write: Callable[[BinaryIO], None], mode: int | None = None
 ) -> Path:
     """Call ``write`` on a binary handle to a temporary file in path's folder, then rename it
-    over ``path``; nothing is left behind on failure. ``mode`` sets the file's permissions
-    (default: what the umask gives a new file, 0o666 & ~umask, as ``open`` would)."""
+    over ``path``. On any failure (a full disk, an interrupt) the temporary file is removed, a
+    file already at ``path`` stays as it was, and the error is raised. ``mode`` sets the file's
+    permissions (default: what the umask gives a new file, 0o666 & ~umask, as ``open`` would)."""
     path = Path(path)
     if mode is None:
         mode = 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PART_SUFFIX, dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
+        try:
+            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+                os.fchmod(fd, mode)
+            handle = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -56,3 +65,24 @@ def check_writable_folder(folder: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".fastnn-write-test.", dir=folder)
     os.close(fd)
     os.unlink(tmp)
+
+
+def remove_partial_files(path: str | Path) -> list[Path]:
+    """Remove temporary files that `write_atomically` left for ``path`` when its process was
+    killed mid-write (nothing else removes them); return what was removed. Call it only when
+    no other process is writing ``path``."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{PART_SUFFIX}"):
+        try:
+            tmp.unlink()
+        except OSError:
+            continue
+        removed.append(tmp)
+    return removed
+
+
+
+def os_reason(exc: OSError) -> str:
+    """The short reason of an `OSError` ("No space left on device"), for one-line messages."""
+    return exc.strerror or str(exc) or exc.__class__.__name__

@@ -3,6 +3,10 @@
 Every point gets its share of the CPUs: local worker processes split the usable CPUs among
 themselves (through ``FASTNN_THREADS`` and the BLAS/Numba thread variables, set before the
 worker imports NumPy), and runs on a Dask worker split that worker's share of its host.
+
+Local runs can checkpoint every epoch into a folder of their own (``checkpoints``), and a run
+that finds a checkpoint of its own config and data there continues from it, so a sweep that was
+stopped (SIGTERM, Ctrl-C, ``kill -9``) loses at most an epoch of each running point.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import itertools
 import multiprocessing
 import os
 import re
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import OPTIONS, Config, sweepable
-from .errors import ConfigError, DataError, MissingDependency
+from .errors import CheckpointError, ConfigError, DataError, MissingDependency
 from .threads import THREADS_ENV, default_threads, usable_cpus
 
 #: the variables that cap a worker process's threads (fastnn's own, OpenBLAS, Numba, OpenMP, MKL)
@@ -155,26 +161,67 @@ def worker_environment(threads: int) -> dict[str, str]:
     return {variable: str(threads) for variable in THREAD_VARIABLES}
 
 
+def data_marker(data_path: str | None) -> str | None:
+    """How run files and checkpoints name their data: the IDX folder's absolute path, or None
+    for MNIST from the cache."""
+    return str(Path(data_path).resolve()) if data_path else None
+
+
+def resumable_state(directory: str | Path, config: Config, data_path: str | None) -> Any:
+    """The `TrainState` checkpointed in ``directory`` when a run of ``config`` on
+    ``data_path`` can continue from it; None when there is none, or it is unreadable, of
+    another config or of other data."""
+    from .checkpoint import FILENAME, check_compatible, load_checkpoint
+
+    if not (Path(directory) / FILENAME).is_file():
+        return None
+    try:
+        saved, state = load_checkpoint(directory)
+        check_compatible(saved, config, state, directory)
+    except CheckpointError:
+        return None
+    if state.extra.get("data", "") != data_marker(data_path):
+        return None
+    return state
+
+
 def run_point(
-    name: str, config: dict[str, Any], data_path: str | None, threads: int | None = None
+    name: str,
+    config: dict[str, Any],
+    data_path: str | None,
+    threads: int | None = None,
+    checkpoint_dir: str | None = None,
 ) -> tuple[str, dict]:
     """Train one point (in any process); return its name and run record.
 
     ``threads`` None: ``FASTNN_THREADS`` of this process, else its usable CPUs.
+    ``checkpoint_dir``: write a checkpoint there after every epoch, and continue from the one
+    there when it is of this config and data (the history is the same as without a stop).
     """
     from .train import Trainer
 
     used = default_threads() if threads is None else threads
     data = load_data(data_path)
     cfg = sized_for(Config.from_dict(config), data)
+    resume, on_epoch = None, None
+    if checkpoint_dir is not None:
+        from .checkpoint import CheckpointWriter
+
+        resume = resumable_state(checkpoint_dir, cfg, data_path)
+        writer = CheckpointWriter(checkpoint_dir, cfg, {"data": data_marker(data_path)})
+
+        def on_epoch(trainer: Trainer, epoch: int) -> None:
+            if writer.due(epoch):
+                writer.save(trainer.state)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # divergence is recorded in the history's events
-        history = Trainer(cfg, threads=used).fit(*data)
+        history = Trainer(cfg, on_epoch=on_epoch, threads=used).fit(*data, resume=resume)
     return name, {
         "config": cfg.to_dict(),
         "history": history.to_dict(),
         "summary": history.summary(),
-        "environment": {"threads": used},
+        "environment": {"threads": used, "data": data_marker(data_path)},
     }
 
 
@@ -186,24 +233,45 @@ def run_sweep(
     dask: str | None = None,
     client: Any = None,
     threads: int | None = None,
+    checkpoints: str | Path | None = None,
 ) -> Iterator[tuple[str, dict]]:
-    """Run every point (a `Point` or a (name, Config) pair), yielding (name, record) in grid
-    order: on Dask (a ``client``, or the scheduler at address ``dask``) when given, else in
-    ``workers`` local processes. ``threads``: per run (None: see `threads_per_run`; on Dask,
-    each worker's share of its host's CPUs)."""
+    """Run every point (a `Point` or a (name, Config) pair), yielding (name, record): on Dask
+    (a ``client``, or the scheduler at address ``dask``) when given, in grid order; else in
+    ``workers`` local processes, as each finishes (in grid order with one worker).
+    ``threads``: per run (None: see `threads_per_run`; on Dask, each worker's share of its
+    host's CPUs). ``checkpoints``: a folder where each local run checkpoints every epoch, into
+    the subfolder of its name, and continues from an earlier checkpoint there (see
+    `run_point`); Dask runs do not checkpoint.
+
+    Closing the iterator (``close()``), or an exception raised while it waits (Ctrl-C),
+    stops the local worker processes at once; their checkpoints stay.
+    """
     pairs = [(p.name, p.config) if isinstance(p, Point) else p for p in points]
     jobs = [(name, config.to_dict(), data_path) for name, config in pairs]
+    if not jobs:
+        return
     if client is None and dask:
         with dask_client(dask) as own_client:
             yield from _on_dask(own_client, jobs, threads)
     elif client is not None:
         yield from _on_dask(client, jobs, threads)
-    elif workers > 1:
-        yield from _in_processes(jobs, workers, threads_per_run(threads, workers))
     else:
-        per_run = threads_per_run(threads, 1)
-        for job in jobs:
-            yield run_point(*job, per_run)
+        folder = None if checkpoints is None else Path(checkpoints)
+        local = [(*job, None if folder is None else str(folder / job[0])) for job in jobs]
+        if workers > 1:
+            yield from _in_processes(local, workers, threads_per_run(threads, workers))
+        else:
+            per_run = threads_per_run(threads, 1)
+            for name, config, path, checkpoint_dir in local:
+                yield run_point(name, config, path, per_run, checkpoint_dir)
+
+
+def _ignore_stop_signals() -> None:
+    """Worker-process initializer: Ctrl-C, SIGTERM and SIGHUP sent to the whole process group
+    reach the parent, which stops the workers; a worker never dies half-way on its own."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _in_processes(
@@ -211,14 +279,39 @@ def _in_processes(
 ) -> Iterator[tuple[str, dict]]:
     """Run the jobs in fresh ("spawn") processes that start with the thread variables set,
     so NumPy, OpenBLAS and Numba come up with ``threads`` threads; each run reads its count
-    from ``FASTNN_THREADS``."""
-    from concurrent.futures import ProcessPoolExecutor
+    from ``FASTNN_THREADS``. Yields each result as it finishes; any exception or ``close()``
+    kills the workers (a long point is not waited for)."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")
-    with _environment(worker_environment(threads)), ProcessPoolExecutor(
-        max_workers=workers, mp_context=context
-    ) as pool:
-        yield from pool.map(run_point, *zip(*jobs, strict=True))
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_ignore_stop_signals
+    )
+    try:
+        with _environment(worker_environment(threads)):  # the workers start as jobs are given
+            pending = [pool.submit(run_point, *job[:3], None, job[3]) for job in jobs]
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in [future for future in pending if future in done]:  # in grid order
+                pending.remove(future)
+                yield future.result()
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_workers(pool: Any) -> None:
+    """Cancel what has not started and kill the worker processes of a process pool now."""
+    if hasattr(pool, "kill_workers"):  # Python 3.14+
+        pool.kill_workers()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(timeout=10)
 
 
 @contextmanager
