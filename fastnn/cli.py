@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(train)
     add = train.add_argument
     add("--out", metavar="RUN.json", help="write config, history, summary and environment")
-    add("--save-model", metavar="MODEL.npz", help="write the trained network")
+    add("--save-model", metavar="MODEL.npz",
+        help="write the trained model: network, input normaliser (fastnn.Model.load)")
+    add("--log-csv", metavar="LOG.csv", help="append each epoch's figures to a CSV file")
+    add("--log-jsonl", metavar="LOG.jsonl", help="append each epoch's figures as JSON lines")
     add("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N epochs")
     add("--resume", metavar="DIR", help="continue the run checkpointed in DIR")
@@ -397,6 +400,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_backend(config.backend)
     _check_writable(args.out, "--out")
     _check_writable(args.save_model, "--save-model")
+    _check_writable(args.log_csv, "--log-csv")
+    _check_writable(args.log_jsonl, "--log-jsonl")
     if args.checkpoint:
         _check_checkpoint_dir(args.checkpoint, "--checkpoint")
     elif args.resume:
@@ -428,7 +433,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)
             warnings.showwarning = _show_warning
             warnings.simplefilter("always", _divergence_warning())
-            trainer.fit(*data, resume=resume_state)
+            trainer.fit(*data, resume=resume_state, callbacks=_loggers(args))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
         if bar is not None:
             bar.close()
@@ -437,6 +442,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     return _finish(trainer, config, args, threads, writer, extra)
+
+
+def _loggers(args: argparse.Namespace) -> list[Any]:
+    """The epoch loggers the flags ask for (a resumed run appends to their files)."""
+    from .callbacks import CsvLogger, JsonLinesLogger
+
+    loggers: list[Any] = []
+    if args.log_csv:
+        loggers.append(CsvLogger(args.log_csv))
+    if args.log_jsonl:
+        loggers.append(JsonLinesLogger(args.log_jsonl))
+    return loggers
 
 
 def _divergence_warning() -> type[Warning]:
@@ -549,7 +566,7 @@ def _finish(
     failures = []
     if args.save_model:
         try:
-            trainer.network.save(args.save_model)
+            trainer.save(args.save_model)
         except OSError as exc:
             state = trainer.state
             directory, epoch, text = _keep_checkpoint(writer, config, state, extra or {})

@@ -74,3 +74,23 @@ def test_csv_and_json_lines_logs(tmp_path: Path) -> None:
                                    callbacks=[JsonLinesLogger(log_jsonl)])
     epochs = [json.loads(line)["epoch"] for line in log_jsonl.read_text().splitlines()]
     assert epochs == [0, 1, 2, 3, 4]
+
+
+def test_cli_logs_and_saved_model(idx_folder: Path, tmp_path: Path) -> None:
+    from fastnn import Model, load_mnist
+    from fastnn.cli import main
+
+    out, model_path = tmp_path / "run.json", tmp_path / "model.npz"
+    code = main(["train", "--data", str(idx_folder), "--epochs", "2", "--hidden", "16",
+                 "--quiet", "--out", str(out), "--save-model", str(model_path),
+                 "--log-csv", str(tmp_path / "log.csv"), "--log-jsonl", str(tmp_path / "l.jsonl")])
+    assert code == 0
+    record = json.loads(out.read_text())
+    rows = list(csv.DictReader(open(tmp_path / "log.csv", newline="")))
+    assert [float(row["test_acc"]) for row in rows] == record["history"]["test_acc"]
+    lines = (tmp_path / "l.jsonl").read_text().splitlines()
+    assert [json.loads(line)["test_loss"] for line in lines] == record["history"]["test_loss"]
+    _, _, x_test, t_test = load_mnist(idx_folder)
+    model = Model.load(model_path)  # raw uint8 images in, as the run saw them
+    accuracy = (model.predict(x_test) == t_test).mean()
+    assert accuracy == record["history"]["test_acc"][-1]
