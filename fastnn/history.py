@@ -26,6 +26,13 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     #: notes on how the run ended: "diverged_at", "stopped_early_at", "best_val_epoch", ...
     events: dict[str, Any] = field(default_factory=dict)
+    #: learnable batch-norm parameters per epoch: "gamma1" -> one list of values per epoch
+    bn_params: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def record_bn_params(self, params: dict[str, Any]) -> None:
+        """Append one epoch's gamma/beta values (host arrays or lists), by parameter name."""
+        for name, values in params.items():
+            self.bn_params.setdefault(name, []).append([float(v) for v in values])
 
     def record(
         self,
@@ -111,6 +118,8 @@ class History:
         if self.val_acc:
             data.update(val_acc=self.val_acc, val_loss=self.val_loss)
         data["events"] = self.events
+        if self.bn_params:
+            data["bn_params"] = self.bn_params
         return data
 
     @classmethod
@@ -132,6 +141,11 @@ class History:
             }
         )
         history.events = dict(data.get("events", {}))
+        bn_params = data.get("bn_params") or {}
+        history.bn_params = {
+            str(name): [[float("nan") if v is None else float(v) for v in epoch] for epoch in rows]
+            for name, rows in bn_params.items()
+        }
         return history
 
 

@@ -353,12 +353,18 @@ class Trainer:
         val_result = (
             net.evaluate(val.x, val.t, val.labels, workspace)[:2] if val is not None else None
         )
-        return (train_acc, train_loss), test_result, val_result, predicted
+        bn_params = {
+            name: net.ops.to_numpy(value).tolist()
+            for name, value in net.params.items() if name.startswith(("gamma", "beta"))
+        }
+        return (train_acc, train_loss), test_result, val_result, predicted, bn_params
 
     def _record(self, measured: tuple[Any, ...], seconds: float) -> None:
         """Append one evaluation's figures to the history; check for divergence."""
-        train_result, test_result, val_result, predicted = measured
+        train_result, test_result, val_result, predicted, bn_params = measured
         self.history.record(train_result, test_result, seconds, val_result)
+        if bn_params:
+            self.history.record_bn_params(bn_params)
         self._check_divergence(train_result[1], predicted)
 
     def _check_divergence(self, train_loss: float, predicted: np.ndarray) -> None:

@@ -94,3 +94,22 @@ def test_cli_logs_and_saved_model(idx_folder: Path, tmp_path: Path) -> None:
     model = Model.load(model_path)  # raw uint8 images in, as the run saw them
     accuracy = (model.predict(x_test) == t_test).mean()
     assert accuracy == record["history"]["test_acc"][-1]
+
+
+@pytest.mark.parametrize("backend,threads", [("numpy", 1), ("numba", 2)])
+def test_history_records_gamma_and_beta_per_epoch(backend: str, threads: int) -> None:
+    if backends.available()[backend] is not None:
+        pytest.skip(f"backend {backend!r} is not available here")
+    from fastnn import History
+
+    x_train, t_train, x_test, t_test = _data()
+    trainer = Trainer(_config(backend, batch_norm="node", epochs=3), threads=threads)
+    history = trainer.fit(x_train, t_train, x_test, t_test)
+    assert sorted(history.bn_params) == ["beta1", "beta2", "gamma1", "gamma2"]
+    assert [len(rows) for rows in history.bn_params.values()] == [4] * 4
+    assert history.bn_params["gamma1"][0] == [1.0] * 16  # before training
+    final = trainer.network.numpy_params()
+    assert history.bn_params["beta2"][-1] == final["beta2"].tolist()
+    assert History.from_dict(history.to_dict()).bn_params == history.bn_params
+    plain = Trainer(_config(backend, epochs=1)).fit(x_train, t_train)
+    assert plain.bn_params == {} and "bn_params" not in plain.to_dict()
