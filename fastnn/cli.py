@@ -189,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quiet", action="store_true", help="no per-epoch output")
     add_config_flags(train)
 
+    reproduce = sub.add_parser(
+        "reproduce", help="re-run a table of the article over several seeds, beside its figures"
+    )
+    add_run_flags(reproduce)
+    reproduce.add_argument("name", nargs="?", metavar="NAME", help="the preset (see --list)")
+    reproduce.add_argument("--list", action="store_true", help="name every preset and its size")
+    reproduce.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1")
+    reproduce.add_argument("--out-dir", metavar="DIR",
+                           help="run files and the tables (default: reproduce/NAME)")
+    reproduce.add_argument("--backend", choices=("numpy", "numba", "cupy"),
+                           help="default: numba when it loads, else numpy")
+    reproduce.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    reproduce.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    reproduce.add_argument("--dask", metavar="ADDRESS|local", help="run the points on Dask")
+    reproduce.add_argument("--redo", action="store_true", help="train finished points again")
+    reproduce.add_argument("--quiet", action="store_true", help="no line per finished run")
+
     sweep = sub.add_parser("sweep", help="train every point of a grid of options, then tabulate")
     add_run_flags(sweep)
     sweep.add_argument(
@@ -216,9 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sweep)
     summary = sub.add_parser("summary", help="the article-style table of runs")
     summary.add_argument("runs", nargs="+", metavar="RUN.json")
-    plot = sub.add_parser("plot", help="accuracy and loss curves of runs on one chart")
-    plot.add_argument("runs", nargs="+", metavar="RUN.json")
-    plot.add_argument("--out", default="runs.png", metavar="CHART.png")
+    from .plots import KINDS
+
+    plot = sub.add_parser("plot", help="charts of runs (curves, gamma/beta) or saved models")
+    plot.add_argument("runs", nargs="+", metavar="RUN.json",
+                      help="run files (--out of train/sweep); MODEL.npz files for --kind weights")
+    plot.add_argument("--kind", choices=KINDS, default=KINDS[0],
+                      help="curves: accuracy and loss; loss-direction: test loss marked fell/rose; "
+                      "weights: weight histograms of models; gamma-beta: batch-norm gamma and "
+                      "beta per epoch; gamma-beta-hist: their final per-node histograms")
+    plot.add_argument("--out", default="runs.png", metavar="CHART.png",
+                      help="the image; its extension names the format (.png, .pdf, .svg, ...)")
+    plot.add_argument("--title", help="a title over the chart")
+    plot.add_argument("--full-range", action="store_true",
+                      help="curves, loss-direction: show every value (default: zoom the y-axis "
+                      "on where the runs differ)")
     sub.add_parser("info", help="backends and why any is unavailable")
     data = sub.add_parser("data", help="check or repair the MNIST cache")
     actions = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -663,16 +692,35 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    """Draw the runs' accuracy and loss curves into one image, in the format --out names."""
-    from .plots import image_format, plot_runs
+    """Draw one chart (--kind) of run files, or of saved models for weights, into one image
+    in the format --out names; the files are labelled by their names."""
+    from . import plots
 
     _check_writable(args.out, "--out")
     try:
-        image_format(args.out)
+        plots.image_format(args.out)
     except ConfigError as exc:
         raise UsageError(f"--out {exc}") from None
-    runs = _read_runs(args.runs)
-    path = plot_runs([(run.label, run.history) for run in runs], args.out)
+    labels = plots.labels_for(args.runs)
+    if args.kind == "weights":
+        models = [(label, plots.read_weights(path))
+                  for label, path in zip(labels, args.runs, strict=True)]
+        fig = plots.weights_figure(models, title=args.title)
+    else:
+        runs = [(label, run.history)
+                for label, run in zip(labels, _read_runs(args.runs), strict=True)]
+        if args.kind in ("gamma-beta", "gamma-beta-hist"):
+            for p, (_, history) in zip(args.runs, runs, strict=True):
+                if not history.bn_params:
+                    raise DataError(f"{p}: no batch-norm gamma/beta in the run; --kind "
+                                    f"{args.kind} needs a run trained with --batch-norm bn or node")
+            draw = plots.gamma_beta_figure if args.kind == "gamma-beta" else (
+                plots.gamma_beta_hist_figure)
+            fig = draw(runs, title=args.title)
+        else:
+            draw = plots.curves_figure if args.kind == "curves" else plots.loss_direction_figure
+            fig = draw(runs, full_range=args.full_range, title=args.title)
+    path = plots.save_figure(fig, args.out)
     print(f"wrote {path}")
     return 0
 
@@ -692,18 +740,79 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     Dask), write each run file as the run finishes and print the table with the grid values
     as columns. Points whose run file is already there (same config and data) are kept; local
     runs checkpoint every epoch under --out-dir, so a stopped sweep continues where it was."""
-    from contextlib import ExitStack
-
-    from .backends import names as backend_names
     from .history import format_table
-    from .sweep import dask_client, data_marker, load_data, parse_grid, run_sweep, sized_for
+    from .sweep import parse_grid
+
+    points = parse_grid(args.grid, config_from_args(args))
+    _check_points(points, args)
+    outcome = _train_points(points, args, Path(args.out_dir))
+    if isinstance(outcome, int):
+        return outcome
+    records, unsaved = outcome
+    print(format_table([_row(p.values, records[p.name]) for p in points]))
+    return _unsaved_code(unsaved)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Train a preset's cells over --seeds seeds (as a sweep: run files kept and resumed),
+    then print and write its table beside the article's figures (NAME.md, NAME.csv)."""
+    from . import reproduce
+
+    if args.list:
+        print(reproduce.listing())
+        return 0
+    if not args.name:
+        raise UsageError("name a preset (fastnn reproduce --list shows them)")
+    preset = reproduce.PRESETS.get(args.name)
+    if preset is None:
+        raise UsageError(
+            f"unknown preset {args.name!r}; presets: {', '.join(reproduce.PRESETS)}"
+        )
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1; got {args.seeds}")
+    backend = args.backend or _fastest_backend()
+    with flag_names():
+        base = Config(**{**CLI_DEFAULTS, "backend": backend, "dtype": args.dtype})
+    points = preset.points(base, args.seeds)
+    _check_points(points, args)
+    out_dir = Path(args.out_dir or Path("reproduce") / preset.name)
+    outcome = _train_points(points, args, out_dir)
+    if isinstance(outcome, int):
+        return outcome
+    records, unsaved = outcome
+    rows = reproduce.summarize(preset, records, args.seeds, base)
+    table = reproduce.markdown(preset, rows, args.seeds)
+    print(table)
+    tables_saved = True
+    for suffix, text in ((".md", table), (".csv", reproduce.csv_text(preset, rows))):
+        path = out_dir / f"{preset.name}{suffix}"
+        try:
+            write_atomically(path, lambda handle, text=text: handle.write(text.encode()))
+        except OSError as exc:
+            print(f"fastnn: error: could not write {path} ({os_reason(exc)}); the table is "
+                  "above", file=sys.stderr)
+            tables_saved = False
+            continue
+        print(f"wrote {path}")
+    code = _unsaved_code(unsaved)
+    return code if code or tables_saved else EXIT_UNSAVED
+
+
+def _fastest_backend() -> str:
+    """numba when it loads here, else numpy (a GPU is never picked without being asked)."""
+    from .backends import available
+
+    return "numba" if available()["numba"] is None else "numpy"
+
+
+def _check_points(points: list[Any], args: argparse.Namespace) -> None:
+    """--workers/--dask make sense and every point's backend loads (by name on Dask)."""
+    from .backends import names as backend_names
 
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1; got {args.workers}")
     if args.dask and args.workers != 1:
         raise UsageError("--workers is for local processes; with --dask the cluster decides")
-    base = config_from_args(args)
-    points = parse_grid(args.grid, base)
     for backend in dict.fromkeys(point.config.backend for point in points):
         if args.dask:  # the workers load it; here only the name is checked
             if backend not in backend_names():
@@ -712,7 +821,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 )
         else:
             _check_backend(backend)
-    out_dir = Path(args.out_dir)
+
+
+def _unsaved_code(unsaved: list[str]) -> int:
+    """0, or `EXIT_UNSAVED` after saying that some run files could not be written."""
+    if not unsaved:
+        return 0
+    print(
+        f"fastnn: error: {_plural(len(unsaved), 'run file')} could not be written (see above); "
+        "their records are on stdout, one line of JSON each",
+        file=sys.stderr,
+    )
+    return EXIT_UNSAVED
+
+
+def _train_points(
+    points: list[Any], args: argparse.Namespace, out_dir: Path
+) -> tuple[dict[str, dict[str, Any]], list[str]] | int:
+    """Train every point into ``out_dir`` (one run file each; finished points kept unless
+    --redo; local runs checkpoint every epoch there). Returns (records by name, names whose
+    file could not be written), or the exit code of a stopped run."""
+    from contextlib import ExitStack
+
+    from .sweep import dask_client, data_marker, load_data, run_sweep, sized_for
+
     _writable_folder(out_dir, "--out-dir", out_dir)
     checkpoints = None if args.dask else out_dir / SWEEP_CHECKPOINTS
     values = {point.name: point.values for point in points}
@@ -767,15 +899,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             checkpoints.rmdir()  # only when empty: a run whose file is missing keeps its own
         except OSError:
             pass
-    print(format_table([_row(values[p.name], records[p.name]) for p in points]))
-    if unsaved:
-        print(
-            f"fastnn: error: {_plural(len(unsaved), 'run file')} could not be written (see "
-            "above); their records are on stdout, one line of JSON each",
-            file=sys.stderr,
-        )
-        return EXIT_UNSAVED
-    return 0
+    return records, unsaved
 
 
 def _number(value: Any) -> str:
@@ -885,6 +1009,7 @@ def _print_statuses(folder: Path, statuses: dict[str, str]) -> None:
 COMMANDS = {
     "train": cmd_train,
     "sweep": cmd_sweep,
+    "reproduce": cmd_reproduce,
     "summary": cmd_summary,
     "plot": cmd_plot,
     "info": cmd_info,
