@@ -20,6 +20,15 @@ def load_mnist(path=None, **kwargs):  # noqa: ANN001, ANN201 - thin lazy wrapper
     return _load(path, **kwargs)
 
 
+def __getattr__(name: str) -> object:
+    """`MLPClassifier` and `MLPRegressor`, imported on first use (`fastnn.estimators`)."""
+    if name in ("MLPClassifier", "MLPRegressor"):
+        from . import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailable",
     "CheckpointError",
@@ -28,6 +37,8 @@ __all__ = [
     "DataError",
     "FastnnError",
     "History",
+    "MLPClassifier",
+    "MLPRegressor",
     "Model",
     "Network",
     "Trainer",

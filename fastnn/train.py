@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -373,21 +375,33 @@ class Trainer:
         if epoch == 0 or "diverged_at" in history.events:
             return
         # collapsed: one class predicted for every row, with the loss no better than at the start
+        # (a classifier only: a regression's argmax says nothing, one output always "agrees")
+        # or no better than guessing (cross-entropy of a uniform guess: ln of the class count)
+        chance = math.log(self.config.n_outputs)
         collapsed = (
-            predicted.size > 1
+            self.config.output == "softmax_cross_entropy"
+            and predicted.size > 1
             and bool(np.all(predicted == predicted[0]))
-            and train_loss >= 0.9 * history.train_loss[0]
+            and train_loss >= min(0.9 * history.train_loss[0], 0.95 * chance)
         )
         if np.isfinite(train_loss) and not collapsed:
             return
         reason = "non-finite loss" if not np.isfinite(train_loss) else "it predicts one class"
         history.events["diverged_at"] = epoch
         history.events["divergence"] = reason
-        message = f"training diverged at epoch {epoch} ({reason}); try a smaller eta or batch norm"
+        if reason == "non-finite loss" or train_loss > 1.5 * chance:
+            message = f"training diverged at epoch {epoch} ({reason}); try a smaller eta or " \
+                "batch norm"
+        else:
+            message = (
+                f"training is stuck at chance at epoch {epoch} (it predicts one class for every "
+                f"row, loss {train_loss:.3g}); try a smaller eta, batch norm, normalised inputs "
+                "or another initialisation"
+            )
         if self.config.stop_on_divergence:
             history.events["stopped_on_divergence_at"] = epoch
             message += "; stopping (--stop-on-divergence)"
-        warnings.warn(message, DivergenceWarning, stacklevel=3)
+        warnings.warn(message, DivergenceWarning, stacklevel=_caller_outside_fastnn())
 
     def _after_epoch(self, net: Network, epoch: int) -> None:
         cfg, state = self.config, self.state
@@ -415,3 +429,13 @@ class Trainer:
         history = History.from_dict(self.history.to_dict())  # frozen copy
         source = self.network if net is None else net
         return TrainState(epoch, history, source.state_arrays(), best_arrays, best_loss, waited)
+
+
+def _caller_outside_fastnn() -> int:
+    """The ``stacklevel`` (for a warning raised by this function's caller) of the first frame
+    outside the fastnn package: a warning points at the user's code that called fastnn."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

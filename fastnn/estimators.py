@@ -1,0 +1,423 @@
+"""`MLPClassifier` and `MLPRegressor`: fastnn on scikit-learn's estimator contract.
+
+Each hyper-parameter is a `fastnn.Config` option of the same name and default (``n_inputs`` and
+``n_outputs`` come from the data; ``threads`` is the `Trainer`'s), so the estimators work in
+``GridSearchCV``, ``Pipeline``, ``clone`` and ``check_estimator``. scikit-learn is imported only
+inside the methods that validate data or give tags: importing fastnn never imports it.
+
+``fit`` trains a fresh network for ``epochs`` epochs with a `Trainer` (which fits the input
+normaliser on the training rows). ``partial_fit`` trains one more epoch, continuing the run's
+epoch numbering (shuffle order and dropout masks are keyed by epoch), on inputs normalised with
+the statistics of the first fit; early stopping does not apply to it.
+
+``normalize`` keeps fastnn's default, the article's min-max over all inputs at once (right for
+pixels); for tabular features use ``normalize="z_score", normalize_axis=0``, and after a scaler
+in a ``Pipeline`` use ``normalize="none"``.
+
+The fitted state is plain arrays and dicts (parameters, running statistics, the `Config` as a
+dict, the normaliser, the `History`), so a fitted estimator pickles; the network is rebuilt from
+it when needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .config import Config, default_of
+from .history import History
+from .network import Network
+from .preprocessing import Normalizer
+from .train import STOP_EVENTS, Trainer, TrainState
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+#: `Config` options whose default is a dict: the estimators' default is None (meaning {})
+_DICT_OPTIONS = ("activation_params", "init_params", "bias_init_params")
+
+
+class _MLPBase:
+    """Shared parameters, fitting, continuation, tags and pickling of the two estimators."""
+
+    _output: ClassVar[str]
+    _estimator_type: ClassVar[str]  # the estimator kind, as scikit-learn < 1.6 reads it
+
+    def __init__(
+        self,
+        hidden: int | Sequence[int] = (100, 50),
+        activation: str = "relu",
+        activation_params: dict[str, float] | None = None,
+        init: str = "he_normal",
+        init_params: dict[str, float] | None = None,
+        bias_init: str = "zeros_b",
+        bias_init_params: dict[str, float] | None = None,
+        normalize: str = "min_max",
+        normalize_axis: int | None = None,
+        eta: float = 0.1,
+        batch_size: int = 100,
+        epochs: int = 50,
+        shuffle: bool = True,
+        weight_decay: tuple[str, float] | None = None,
+        dropout_input: float = 1.0,
+        dropout_hidden: float = 1.0,
+        dropout_mode: str = "article",
+        batch_norm: str = "off",
+        batch_norm_eta: float | None = None,
+        bn_eval: str = "batch",
+        bn_momentum: float = 0.9,
+        dtype: str = "float64",
+        backend: str = "numpy",
+        seed: int = 0,
+        early_stopping: int | None = None,
+        validation_fraction: float = 0.1,
+        stop_on_divergence: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        self.hidden = hidden
+        self.activation = activation
+        self.activation_params = activation_params
+        self.init = init
+        self.init_params = init_params
+        self.bias_init = bias_init
+        self.bias_init_params = bias_init_params
+        self.normalize = normalize
+        self.normalize_axis = normalize_axis
+        self.eta = eta
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.shuffle = shuffle
+        self.weight_decay = weight_decay
+        self.dropout_input = dropout_input
+        self.dropout_hidden = dropout_hidden
+        self.dropout_mode = dropout_mode
+        self.batch_norm = batch_norm
+        self.batch_norm_eta = batch_norm_eta
+        self.bn_eval = bn_eval
+        self.bn_momentum = bn_momentum
+        self.dtype = dtype
+        self.backend = backend
+        self.seed = seed
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.stop_on_divergence = stop_on_divergence
+        self.threads = threads
+
+    # ---- parameters (scikit-learn's get_params / set_params) ----
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        """The hyper-parameters: the arguments of ``__init__``."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return [name for name in parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The hyper-parameters by name (``deep`` is accepted for scikit-learn; nothing nests)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> _MLPBase:
+        """Set hyper-parameters by name (checked when fitting); returns self."""
+        valid = self._param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(
+                    f"Invalid parameter {name!r} for estimator {type(self).__name__}. "
+                    f"Valid parameters are: {sorted(valid)!r}."
+                )
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = inspect.signature(type(self).__init__).parameters
+        changed = []
+        for name in self._param_names():
+            value, default = getattr(self, name), defaults[name].default
+            try:
+                same = value is default or (type(value) is type(default) and bool(value == default))
+            except (TypeError, ValueError):
+                same = False
+            if not same:
+                changed.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # ---- scikit-learn tags ----
+    def __sklearn_tags__(self) -> Any:
+        """Tags of scikit-learn >= 1.6."""
+        from sklearn.utils import ClassifierTags, RegressorTags, Tags, TargetTags
+
+        classifier = self._estimator_type == "classifier"
+        return Tags(
+            estimator_type=self._estimator_type,
+            target_tags=TargetTags(required=True, multi_output=not classifier),
+            classifier_tags=ClassifierTags() if classifier else None,
+            regressor_tags=None if classifier else RegressorTags(),
+        )
+
+    def _more_tags(self) -> dict[str, Any]:
+        """Tags of scikit-learn < 1.6 (newer versions read `__sklearn_tags__`)."""
+        return {"requires_y": True, "multioutput": self._estimator_type == "regressor"}
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "_arrays")
+
+    # ---- pickling: plain arrays only, the network is rebuilt when needed ----
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_net", None)  # lives on a backend (which holds locks): rebuilt on use
+        return state
+
+    def _network(self) -> Network:
+        """The fitted network, rebuilt from the fitted arrays after unpickling."""
+        net = self.__dict__.get("_net")
+        if net is None:
+            net = Network(Config.from_dict(self._config))
+            net.load_state_arrays(self._arrays)
+            self._net = net
+        return net
+
+    # ---- data ----
+    def _validate(self, x: Any, y: Any = "no_validation", *, reset: bool, **check: Any) -> Any:
+        """``x`` (and ``y``) checked by scikit-learn; images (N, ...) are flattened; sets or
+        checks ``n_features_in_``."""
+        if isinstance(x, np.ndarray) and x.ndim > 2:
+            x = x.reshape(len(x), -1)
+        try:
+            from sklearn.utils.validation import validate_data
+        except ImportError:  # scikit-learn < 1.6
+            out = _validate_data_compat(self, x, y, reset=reset, **check)
+        else:
+            out = validate_data(self, x, y, reset=reset, **check)
+        if isinstance(out, tuple):
+            return (_numeric(out[0]), out[1])
+        return _numeric(out)
+
+    def _build_config(self, n_inputs: int, n_outputs: int, **changes: Any) -> Config:
+        """The `Config` of the current hyper-parameters for data of these sizes."""
+        values = {name: getattr(self, name) for name in self._param_names() if name != "threads"}
+        for name in _DICT_OPTIONS:
+            if values[name] is None:
+                values[name] = {}
+        values.update(changes)
+        return Config(**values, output=self._output, n_inputs=n_inputs, n_outputs=n_outputs)
+
+    def _trainer(self, config: Config) -> Trainer:
+        return Trainer(config, threads=self.threads)
+
+    # ---- training ----
+    def _train(self, x: np.ndarray, t: np.ndarray, n_outputs: int, *, more: bool) -> None:
+        """Fit a fresh network (``more`` False: ``epochs`` epochs; True: one epoch) or, when
+        ``more`` and fitted, train one more epoch from the fitted state."""
+        if more and self.__sklearn_is_fitted__():
+            if n_outputs != self.n_outputs_:
+                raise ValueError(
+                    f"{type(self).__name__} was fitted with {self.n_outputs_} outputs; "
+                    f"got targets with {n_outputs}"
+                )
+            epoch = self.n_iter_
+            config = self._build_config(
+                x.shape[1], n_outputs, normalize="none", normalize_axis=None, epochs=epoch + 1,
+                early_stopping=None, validation_fraction=default_of("validation_fraction"),
+            )
+            history = History.from_dict(self.history_.to_dict())
+            for event in (*STOP_EVENTS, "restored_best_epoch"):  # the run goes on
+                history.events.pop(event, None)
+            resume = TrainState(epoch, history, self._arrays)
+            trainer = self._trainer(config)
+            self._run(trainer, self._normalizer.transform(x), t, resume)
+        else:
+            changes: dict[str, Any] = {}
+            if more:
+                changes = dict(
+                    epochs=1, early_stopping=None,
+                    validation_fraction=default_of("validation_fraction"),
+                )
+            trainer = self._trainer(self._build_config(x.shape[1], n_outputs, **changes))
+            self._run(trainer, x, t, None)
+            self._normalizer: Normalizer = trainer.normalizer
+            self.n_outputs_ = n_outputs
+        net = trainer.network
+        self._config = trainer.config.to_dict()
+        self._arrays = net.state_arrays()
+        self._net = net
+        self.history_ = trainer.history
+        self.n_iter_ = trainer.history.epochs
+
+    def _run(
+        self, trainer: Trainer, x: np.ndarray, t: np.ndarray, resume: TrainState | None
+    ) -> None:
+        trainer.fit(x, t, resume=resume)
+
+    # ---- using the fitted network ----
+    def _outputs(self, x: Any) -> np.ndarray:
+        """Network outputs (float64) for raw inputs, normalised as in training."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self)
+        x = self._validate(x, reset=False)
+        outputs = self._network().predict(self._normalizer.transform(x))
+        return np.asarray(outputs, dtype=np.float64)
+
+
+class MLPClassifier(_MLPBase):
+    """A fastnn multilayer perceptron (softmax + cross entropy) as a scikit-learn classifier.
+
+    ``y`` may hold any labels (integers, strings): ``classes_`` are its sorted unique values.
+    Fitted attributes: ``classes_``, ``history_`` (the fastnn `History`), ``n_iter_`` (epochs
+    trained), ``n_features_in_``, ``n_outputs_``.
+    """
+
+    _output = "softmax_cross_entropy"
+    _estimator_type = "classifier"
+
+    def fit(self, X: Any, y: Any) -> MLPClassifier:
+        """Train a fresh network for ``epochs`` epochs on raw inputs and labels; returns self."""
+        x, y = self._validate(X, y, reset=True)
+        self.classes_ = _classes(y)
+        self._train(x, _encode(self.classes_, y), len(self.classes_), more=False)
+        return self
+
+    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> MLPClassifier:
+        """Train one more epoch on (X, y); the first call needs ``classes``, every label."""
+        fitted = self.__sklearn_is_fitted__()
+        x, y = self._validate(X, y, reset=not fitted)
+        if not fitted:
+            if classes is None:
+                raise ValueError("classes must be given on the first call to partial_fit")
+            self.classes_ = _classes(np.asarray(classes))
+        elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
+            raise ValueError(
+                f"classes={classes!r} is not the same as on the first fit: {self.classes_!r}"
+            )
+        self._train(x, _encode(self.classes_, y), len(self.classes_), more=True)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (N, n_classes), columns in the order of ``classes_``."""
+        return self._outputs(X)
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Logarithm of `predict_proba`."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class of each row (a label of ``classes_``)."""
+        index = self.predict_proba(X).argmax(axis=1)
+        return self.classes_[index]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean accuracy of `predict` on (X, y)."""
+        from sklearn.metrics import accuracy_score
+
+        return float(accuracy_score(y, self.predict(X), sample_weight=sample_weight))
+
+
+class MLPRegressor(_MLPBase):
+    """A fastnn multilayer perceptron (identity output + mean squared error) as a scikit-learn
+    regressor; ``y`` is (N,) or (N, k) and `predict` gives the same shape.
+
+    Fitted attributes: ``history_`` (the fastnn `History`; its losses are 0.5 * the mean squared
+    error summed over the outputs, its accuracies mean nothing), ``n_iter_``, ``n_features_in_``,
+    ``n_outputs_``.
+    """
+
+    _output = "identity_mse"
+    _estimator_type = "regressor"
+
+    def fit(self, X: Any, y: Any) -> MLPRegressor:
+        """Train a fresh network for ``epochs`` epochs on raw inputs and targets; returns self."""
+        x, y = self._validate(X, y, reset=True, multi_output=True, y_numeric=True)
+        self._y_1d = y.ndim == 1
+        t = _targets(y)
+        self._train(x, t, t.shape[1], more=False)
+        return self
+
+    def partial_fit(self, X: Any, y: Any) -> MLPRegressor:
+        """Train one more epoch on (X, y) (the first call: a fresh network, one epoch)."""
+        fitted = self.__sklearn_is_fitted__()
+        x, y = self._validate(X, y, reset=not fitted, multi_output=True, y_numeric=True)
+        if not fitted:
+            self._y_1d = y.ndim == 1
+        t = _targets(y)
+        self._train(x, t, t.shape[1], more=True)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted targets: (N,) when fitted on 1-D ``y``, else (N, k)."""
+        outputs = self._outputs(X)
+        return outputs[:, 0] if self._y_1d else outputs
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """R^2 of `predict` on (X, y) (averaged over the outputs)."""
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y, self.predict(X), sample_weight=sample_weight))
+
+
+# ---- helpers ----
+def _numeric(x: np.ndarray) -> np.ndarray:
+    """Inputs fastnn takes: numeric dtypes as they are (converted once, later), bools as 0/1."""
+    return x if np.issubdtype(x.dtype, np.number) else x.astype(np.float64)
+
+
+def _classes(y: np.ndarray) -> np.ndarray:
+    """The sorted labels of classification targets; ValueError for continuous ones or one
+    class."""
+    from sklearn.utils.multiclass import check_classification_targets
+
+    check_classification_targets(y)
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ValueError(
+            f"a classifier needs at least 2 classes; got 1 class ({classes[0]!r})"
+            if len(classes) else "a classifier needs at least 2 classes; got none"
+        )
+    return classes
+
+
+def _encode(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Labels as indices 0..k-1 into ``classes``; ValueError for labels not among them."""
+    from sklearn.utils.multiclass import check_classification_targets
+
+    check_classification_targets(y)
+    index = np.searchsorted(classes, y)
+    known = (index < len(classes)) & (classes[np.minimum(index, len(classes) - 1)] == y)
+    if not np.all(known):
+        raise ValueError(
+            f"y has labels not in classes_ {classes.tolist()!r}: "
+            f"{np.unique(np.asarray(y)[~known]).tolist()!r}"
+        )
+    return index.astype(np.int64)
+
+
+def _targets(y: np.ndarray) -> np.ndarray:
+    """Regression targets as a float64 (N, k) array."""
+    y = np.asarray(y, dtype=np.float64)
+    return y.reshape(-1, 1) if y.ndim == 1 else y
+
+
+def _validate_data_compat(
+    estimator: _MLPBase, x: Any, y: Any, *, reset: bool, **check: Any
+) -> Any:
+    """What ``sklearn.utils.validation.validate_data`` (scikit-learn >= 1.6) does for these
+    estimators, on older versions (feature names are not recorded)."""
+    from sklearn.utils import check_array, check_X_y
+
+    name = type(estimator).__name__
+    if y is None:
+        raise ValueError(
+            f"This {name} estimator requires y to be passed, but the target y is None."
+        )
+    if isinstance(y, str) and y == "no_validation":
+        out = x = check_array(x)
+    else:
+        out = x, y = check_X_y(x, y, **check)
+    if reset:
+        estimator.n_features_in_ = x.shape[1]
+    elif x.shape[1] != estimator.n_features_in_:
+        raise ValueError(
+            f"X has {x.shape[1]} features, but {name} is expecting "
+            f"{estimator.n_features_in_} features as input."
+        )
+    return out
