@@ -1,24 +1,42 @@
-"""The CuPy backend: the reference ops on the GPU (``xp = cupy``).
+"""The CuPy backend: the kernel path (`cuda_ops.KernelOps`) on a GPU, CuPy arrays and
+``cupy.RawModule``.
 
-CUDA C kernels for fused ops belong in the top-level ``kernels/`` folder and are compiled
-lazily on first use; until one is added for an op, the reference definition runs as CuPy
-array expressions.
+The CUDA C kernels (``kernels/*.cu``) are compiled by NVRTC through CuPy on first use (CuPy
+caches them on disk), in `warm_up` when a `Trainer` runs; ops the kernels do not cover run as
+the reference's CuPy array expressions. The same class runs on the CPU with NumPy arrays and
+the CPU shim (`cuda_ops.shim_device`), which is how it is tested without a GPU.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import cupy  # noqa: F401 - an ImportError here is turned into an install hint by the registry
+import cupy  # an ImportError here is turned into an install hint by the registry
 
-from .base import Ops
+from .cuda_ops import KernelDevice, KernelOps
 
 
-class CupyOps(Ops):
-    """Reference ops on CuPy arrays."""
+def cupy_device() -> KernelDevice:
+    """CuPy arrays, ``cupy.RawModule`` modules; the current stream's work waited for on
+    reading back."""
+
+    def load(code: str, options: tuple[str, ...], names: tuple[str, ...]) -> Any:
+        return cupy.RawModule(code=code, options=options, name_expressions=names)
+
+    def synchronize() -> None:
+        cupy.cuda.get_current_stream().synchronize()
+
+    return KernelDevice("cupy", cupy, load, cupy.asnumpy, synchronize)
+
+
+class CupyOps(KernelOps):
+    """The kernel path on a CUDA device."""
 
     name = "cupy"
     xp = cupy
+
+    def __init__(self) -> None:
+        super().__init__(cupy_device())
 
     def check_available(self) -> None:
         """Fail with an actionable message when no CUDA device can be used."""
@@ -28,13 +46,11 @@ class CupyOps(Ops):
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:  # noqa: BLE001 - any CUDA failure means "not usable here"
             raise BackendUnavailable(
-                f"backend 'cupy' found no usable CUDA device ({exc})"
+                f"backend 'cupy' found no usable CUDA device ({exc}); it needs an NVIDIA GPU, "
+                "its driver and the CuPy build of that CUDA version "
+                "(pip install cupy-cuda12x, or cupy-cuda13x for CUDA 13)"
             ) from None
         if count < 1:
-            raise BackendUnavailable("backend 'cupy' found no CUDA device")
-
-    def to_numpy(self, array: Any) -> Any:
-        return cupy.asnumpy(array)
-
-    def asarray(self, array: Any, dtype: str | None = None) -> Any:
-        return cupy.array(array, dtype=dtype)
+            raise BackendUnavailable(
+                "backend 'cupy' found no CUDA device; it needs an NVIDIA GPU and its driver"
+            )

@@ -1,0 +1,292 @@
+"""The Python half of benchmarks/gpu_check.sh: the cupy backend on real MNIST.
+
+    python benchmarks/gpu_bench.py parity MNIST_DIR [--rows 10000] [--epochs 3] [--dry-run]
+    python benchmarks/gpu_bench.py bench MNIST_DIR [--epochs 5] [--dry-run]
+
+``parity``: whole `Trainer` runs of the cupy backend against the numpy reference on the first
+``--rows`` training rows (and a fifth as many test rows), float64, one configuration without
+regularisation and one with batch norm, both dropouts and L2 decay; every epoch's losses and
+accuracies and the final parameters and running statistics must agree to 1e-10 relative
+(normwise, on the largest reference value). Exit status 1 otherwise.
+
+``bench``: one epoch as the article times it (train 60 000 rows at batch 100, then evaluate
+60 000 + 10 000 rows), 784-100-50-10, float32, batch norm off and on ("bn"), the cupy backend
+against the same work in PyTorch CUDA eager (nn.Sequential, plain SGD, whole-set evaluation
+in training mode: the statistics of the evaluated set); one table of medians beside the
+article's 4.58 s / 5.98 s per epoch.
+
+``--dry-run`` runs the same code on the CPU: the kernel path on the CPU shim stands in for
+the cupy backend, PyTorch runs on the CPU (when installed), on 120 rows with hidden layers of
+16 and 8 nodes; it checks that this script works, not any GPU figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastnn import Config, Network, Trainer
+from fastnn.datasets import load_idx_folder
+
+ARTICLE_SECONDS_PER_EPOCH = {"off": 229.0 / 50, "bn": 299.0 / 50}  # 3:49 and 4:59 for 50 epochs
+TOLERANCE = 1e-10
+HIDDEN = (100, 50)
+BATCH = 100
+#: parity configurations: plain, and every regulariser at once
+PARITY_CONFIGS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "bn+dropout+l2": dict(batch_norm="bn", dropout_input=0.8, dropout_hidden=0.5,
+                          weight_decay=("l2", 1e-4)),
+}
+#: --dry-run: rows (training, test) and hidden sizes small enough for the CPU shim
+DRY_ROWS, DRY_HIDDEN = (120, 40), (16, 8)
+
+
+def use_cpu_shim() -> str:
+    """Serve backend "cupy" with the kernel path on the CPU shim (``--dry-run``)."""
+    import fastnn.backends as backends
+    from fastnn.backends.cuda_ops import KernelOps, shim_device
+
+    # the registry keeps one instance per name; this one stands in for the GPU's
+    backends._INSTANCES["cupy"] = KernelOps(shim_device(guard_bytes=0))
+    return "CPU shim (dry run)"
+
+
+def gpu_name() -> str:
+    import cupy
+
+    device = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+    return f"{name.decode() if isinstance(name, bytes) else name} (cupy {cupy.__version__})"
+
+
+def load(folder: str, rows: int | None, test_rows: int | None) -> tuple[np.ndarray, ...]:
+    x, t, x_test, t_test = load_idx_folder(folder)
+    return x[:rows], t[:rows], x_test[:test_rows], t_test[:test_rows]
+
+
+# ---- parity ----
+
+def relative(ours: Any, ref: Any, scale: float | None = None) -> float:
+    """max |ours - ref| / (scale or max |ref|)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ref.size == 0:
+        return 0.0
+    if scale is None:
+        scale = float(np.abs(ref).max())
+    return float(np.abs(ours - ref).max()) / max(scale, 1e-300)
+
+
+def parity(arguments: argparse.Namespace) -> int:
+    rows = DRY_ROWS[0] if arguments.dry_run else arguments.rows
+    hidden = DRY_HIDDEN if arguments.dry_run else HIDDEN
+    x, t, x_test, t_test = load(arguments.mnist_dir, rows, max(rows // 5, 1))
+    print(f"parity: cupy against numpy, float64, {len(x)} training and {len(x_test)} test rows "
+          f"of MNIST, {arguments.epochs} epochs, hidden {hidden}, batch {BATCH}, tolerance "
+          f"{TOLERANCE:g}", flush=True)
+    failed = False
+    for name, options in PARITY_CONFIGS.items():
+        results = {}
+        for backend in ("numpy", "cupy"):
+            config = Config(backend=backend, dtype="float64", hidden=hidden, batch_size=BATCH,
+                            epochs=arguments.epochs, seed=1, **options)
+            trainer = Trainer(config)
+            start = time.perf_counter()
+            history = trainer.fit(x, t, x_test, t_test)
+            assert trainer.network is not None
+            results[backend] = (history, trainer.network.state_arrays(), trainer.counters,
+                                time.perf_counter() - start)
+        (history, arrays, counters, seconds), (ref_history, ref_arrays, _, ref_seconds) = (
+            results["cupy"], results["numpy"])
+        if sorted(arrays) != sorted(ref_arrays):
+            print(f"  {name}: arrays {sorted(arrays)} != {sorted(ref_arrays)}: FAILED")
+            failed = True
+            continue
+        losses = max(relative(getattr(history, key), getattr(ref_history, key))
+                     for key in ("train_loss", "test_loss"))
+        scale = max(float(np.abs(a).max()) for a in ref_arrays.values())
+        params = max(relative(arrays[key], ref_arrays[key], scale) for key in ref_arrays)
+        accuracies = all(getattr(history, key) == getattr(ref_history, key)
+                         for key in ("train_acc", "test_acc"))
+        kernel_epochs = counters.get("train_kernels", 0)
+        ok = (losses <= TOLERANCE and params <= TOLERANCE and accuracies
+              and kernel_epochs == arguments.epochs)
+        failed = failed or not ok
+        print(f"  {name:<14} losses {losses:.1e}  parameters {params:.1e}  accuracies "
+              f"{'equal' if accuracies else 'DIFFER'}  kernel epochs {kernel_epochs}/"
+              f"{arguments.epochs}  ({seconds:.1f} s, numpy {ref_seconds:.1f} s): "
+              f"{'ok' if ok else 'FAILED'}", flush=True)
+        if not accuracies:
+            print(f"    train_acc {history.train_acc} vs {ref_history.train_acc}\n"
+                  f"    test_acc {history.test_acc} vs {ref_history.test_acc}")
+    print("parity: FAILED" if failed else "parity: ok")
+    return 1 if failed else 0
+
+
+# ---- timing ----
+
+def scaled(folder: str, dry_run: bool) -> tuple[np.ndarray, ...]:
+    """(x, labels, x_test, labels_test): float32 inputs min-max scaled as the Trainer does."""
+    rows, test_rows = DRY_ROWS if dry_run else (None, None)
+    x, labels, x_test, labels_test = load(folder, rows, test_rows)
+    low, high = float(x.min()), float(x.max())
+    scale = (lambda a: ((a - low) / (high - low)).astype(np.float32))  # noqa: E731
+    return scale(x), labels.astype(np.int64), scale(x_test), labels_test.astype(np.int64)
+
+
+def epoch_order(epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng(1000 + epoch).permutation(n)
+
+
+def time_cupy(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int,
+              hidden: tuple[int, ...]) -> list[float]:
+    """Seconds of each timed epoch of the cupy backend (one untimed epoch first)."""
+    config = Config(backend="cupy", dtype="float32", batch_norm=batch_norm, hidden=hidden,
+                    batch_size=BATCH, normalize="none")
+    net = Network(config)
+    ops = net.ops
+    x, labels, x_test, labels_test = data
+    eye = np.eye(10, dtype=np.float32)
+    x, t = ops.asarray(x), ops.asarray(eye[labels])
+    x_test, t_test = ops.asarray(x_test), ops.asarray(eye[labels_test])
+    workspace = ops.workspace()
+    seconds = []
+    with ops.activate(workspace):
+        ops.warm_up(net.plan)
+        for epoch in range(epochs + 1):
+            order = epoch_order(epoch, len(labels))
+            start = time.perf_counter()
+            net.train_epoch(x, t, order, epoch, workspace)
+            net.evaluate(x, t, labels, workspace)
+            net.evaluate(x_test, t_test, labels_test, workspace)
+            ops.device.synchronize()
+            seconds.append(time.perf_counter() - start)
+    return seconds[1:]
+
+
+def time_torch(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int, device: str,
+               hidden: tuple[int, ...]) -> list[float]:
+    """The same network, batch size, plain SGD and evaluation in PyTorch eager."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    x, labels, x_test, labels_test = (torch.from_numpy(a).to(device) for a in data)
+    layers: list[nn.Module] = []
+    sizes = (x.shape[1], *hidden)
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if batch_norm != "off":  # evaluated in training mode: statistics of the evaluated set
+            layers.append(nn.BatchNorm1d(fan_out))
+        layers.append(nn.ReLU())
+    layers.append(nn.Linear(sizes[-1], 10))
+    model = nn.Sequential(*layers).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def evaluate(inputs: Any, targets: Any) -> tuple[float, float]:
+        with torch.no_grad():
+            outputs = model(inputs)
+            accuracy = (outputs.argmax(1) == targets).double().mean()
+            return float(loss_fn(outputs, targets)), float(accuracy)
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = []
+    for epoch in range(epochs + 1):
+        host_order = epoch_order(epoch, len(labels))
+        start = time.perf_counter()
+        order = torch.from_numpy(host_order).to(device)  # uploaded once per epoch, as cupy's
+        for first in range(0, len(order), BATCH):
+            index = order[first : first + BATCH]
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x[index]), labels[index]).backward()
+            optimizer.step()
+        evaluate(x, labels)
+        evaluate(x_test, labels_test)
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds[1:]
+
+
+def torch_device(dry_run: bool) -> tuple[str | None, str]:
+    """(device, description), device None when PyTorch cannot run the comparison here."""
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"not importable ({exc})"
+    if dry_run:
+        return "cpu", f"torch {torch.__version__} on the CPU (dry run)"
+    if not torch.cuda.is_available():
+        return None, f"torch {torch.__version__} sees no CUDA device (a CPU-only build?)"
+    return "cuda", f"torch {torch.__version__} CUDA {torch.version.cuda}"
+
+
+def bench(arguments: argparse.Namespace) -> int:
+    where = use_cpu_shim() if arguments.dry_run else gpu_name()
+    data = scaled(arguments.mnist_dir, arguments.dry_run)
+    device, torch_text = torch_device(arguments.dry_run)
+    epochs = 1 if arguments.dry_run else arguments.epochs
+    hidden = DRY_HIDDEN if arguments.dry_run else HIDDEN
+    rows = {}
+    for batch_norm in ("off", "bn"):
+        cupy_s = statistics.median(time_cupy(data, batch_norm, epochs, hidden))
+        torch_s = None
+        if device is not None:
+            try:
+                torch_s = statistics.median(time_torch(data, batch_norm, epochs, device, hidden))
+            except Exception as exc:  # noqa: BLE001 - the cupy figures still stand
+                torch_text = f"failed: {type(exc).__name__}: {exc}"
+                device = None
+        rows[batch_norm] = (cupy_s, torch_s)
+        print(f"  timed BN {batch_norm}: cupy {cupy_s:.3f} s, torch "
+              f"{'-' if torch_s is None else f'{torch_s:.3f}'} s", file=sys.stderr, flush=True)
+    n, n_test = len(data[0]), len(data[2])
+    print(f"one epoch: train {n} rows (batch {BATCH}), then evaluate {n} + {n_test}; "
+          f"784-{'-'.join(map(str, hidden))}-10 float32; median of {epochs} epochs after one "
+          "untimed")
+    print(f"cupy backend: {where}; torch: {torch_text}")
+    header = f"{'BN':<4} {'cupy s':>8} {'torch s':>8} {'cupy/torch':>10} {'article s':>9}"
+    print(header)
+    print("-" * len(header))
+    for batch_norm, (cupy_s, torch_s) in rows.items():
+        torch_text = "-" if torch_s is None else f"{torch_s:.3f}"
+        ratio = "-" if torch_s is None else f"{cupy_s / torch_s:.2f}"
+        print(f"{batch_norm:<4} {cupy_s:>8.3f} {torch_text:>8} {ratio:>10} "
+              f"{ARTICLE_SECONDS_PER_EPOCH[batch_norm]:>9.2f}")
+    print("article: 229 s / 50 epochs without BN, 299 s / 50 with BN (2018 desktop CPU); "
+          "BN here is the article's 'bn' variant, torch's BatchNorm1d")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("parity", "bench"))
+    parser.add_argument("mnist_dir", help="folder with the four MNIST IDX files (raw or .gz)")
+    parser.add_argument("--rows", type=int, default=10000, help="parity: training rows")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="parity: epochs (default 3); bench: timed epochs (default 5)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="on the CPU: the CPU shim as the cupy backend, torch on the CPU")
+    arguments = parser.parse_args()
+    if arguments.epochs is None:
+        arguments.epochs = 3 if arguments.what == "parity" else 5
+    if not Path(arguments.mnist_dir).is_dir():
+        parser.error(f"{arguments.mnist_dir}: no such folder")
+    if arguments.what == "parity":
+        if arguments.dry_run:
+            use_cpu_shim()
+        return parity(arguments)
+    return bench(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
