@@ -290,6 +290,13 @@ def test_a_sweep_run_file_that_cannot_be_written_is_on_stdout_and_redone_later(
 # ---- SIGTERM and SIGHUP ----
 
 
+def _default_stop_signals() -> None:
+    """In the child: SIGTERM and SIGHUP act as at a terminal, even when this test runs under
+    nohup (which makes the child inherit an ignored SIGHUP that fastnn rightly keeps)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while not path.exists():
@@ -309,6 +316,7 @@ def test_sigterm_saves_the_last_epoch_and_the_run_resumes_bit_identical(
         [sys.executable, "-m", "fastnn", "train", *common, "--epochs", "200",
          "--checkpoint", str(ck), "--out", str(out)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_stop_signals,
     )
     _wait_for(ck / FILENAME, proc)
     proc.send_signal(getattr(signal, name))
