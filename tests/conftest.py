@@ -72,3 +72,24 @@ def idx_folder(tmp_path: Path) -> Path:
 def blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x, t = make_blobs(500, 20, 3, seed=1)
     return x[:400], t[:400], x[400:], t[400:]
+
+
+@pytest.fixture
+def forbid_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty MNIST cache, and a failure if anything tries to fetch MNIST (modules that run
+    the command line use it for every test: ``pytestmark = usefixtures("forbid_downloads")``)."""
+    import fastnn.datasets as datasets
+
+    attempts = []
+
+    class Forbidden:
+        name = "no downloads in tests"
+
+        def fetch(self, names):
+            attempts.append(list(names))
+            raise RuntimeError("a test tried to download MNIST")
+
+    monkeypatch.setenv("FASTNN_DATA", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(datasets, "DEFAULT_SOURCES", (Forbidden(),))
+    yield
+    assert attempts == [], "a test tried to download MNIST"

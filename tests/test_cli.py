@@ -19,24 +19,7 @@ from fastnn.cli import main
 TINY = ["--hidden", "16,8", "--epochs", "2", "--batch-size", "50"]
 
 
-@pytest.fixture(autouse=True)
-def no_download(tmp_path: Path, monkeypatch):
-    """Every test here runs with an empty MNIST cache and fails if anything tries to fetch."""
-    import fastnn.datasets as datasets
-
-    attempts = []
-
-    class Forbidden:
-        name = "no downloads in tests"
-
-        def fetch(self, names):
-            attempts.append(list(names))
-            raise RuntimeError("a test tried to download MNIST")
-
-    monkeypatch.setenv("FASTNN_DATA", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(datasets, "DEFAULT_SOURCES", (Forbidden(),))
-    yield
-    assert attempts == [], "a test tried to download MNIST"
+pytestmark = pytest.mark.usefixtures("forbid_downloads")
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -23,22 +23,7 @@ TINY = ["--hidden", "8", "--epochs", "1", "--batch-size", "50", "--quiet"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def no_data_access(tmp_path: Path, monkeypatch):
-    """An empty MNIST cache, and a record of every attempt to fetch MNIST (there must be none)."""
-    attempts = []
-
-    class Forbidden:
-        name = "no downloads in tests"
-
-        def fetch(self, names):
-            attempts.append(list(names))
-            raise RuntimeError("a test tried to download MNIST")
-
-    monkeypatch.setenv("FASTNN_DATA", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(datasets, "DEFAULT_SOURCES", (Forbidden(),))
-    yield
-    assert attempts == []
+pytestmark = pytest.mark.usefixtures("forbid_downloads")
 
 
 @pytest.fixture

@@ -33,22 +33,7 @@ ENV = {**os.environ, "FASTNN_DATA": "/nonexistent-fastnn-cache", "FASTNN_OFFLINE
 posix_signals = pytest.mark.skipif(os.name != "posix", reason="SIGTERM/SIGHUP semantics of POSIX")
 
 
-@pytest.fixture(autouse=True)
-def no_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """An empty MNIST cache, and a failure if anything tries to fetch MNIST."""
-    attempts = []
-
-    class Forbidden:
-        name = "no downloads in tests"
-
-        def fetch(self, names):
-            attempts.append(list(names))
-            raise RuntimeError("a test tried to download MNIST")
-
-    monkeypatch.setenv("FASTNN_DATA", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(datasets, "DEFAULT_SOURCES", (Forbidden(),))
-    yield
-    assert attempts == []
+pytestmark = pytest.mark.usefixtures("forbid_downloads")
 
 
 @pytest.fixture
