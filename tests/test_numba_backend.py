@@ -407,7 +407,7 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) ->
     ops = backend_module.NumbaOps()
     plan = Network(small_config("numpy", batch_norm="node")).plan
     monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 0.0)
-    monkeypatch.setattr(ops, "_probe", lambda plan, dtype: __import__("time").sleep(0.3))
+    monkeypatch.setattr(ops, "run_probe", lambda plan, dtype: __import__("time").sleep(0.3))
     ops.warm_up(plan)
     assert terminal.text == "\ncompiling kernels (first run only)\n"
     ops.warm_up(plan)  # already warm: no second notice

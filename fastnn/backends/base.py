@@ -270,6 +270,29 @@ class Ops:
         """Compile whatever the backend compiles for ``plan``, before any timing starts
         (reference: nothing)."""
 
+    def run_probe(self, plan: Plan, dtype: Any) -> None:
+        """A 3-row epoch and evaluation of ``plan`` on throw-away arrays (what a compiling
+        backend's `warm_up` runs so that every kernel of the plan is built)."""
+        import numpy
+
+        xp, rows = self.xp, 3
+        params = {
+            name: xp.full(shape, 0.5, dtype) if name.startswith(("W", "gamma"))
+            else xp.zeros(shape, dtype)
+            for name, shape in plan.param_shapes().items()
+        }
+        running = {
+            k: (xp.zeros(plan.sizes[k], dtype), xp.ones(plan.sizes[k], dtype))
+            for k in range(1, plan.n_layers)
+        } if plan.batch_norm != "off" else {}
+        x = numpy.linspace(-1.0, 1.0, rows * plan.sizes[0]).reshape(rows, -1).astype(dtype)
+        t = numpy.eye(plan.sizes[-1], dtype=dtype)[numpy.arange(rows) % plan.sizes[-1]]
+        x, t = self.asarray(x), self.asarray(t)
+        workspace = self.workspace(threads=1)
+        with numpy.errstate(all="ignore"):
+            self.train_epoch(plan, params, running, x, t, numpy.arange(rows), 0, workspace)
+            self.evaluate(plan, params, running, x, t, workspace)
+
     def train_epoch(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,

@@ -827,24 +827,7 @@ class KernelOps(Ops):
                plan.tracks_running)
         if dtype not in _FLOATS or key in self._warmed:
             return
-        xp = self.xp
-        params = {
-            name: xp.full(shape, 0.5, dtype) if name.startswith(("W", "gamma"))
-            else xp.zeros(shape, dtype)
-            for name, shape in plan.param_shapes().items()
-        }
-        running = {
-            k: (xp.zeros(plan.sizes[k], dtype), xp.ones(plan.sizes[k], dtype))
-            for k in range(1, plan.n_layers)
-        } if plan.batch_norm != "off" else {}
-        rows = 3
-        x = xp.asarray(np.linspace(-1.0, 1.0, rows * plan.sizes[0]).reshape(rows, -1)
-                       .astype(dtype))
-        t = xp.asarray(np.eye(plan.sizes[-1], dtype=dtype)[np.arange(rows) % plan.sizes[-1]])
-        workspace = self.workspace(threads=1)
-        with np.errstate(all="ignore"):
-            self.train_epoch(plan, params, running, x, t, np.arange(rows), 0, workspace)
-            self.evaluate(plan, params, running, x, t, workspace)
+        self.run_probe(plan, dtype)
         self.device.synchronize()
         with self._lock:
             self._warmed.add(key)

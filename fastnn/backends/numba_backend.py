@@ -234,31 +234,12 @@ class NumbaOps(NumpyOps):
             notice.daemon = True
             notice.start()
         try:
-            self._probe(plan, dtype)
+            self.run_probe(plan, dtype)
         finally:
             if notice is not None:
                 notice.cancel()
         with self._lock:
             self._warmed.add(key)
-
-    def _probe(self, plan: Plan, dtype: np.dtype) -> None:
-        """Run a 3-row epoch and evaluation of ``plan`` on throw-away arrays."""
-        params = {
-            name: np.full(shape, 0.5, dtype) if name.startswith(("W", "gamma"))
-            else np.zeros(shape, dtype)
-            for name, shape in plan.param_shapes().items()
-        }
-        running = {
-            k: (np.zeros(plan.sizes[k], dtype), np.ones(plan.sizes[k], dtype))
-            for k in range(1, plan.n_layers)
-        } if plan.batch_norm != "off" else {}
-        rows = 3
-        x = np.linspace(-1.0, 1.0, rows * plan.sizes[0]).reshape(rows, -1).astype(dtype)
-        t = np.eye(plan.sizes[-1], dtype=dtype)[np.arange(rows) % plan.sizes[-1]]
-        workspace = self.workspace(threads=1)
-        with np.errstate(all="ignore"):
-            self.train_epoch(plan, params, running, x, t, np.arange(rows), 0, workspace)
-            self.evaluate(plan, params, running, x, t, workspace)
 
     # ---- random masks ----
     def article_mask(self, key: int, d: int, keep: float, dtype: str) -> Any:
