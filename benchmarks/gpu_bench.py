@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch_peer import build_model, epoch_order, epoch_runner
 
 from fastnn import Config, Network, Trainer
 from fastnn.datasets import load_idx_folder
@@ -140,10 +141,6 @@ def scaled(folder: str, dry_run: bool) -> tuple[np.ndarray, ...]:
     return scale(x), labels.astype(np.int64), scale(x_test), labels_test.astype(np.int64)
 
 
-def epoch_order(epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(1000 + epoch).permutation(n)
-
-
 def time_cupy(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int,
               hidden: tuple[int, ...]) -> list[float]:
     """Seconds of each timed epoch of the cupy backend (one untimed epoch first)."""
@@ -174,45 +171,17 @@ def time_torch(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int, devic
                hidden: tuple[int, ...]) -> list[float]:
     """The same network, batch size, plain SGD and evaluation in PyTorch eager."""
     import torch
-    from torch import nn
 
     torch.manual_seed(0)
     x, labels, x_test, labels_test = (torch.from_numpy(a).to(device) for a in data)
-    layers: list[nn.Module] = []
-    sizes = (x.shape[1], *hidden)
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if batch_norm != "off":  # evaluated in training mode: statistics of the evaluated set
-            layers.append(nn.BatchNorm1d(fan_out))
-        layers.append(nn.ReLU())
-    layers.append(nn.Linear(sizes[-1], 10))
-    model = nn.Sequential(*layers).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def evaluate(inputs: Any, targets: Any) -> tuple[float, float]:
-        with torch.no_grad():
-            outputs = model(inputs)
-            accuracy = (outputs.argmax(1) == targets).double().mean()
-            return float(loss_fn(outputs, targets)), float(accuracy)
-
-    def synchronize() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
+    model = build_model(x.shape[1], hidden, 10, batch_norm).to(device)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run_epoch = epoch_runner(model, x, labels, x_test, labels_test, BATCH, synchronize)
     seconds = []
     for epoch in range(epochs + 1):
         host_order = epoch_order(epoch, len(labels))
         start = time.perf_counter()
-        order = torch.from_numpy(host_order).to(device)  # uploaded once per epoch, as cupy's
-        for first in range(0, len(order), BATCH):
-            index = order[first : first + BATCH]
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x[index]), labels[index]).backward()
-            optimizer.step()
-        evaluate(x, labels)
-        evaluate(x_test, labels_test)
-        synchronize()
+        run_epoch(torch.from_numpy(host_order).to(device))  # uploaded once per epoch, as cupy's
         seconds.append(time.perf_counter() - start)
     return seconds[1:]
 

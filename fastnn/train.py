@@ -195,7 +195,7 @@ class Trainer:
     ) -> None:
         history = self.history
         if not self._stopped():
-            if net.ops.overlaps_evaluation and workspace.threads >= 2:
+            if net.ops.overlaps_evaluation(workspace):
                 self._overlapped_epochs(net, workspace, train, test, val)
             else:
                 self._epochs_in_turn(net, workspace, train, test, val)

@@ -240,7 +240,9 @@ def test_sparse_data_takes_the_sparse_path_and_dense_data_the_dense_one(numba_op
         assert space.counters["sparse_steps"] == (3 if path == "sparse" else 0)
         ours.evaluate(x, t, t.argmax(1), space)
         expected = {f"train_{path}": 1, f"evaluate_{path}": 1}
-        assert {k: v for k, v in space.counters.items() if k != "sparse_steps"} == expected
+        paths = {k: v for k, v in space.counters.items()
+                 if k != "sparse_steps" and not k.startswith("train_threads")}
+        assert paths == expected
     space = workspace(numba_ops, dense, sparse)
     assert space.prepared(dense)[1] is None
     density, csr = space.prepared(sparse)
@@ -418,22 +420,144 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) ->
     assert terminal.text.count("compiling") == 1
 
 
+# ---- two threads: a step shared between them, or evaluation beside training ----
+
+SPLIT_CASES = {
+    "plain": {},
+    "bn-article-dropout": dict(batch_norm="bn", dropout_input=0.8, dropout_hidden=0.5),
+    "node-inverted-l2": dict(batch_norm="node", dropout_mode="inverted", dropout_input=0.8,
+                             dropout_hidden=0.6, weight_decay=("l2", 1e-3)),
+    "n-l1-tanh": dict(batch_norm="n", weight_decay=("l1", 1e-3), activation="tanh"),
+    "batch-1": dict(batch_size=1, batch_norm="off"),
+    "odd-batch-narrow": dict(batch_size=7, hidden=(1, 3), batch_norm="bn"),
+    "one-hidden-mse": dict(hidden=(4,), output="identity_mse", dropout_input=0.7),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparse", (False, True), ids=("dense", "sparse"))
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_a_step_shared_by_two_threads_gives_the_same_bits(
+    numba_ops: Any, case: str, sparse: bool, dtype: str
+) -> None:
+    """Each step's parts on two threads (a spin barrier between phases) give exactly what the
+    same parts give one after another on one thread, and match the reference."""
+    options = {**SPLIT_CASES[case], "dtype": dtype}
+    x, t, _ = small_data(dtype, n=23)
+    if sparse:
+        x = sparse_x(dtype, 23, 6)
+    order = np.random.default_rng(4).permutation(len(x))
+    results = []
+    for threads in (1, 2):
+        ours, ref = _pair(options)
+        space = numba_ops.workspace(threads=threads)
+        space.options["sparse_mode"] = "1" if sparse else "0"
+        numba_ops.prepare_inputs(x, space)
+        for epoch in (1, 2):
+            ours.train_epoch(x, t, order, epoch, space)
+            ref.train_epoch(x, t, order, epoch)
+        assert space.counters[f"train_threads_{threads}"] == 2
+        assert space.counters["sparse_steps"] == (2 * len(range(0, 23, ours.plan.batch_size))
+                                                  if sparse else 0)
+        results.append(ours.state_arrays())
+    for name, value in results[0].items():
+        assert np.array_equal(value, results[1][name]), name
+    assert_all_close("train_epoch", ours.params, ref.numpy_params(), dtype)
+
+
+def test_overlap_mode_trains_on_one_thread(numba_ops: Any, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """FASTNN_NUMBA_PARALLEL=overlap: a two-thread run's steps stay on one thread (the other
+    evaluates); an unknown value keeps the default, "split"."""
+    x, t, _ = small_data("float64")
+    for value, threads in (("overlap", 1), ("bogus", 2), ("split", 2)):
+        monkeypatch.setenv("FASTNN_NUMBA_PARALLEL", value)
+        space = numba_ops.workspace(threads=2)
+        assert numba_ops.overlaps_evaluation(space) == (value == "overlap")
+        Network(small_config("numba")).train_epoch(x, t, np.arange(len(x)), 1, space)
+        assert space.counters[f"train_threads_{threads}"] == 1, value
+
+
+def test_a_failing_thread_releases_the_other(numba_ops: Any) -> None:
+    """When one part's thread raises, the barrier is abandoned: the other returns and the
+    error reaches the caller (no hang), whichever thread failed."""
+    import numba
+
+    sync = numba_ops.kernels.sync
+
+    @numba.njit(nogil=True)
+    def meet(threads: int, barrier: Any) -> int:
+        for _ in range(1000):
+            if not sync.wait_for_all(barrier, threads):
+                return -1
+        return 0
+
+    for failing in (0, 1):
+        def kernel(me: int, threads: int, barrier: Any, failing: int = failing) -> int:
+            if me == failing:
+                raise ValueError(f"part {me} failed")
+            return meet(threads, barrier)
+
+        with pytest.raises(ValueError, match=f"part {failing} failed"):
+            backend_module._run_parts(kernel, sync, 2, ())
+    assert backend_module._run_parts(lambda me, threads, barrier: meet(threads, barrier),
+                                     sync, 2, ()) == 0
+
+
+def test_spin_barrier_orders_memory(numba_ops: Any) -> None:
+    """Two threads take 20000 rounds: what one wrote before a round is seen by the other after
+    it, and no thread leaves a round early."""
+    import threading
+
+    import numba
+
+    sync = numba_ops.kernels.sync
+    rounds = 20_000
+
+    @numba.njit(nogil=True)
+    def take_turns(me: int, barrier: Any, log: Any) -> int:
+        for r in range(log.shape[1]):
+            log[me, r] = r
+            if not sync.wait_for_all(barrier, 2):
+                return -2
+            if log[1 - me, r] != r:
+                return r
+        return -1
+
+    log = np.full((2, rounds), -5, np.int64)
+    barrier = sync.new_barrier()
+    outcome = [0, 0]
+
+    def run(me: int) -> None:
+        outcome[me] = take_turns(me, barrier, log)
+
+    assert take_turns(0, sync.new_barrier(), np.zeros((2, 0), np.int64)) == -1  # compiled
+    workers = [threading.Thread(target=run, args=(me,)) for me in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert outcome == [-1, -1]
+
+
 @pytest.mark.parametrize("changes", [
     dict(batch_norm="bn", dropout_hidden=0.5, dtype="float32"),
     dict(batch_norm="node", bn_eval="running", early_stopping=1, validation_fraction=0.2,
          eta=0.5),
     dict(eta=50.0, stop_on_divergence=True, batch_norm="off"),
 ])
-def test_evaluating_beside_training_gives_the_figures_of_epochs_in_turn(
-    changes: dict[str, Any]
+def test_two_threads_give_the_figures_of_one(
+    changes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """threads=2 evaluates epoch e while e + 1 trains; threads=1 works in turn. Histories,
-    decisions (early stopping, divergence), snapshots and final parameters are identical."""
+    """threads=1 works in turn; threads=2 shares each step ("split") or evaluates epoch e while
+    e + 1 trains ("overlap"). Histories, decisions (early stopping, divergence), snapshots and
+    final parameters are identical."""
     x, t = make_blobs(900, 20, 3, seed=5)
     noisy = np.random.default_rng(0).random(900) < 0.5  # half the labels random: it overfits
     t = np.where(noisy, np.random.default_rng(1).integers(0, 3, 900), t)
     results = []
-    for threads in (1, 2):
+    for threads, mode in ((1, "split"), (2, "split"), (2, "overlap")):
+        monkeypatch.setenv("FASTNN_NUMBA_PARALLEL", mode)
         config = Config(hidden=(16, 8), n_inputs=20, n_outputs=3, epochs=6, batch_size=64,
                         backend="numba", seed=3, **changes)
         epochs_seen: list[int] = []
@@ -448,12 +572,13 @@ def test_evaluating_beside_training_gives_the_figures_of_epochs_in_turn(
         record = {k: v for k, v in history.to_dict().items() if k != "epoch_seconds"}
         results.append((record, trainer.network.state_arrays(), epochs_seen,
                         trainer.state.arrays))
-    (first, params, seen, state), (second, params2, seen2, state2) = results
-    assert first == second
-    assert seen == seen2 == list(range(1, len(seen) + 1))
-    for name in params:
-        assert np.array_equal(params[name], params2[name]), name
-        assert np.array_equal(state[name], state2[name]), name
+    first, params, seen, state = results[0]
+    for second, params2, seen2, state2 in results[1:]:
+        assert first == second
+        assert seen == seen2 == list(range(1, len(seen) + 1))
+        for name in params:
+            assert np.array_equal(params[name], params2[name]), name
+            assert np.array_equal(state[name], state2[name]), name
     events = first["events"]
     if "early_stopping" in changes:
         assert events["stopped_early_at"] < 6 and events["restored_best_epoch"] >= 1

@@ -51,9 +51,12 @@ class Ops:
 
     name = "reference"
     xp: Any = None
-    #: True when evaluation and training release the GIL, so a trainer may evaluate one epoch
-    #: on one thread while the next trains on another (same results, both cores busy)
-    overlaps_evaluation = False
+
+    def overlaps_evaluation(self, workspace: Workspace) -> bool:
+        """True when a trainer should evaluate epoch e on one thread while e + 1 trains on
+        another (same results): the ops release the GIL and the run's threads are better
+        spent so. The reference: never."""
+        return False
 
     # ---- arrays ----
     def asarray(self, array: Any, dtype: str | None = None) -> Array:

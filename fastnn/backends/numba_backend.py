@@ -66,7 +66,12 @@ WORKSPACE_DEFAULTS: dict[str, Any] = {
     "sparse_threshold": 0.35,
     "sparse_train_dtypes": ("float32", "float64"),
     "eval_block": 2048,
+    "parallel": "split",
 }
+#: how a run with two threads or more uses them (FASTNN_NUMBA_PARALLEL): "split" shares each
+#: training step between two threads, then evaluation's blocks; "overlap" trains on one thread
+#: while the previous epoch is evaluated on another
+PARALLEL_MODES = ("split", "overlap")
 
 
 def _same_float_arrays(*arrays: Any) -> bool:
@@ -172,7 +177,6 @@ class NumbaOps(NumpyOps):
     """Reference ops on NumPy arrays with compiled fused kernels and a compiled epoch."""
 
     name = "numba"
-    overlaps_evaluation = True  # the epoch and evaluation kernels release the GIL
 
     def __init__(self) -> None:
         self._modules: Any = None
@@ -193,11 +197,11 @@ class NumbaOps(NumpyOps):
     def kernels(self) -> Any:
         """The kernel modules, imported on first use (creating dispatchers compiles nothing)."""
         if self._modules is None:
-            from .numba_kernels import blas, epoch, evaluate, layers, masks, sparse
+            from .numba_kernels import blas, epoch, evaluate, layers, masks, sparse, sync
 
             self._modules = SimpleNamespace(
                 blas=blas, epoch=epoch, evaluate=evaluate, layers=layers, masks=masks,
-                sparse=sparse,
+                sparse=sparse, sync=sync,
             )
         return self._modules
 
@@ -209,12 +213,24 @@ class NumbaOps(NumpyOps):
         """A run's workspace, with this backend's options read from the environment now."""
         workspace = Workspace(threads)
         mode = os.environ.get("FASTNN_NUMBA_SPARSE", "auto").strip().lower() or "auto"
+        parallel = os.environ.get("FASTNN_NUMBA_PARALLEL", "").strip().lower()
         workspace.options.update(
             WORKSPACE_DEFAULTS,
             sparse_mode=mode if mode in ("0", "1", "auto") else "auto",
             eval_threads=workspace.threads,
         )
+        if parallel in PARALLEL_MODES:
+            workspace.options["parallel"] = parallel
         return workspace
+
+    def overlaps_evaluation(self, workspace: Workspace) -> bool:
+        """With ``parallel`` "overlap" (and two threads or more): epoch e is evaluated on one
+        thread while e + 1 trains on another. With "split", each step is shared instead."""
+        return workspace.threads >= 2 and workspace.options.get("parallel") == "overlap"
+
+    def _splits_steps(self, workspace: Workspace) -> bool:
+        """Whether this epoch's steps are shared by two threads (two are free, "split")."""
+        return workspace.free_threads >= 2 and workspace.options.get("parallel") == "split"
 
     def blas_thread_count(self, threads: int) -> int:
         """One: a batch's products are too small to gain from a second BLAS thread, and a
@@ -647,9 +663,16 @@ class NumbaOps(NumpyOps):
             momentum_rest=dtype(1 - plan.bn_momentum),
         )
         csr = self._first_layer(x, layers.weights[0], "train", workspace)
-        sparse_steps = self.kernels.epoch.train_epoch(x, t, order, layers, step_plan,
-                                                      self._blas(x.dtype), csr)
-        workspace.count("sparse_steps", int(sparse_steps))
+        epoch_kernels = self.kernels.epoch
+        buffers, parts = epoch_kernels.step_buffers(
+            plan.sizes, min(plan.batch_size, len(order)), t.shape[1], x.dtype,
+            step_plan.keep_ratios, step_plan.inverted, csr.sparse)
+        arguments = (x, t, order, layers, step_plan, self._blas(x.dtype), csr, buffers, parts)
+        threads = epoch_kernels.PARTS if self._splits_steps(workspace) else 1
+        sparse_steps = _run_parts(epoch_kernels.train_epoch_part, self.kernels.sync, threads,
+                                  arguments)
+        workspace.count("sparse_steps", sparse_steps)
+        workspace.count(f"train_threads_{threads}")
 
     # ---- evaluation ----
     def evaluate(
@@ -727,6 +750,41 @@ class NumbaOps(NumpyOps):
         identity = eval_plan.output == OUTPUT_CODES["identity_mse"]
         loss = 0.5 * total / n_rows if identity else -total / n_rows
         return float(dtype.type(loss)), predicted
+
+
+def _run_parts(kernel: Any, sync: Any, threads: int, arguments: tuple[Any, ...]) -> int:
+    """``kernel`` (`train_epoch_part`) with its parts on ``threads`` threads: this one and, for
+    2, a helper. A thread that fails abandons the barrier, so the other returns; the error is
+    raised here. Returns the kernel's count of sparse steps."""
+    barrier = sync.new_barrier()
+    if threads < 2:
+        return int(kernel(0, 1, barrier, *arguments))
+    errors: list[BaseException] = []
+
+    def helper() -> None:
+        try:
+            kernel(1, threads, barrier, *arguments)
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+            sync.abandon(barrier)
+
+    thread = threading.Thread(target=helper, daemon=True, name="fastnn-step-part")
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had: the parts run one after the other
+        return int(kernel(0, 1, barrier, *arguments))
+    try:
+        steps = int(kernel(0, threads, barrier, *arguments))
+    except BaseException:
+        sync.abandon(barrier)
+        raise
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+    if steps < 0:
+        raise RuntimeError("a training thread stopped before the epoch's end")
+    return steps
 
 
 def _run_blocks(n_blocks: int, threads: int, run: Any) -> None:

@@ -164,8 +164,10 @@ def _fortran32_gemm(typingctx: Any, address: Any, trans_a: Any, trans_b: Any, m:
 
 @jit
 def gemm(blas, trans_a, trans_b, alpha, a, b, beta, c):
-    """c = alpha * op(a) @ op(b) + beta * c on C-contiguous arrays (op: transpose when set),
-    by the BLAS of the `Blas` record ``blas``. alpha and beta must have the arrays' dtype.
+    """c = alpha * op(a) @ op(b) + beta * c (op: transpose when set), by the BLAS of the `Blas`
+    record ``blas``. alpha and beta must have the arrays' dtype. The arrays' rows must be
+    contiguous (a C-contiguous array or a block of its columns): the leading dimensions are
+    their row strides.
     """
     blas_kind, address = blas.kind, blas.address
     m, n = c.shape
@@ -177,7 +179,9 @@ def gemm(blas, trans_a, trans_b, alpha, a, b, beta, c):
             for j in range(n):
                 c[i, j] = beta * c[i, j] if beta != 0 else beta
         return
-    lda, ldb, ldc = max(a.shape[1], 1), max(b.shape[1], 1), max(c.shape[1], 1)
+    lda = max(a.strides[0] // a.itemsize, a.shape[1], 1)
+    ldb = max(b.strides[0] // b.itemsize, b.shape[1], 1)
+    ldc = max(c.strides[0] // c.itemsize, c.shape[1], 1)
     if blas_kind == BLAS_CBLAS64:
         _cblas64_gemm(address, _CBLAS_TRANS if trans_a else _CBLAS_NO_TRANS,
                       _CBLAS_TRANS if trans_b else _CBLAS_NO_TRANS, m, n, k, alpha, a, lda, b,

@@ -1,39 +1,128 @@
-"""The numba backend's training epoch: a compiled loop around the per-op kernels.
+"""The numba backend's training epoch: a compiled loop around the per-op kernels, in parts.
 
-`train_epoch` runs the steps of `fastnn.backends.steps.train_step` in the same order, each op
-by the kernel that the backend's override of that op runs: the mask from its key
-(`masks.dropout_multiplier`), `layers.affine`, `layers.hidden_forward`,
-`layers.output_grad_from_u`, `layers.affine_backward_update`, `layers.hidden_backward`,
-`layers.layer_parameter_grads` + `layers.sgd_vector`, `layers.update_running`. It re-derives
-nothing: what an op means lives in its kernel. With a CSR form of x, layer 1's product and
-update skip x's zeros (`sparse`).
+`train_epoch_part` runs the steps of `fastnn.backends.steps.train_step` in the same order, each
+op by the kernel that the backend's override of that op runs: the mask from its key
+(`masks`), `layers.affine`, `layers.hidden_forward`, `layers.output_grad_rows`,
+`layers.affine_backward_update_rows`, `layers.hidden_backward`, `layers.layer_parameter_grads`
++ `layers.sgd_vector`, `layers.update_running`. It re-derives nothing: what an op means lives
+in its kernel. With a CSR form of x, layer 1's product and update skip x's zeros (`sparse`).
+
+Every step is computed in `PARTS` parts, so that two threads can share it:
+
+- forward, by rows of the batch: a row's pre-activations, activations and output gradient
+  need no other row (with batch norm, the statistics and normalisation go by columns, between
+  two barriers);
+- backward, by rows of each W (the layer's inputs): dx[:, rows] = du W[rows]^T and the update
+  of W[rows] need no other rows, and neither does the hidden layer's batch-norm backward of
+  those columns (without batch norm it goes by rows of the batch); the bias by columns of du;
+- one thread per part, meeting at a spin barrier (`sync`) between the phases; with one thread
+  the parts run one after the other.
+
+No number is summed across parts, and the parts are the same whatever the thread count, so a
+run gives the same bits with one thread or two.
 """
 
 from __future__ import annotations
+
+from collections import namedtuple
+from typing import Any
 
 import numpy as np
 
 from .common import BN_OFF, jit, jit_nogil
 from .layers import (
     affine,
-    affine_backward_update,
+    affine_backward_update_rows,
+    batch_norm_backward_finish,
+    batch_norm_backward_sums,
+    batch_statistics_columns,
+    column_sums,
     hidden_backward,
     hidden_forward,
     layer_parameter_grads,
     multiplier_row,
-    output_grad_from_u,
+    normalise_activate,
+    output_grad_rows,
     sgd_vector,
+    std_columns,
     update_running,
 )
-from .masks import dropout_multiplier, fold_counter
+from .masks import fill_article_mask, fill_bernoulli_rows, fold_counter
 from .sparse import (
     SparseBatch,
     all_finite,
     gather_targets,
     sparse_affine_rows,
-    sparse_backward_update,
     sparse_batch,
+    sparse_weight_update,
+    transpose_part,
 )
+from .sync import wait_for_all
+
+PARTS = 2
+
+#: the arrays one epoch's steps share (index k: layer k, 0 the input; ``finite``: per part,
+#: whether its rows of W1 are finite)
+StepBuffers = namedtuple(
+    "StepBuffers",
+    "z u u_hat y du dz mean var std dw multiplier t_batch db dgamma_nodes dbeta_nodes dgamma "
+    "dbeta mean_g mean_gu finite",
+)
+
+
+def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
+                 keep_ratios: np.ndarray, inverted: bool, sparse: bool,
+                 ) -> tuple[StepBuffers, tuple[SparseBatch, ...]]:
+    """The shared buffers of an epoch of batches of up to ``rows`` rows, and each part's
+    `SparseBatch` (of no size when the input is dense)."""
+    n_layers = len(sizes) - 1
+    widest = max(sizes)
+
+    def per_layer(shape: Any, fill: float | None = None) -> tuple[np.ndarray, ...]:
+        made = tuple(np.empty(shape(k), dtype) for k in range(n_layers + 1))
+        if fill is not None:
+            for array in made:
+                array.fill(fill)
+        return made
+
+    multiplier = tuple(
+        np.empty((rows if inverted else 1, sizes[k]), dtype) if keep_ratios[k] < 1.0
+        else np.ones((1, 1), dtype)
+        for k in range(n_layers)
+    )
+    buffers = StepBuffers(
+        *(per_layer(lambda k: (rows, sizes[k])) for _ in range(6)),
+        per_layer(lambda k: sizes[k], 0.0), per_layer(lambda k: sizes[k], 1.0),
+        per_layer(lambda k: sizes[k], 1.0),
+        tuple(np.empty((sizes[k], sizes[k + 1]), dtype) for k in range(n_layers)),
+        multiplier, np.empty((rows, classes), dtype), np.empty(widest, dtype),
+        per_layer(lambda k: sizes[k]), per_layer(lambda k: sizes[k]),
+        np.empty(widest, dtype), np.empty(widest, dtype), per_layer(lambda k: sizes[k]),
+        per_layer(lambda k: sizes[k]), np.ones(PARTS, np.int64),
+    )
+    part_rows = -(-rows // PARTS)
+    capacity = part_rows * sizes[0] if sparse else 0
+    parts = tuple(
+        SparseBatch(np.zeros(2, np.int64), np.zeros(part_rows + 1, np.int64),
+                    np.empty(capacity, np.int32), np.empty(capacity, dtype),
+                    np.zeros(sizes[0] + 1, np.int64), np.empty(sizes[0], np.int64),
+                    np.empty(capacity, np.int64), np.empty(capacity, dtype),
+                    np.empty(rows, np.int64), np.empty(rows, dtype), np.empty(sizes[1], dtype))
+        for _ in range(PARTS)
+    )
+    return buffers, parts
+
+
+@jit
+def part_range(size, part):
+    """The slice of 0..size-1 that part ``part`` of `PARTS` computes."""
+    return size * part // PARTS, size * (part + 1) // PARTS
+
+
+@jit
+def rows_of(multiplier, low, high):
+    """Rows low..high-1 of a (1 or n, 1 or d) multiplier (a broadcast row stays as it is)."""
+    return multiplier[low:high] if multiplier.shape[0] > 1 else multiplier[:]
 
 
 @jit
@@ -57,128 +146,178 @@ def gather_batch(x, t, order, start, multiplier, z0, t_batch):
 
 
 @jit_nogil
-def train_epoch(x, t, order, layers, plan, blas, csr):
-    """Every SGD step of one epoch over the rows of x in ``order``, updating ``layers`` in place.
+def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr, buffers, parts):
+    """This thread's parts of every SGD step of one epoch over the rows of x in ``order``,
+    updating ``layers`` in place.
 
-    ``layers``: a `Layers` record (gammas/betas/running_* have dummies where a layer has none);
-    ``plan``: a `StepPlan`; ``blas``: a `Blas`; ``csr``: x in CSR form (a `Csr`). Returns how
-    many steps took the sparse first layer.
+    ``me``: this thread's number of ``threads`` (1: it runs every part; `PARTS`: part ``me``);
+    ``barrier``: the threads' `sync` state; ``layers``: a `Layers` record (gammas/betas/running_*
+    have dummies where a layer has none); ``plan``: a `StepPlan`; ``blas``: a `Blas`; ``csr``: x
+    in CSR form (a `Csr`); ``buffers`` and ``parts``: from `step_buffers`, shared by the
+    threads. Returns how many steps took the sparse first layer (-1: the barrier was abandoned).
     """
     weights, biases, gammas, betas = layers.weights, layers.biases, layers.gammas, layers.betas
+    z, u, u_hat, y, du, dz = buffers.z, buffers.u, buffers.u_hat, buffers.y, buffers.du, buffers.dz
+    mean, var, std, multiplier = buffers.mean, buffers.var, buffers.std, buffers.multiplier
+    t_batch, db, finite = buffers.t_batch, buffers.db, buffers.finite
     n_layers = len(weights)
     n_rows = order.shape[0]
     batch_size = plan.batch_size
     dtype = x.dtype
     zero = dtype.type(0.0)
+    bn, has_gamma = plan.bn, plan.has_gamma
+    first_part, last_part = (me, me + 1) if threads > 1 else (0, PARTS)
     sizes = np.empty(n_layers + 1, np.int64)
     sizes[0] = weights[0].shape[0]
+    shared_masks = False  # article masks: one row for the whole batch, made by part 0
     for k in range(n_layers):
         sizes[k + 1] = weights[k].shape[1]
-    rows = min(batch_size, n_rows)
-    widest = sizes.max()
-    bn, has_gamma = plan.bn, plan.has_gamma
-
-    # buffers; index k = layer k (0: the input)
-    z_buf = [np.empty((rows, sizes[k]), dtype) for k in range(n_layers + 1)]
-    u_buf = [np.empty((rows, sizes[k]), dtype) for k in range(n_layers + 1)]
-    u_hat_buf = [np.empty((rows, sizes[k]), dtype) for k in range(n_layers + 1)]
-    y_buf = [np.empty((rows, sizes[k]), dtype) for k in range(n_layers + 1)]
-    du_buf = [np.empty((rows, sizes[k]), dtype) for k in range(n_layers + 1)]
-    dz_buf = [np.empty((rows, sizes[k]), dtype) for k in range(n_layers + 1)]
-    mean_buf = [np.zeros(sizes[k], dtype) for k in range(n_layers + 1)]
-    var_buf = [np.ones(sizes[k], dtype) for k in range(n_layers + 1)]
-    std_buf = [np.ones(sizes[k], dtype) for k in range(n_layers + 1)]
-    dw_buf = [np.empty((sizes[k], sizes[k + 1]), dtype) for k in range(n_layers)]
-    db = np.empty(widest, dtype)
-    dgamma_nodes = np.empty(widest, dtype)
-    dbeta_nodes = np.empty(widest, dtype)
-    dgamma = np.empty(widest, dtype)
-    dbeta = np.empty(widest, dtype)
-    multiplier = [np.ones((1, 1), dtype) for _ in range(n_layers)]
-    for k in range(n_layers):
-        if plan.keep_ratios[k] < 1.0:
-            multiplier[k] = np.empty((rows if plan.inverted else 1, sizes[k]), dtype)
-    scratch = np.empty(widest, np.uint64)
-    t_batch = np.empty((rows, t.shape[1]), dtype)
-    # the sparse first layer: a batch's CSR rows, its columns, a row of x^T du
-    capacity = rows * sizes[0] if csr.sparse else 0
-    batch = SparseBatch(
-        np.zeros(rows + 1, np.int64), np.empty(capacity, np.int32), np.empty(capacity, dtype),
-        np.empty(sizes[0] + 1, np.int64), np.empty(capacity, np.int64),
-        np.empty(capacity, dtype), np.empty(sizes[1], dtype),
-    )
-    w1_finite = csr.sparse and all_finite(weights[0])
+        shared_masks |= plan.keep_ratios[k] < 1.0 and not plan.inverted
+    scratch = np.empty(sizes.max(), np.uint64)
+    for part in range(first_part, last_part):
+        low, high = part_range(sizes[0], part)
+        finite[part] = 1 if csr.sparse and all_finite(weights[0][low:high]) else 0
+    if not wait_for_all(barrier, threads):
+        return -1
     sparse_steps = 0
 
     for step in range((n_rows + batch_size - 1) // batch_size):
         start = step * batch_size
         n = min(batch_size, n_rows - start)
+        count = dtype.type(n)
+        use_sparse = csr.sparse and finite.min() == 1
         # the dropout multipliers, from the keys of (epoch, step, layer)
         step_key = fold_counter(plan.epoch_key, step)
-        for k in range(n_layers):
-            if plan.keep_ratios[k] < 1.0:
-                dropout_multiplier(fold_counter(step_key, k), plan.keep_ratios[k],
-                                   plan.keep_counts[k], plan.inverted, scratch[: sizes[k]],
-                                   multiplier[k][:n] if plan.inverted else multiplier[k])
-        use_sparse = csr.sparse and w1_finite
-        if use_sparse:
-            sparse_batch(csr.indptr, csr.indices, csr.values, order, start, multiplier[0],
-                         batch.ptr[: n + 1], batch.idx, batch.val)
-            gather_targets(t, order, start, t_batch[:n])
-            sparse_steps += 1
-        else:
-            gather_batch(x, t, order, start, multiplier[0], z_buf[0][:n], t_batch[:n])
-        # forward
+        for part in range(first_part, last_part):
+            r0, r1 = part_range(n, part)
+            for k in range(n_layers):
+                keep = plan.keep_ratios[k]
+                if keep >= 1.0:
+                    continue
+                key = fold_counter(step_key, k)
+                if plan.inverted:
+                    fill_bernoulli_rows(key, keep, dtype.type(1.0) / dtype.type(keep),
+                                        multiplier[k][:n], r0, r1)
+                elif part == 0:
+                    fill_article_mask(key, plan.keep_counts[k], scratch[: sizes[k]],
+                                      multiplier[k][0])
+        if shared_masks and not wait_for_all(barrier, threads):
+            return -1
+        # forward: by rows (batch norm by columns)
         for k in range(1, n_layers + 1):
-            u = u_buf[k][:n]
-            if k == 1 and use_sparse:
-                sparse_affine_rows(batch.ptr[: n + 1], batch.idx, batch.val, weights[0],
-                                   biases[0], u)
-            else:
-                affine(blas, z_buf[k - 1][:n], weights[k - 1], biases[k - 1], u)
-            if k < n_layers:
-                y = y_buf[k][:n] if has_gamma else u_hat_buf[k][:n]
-                hidden_forward(u, plan.act, plan.alpha, bn, gammas[k - 1], betas[k - 1],
-                               has_gamma, True, mean_buf[k], var_buf[k], std_buf[k], True,
-                               u_hat_buf[k][:n], y, multiplier[k], z_buf[k][:n])
-        du = du_buf[n_layers][:n]
-        output_grad_from_u(u_buf[n_layers][:n], t_batch[:n], plan.output, du)
-        # backward, each layer updated as soon as its gradients exist
-        for k in range(n_layers, 0, -1):
-            dz = dz_buf[k - 1][:n]
-            if k == 1 and use_sparse and all_finite(du):
-                w1_finite = sparse_backward_update(batch, du, weights[0], biases[0], plan.eta,
-                                                   plan.decay, plan.lam, dw_buf[0], db[: sizes[1]])
-            else:
-                if k == 1 and use_sparse:  # the dense way needs x's batch rows
-                    gather_batch(x, t, order, start, multiplier[0], z_buf[0][:n], t_batch[:n])
-                affine_backward_update(blas, z_buf[k - 1][:n], weights[k - 1], biases[k - 1],
-                                       du, plan.eta, plan.decay, plan.lam, k > 1, dz,
-                                       dw_buf[k - 1], db[: sizes[k]])
-                if k == 1 and csr.sparse:
-                    w1_finite = all_finite(weights[0])
-            if k > 1:
-                h = k - 1
-                if bn == BN_OFF:
-                    y_h = u_buf[h][:n]
-                elif has_gamma:
-                    y_h = y_buf[h][:n]
+            for part in range(first_part, last_part):
+                r0, r1 = part_range(n, part)
+                if k == 1:  # this part's rows of the batch
+                    if use_sparse:
+                        batch = parts[part]
+                        batch.span[0], batch.span[1] = r0, r1 - r0
+                        sparse_batch(csr.indptr, csr.indices, csr.values, order, start + r0,
+                                     rows_of(multiplier[0], r0, r1), batch.ptr[: r1 - r0 + 1],
+                                     batch.idx, batch.val)
+                        transpose_part(batch)
+                        gather_targets(t, order, start + r0, t_batch[r0:r1])
+                    else:
+                        gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1),
+                                     z[0][r0:r1], t_batch[r0:r1])
+                u_rows = u[k][r0:r1]
+                if k == 1 and use_sparse:
+                    batch = parts[part]
+                    sparse_affine_rows(batch.ptr, batch.idx, batch.val, weights[0], biases[0],
+                                       u_rows)
                 else:
-                    y_h = u_hat_buf[h][:n]
-                du_hidden = du_buf[h][:n]
-                hidden_backward(dz, multiplier[h], plan.act, plan.alpha, bn, False, u_buf[h][:n],
-                                mean_buf[h], std_buf[h], gammas[h - 1], betas[h - 1],
-                                u_hat_buf[h][:n], y_h, gammas[h - 1], has_gamma, du_hidden,
-                                dgamma_nodes[: sizes[h]], dbeta_nodes[: sizes[h]])
-                if has_gamma and plan.bn_rate != zero:
-                    size = gammas[h - 1].shape[0]
-                    layer_parameter_grads(bn, dgamma_nodes[: sizes[h]], dbeta_nodes[: sizes[h]],
-                                          dgamma[:size], dbeta[:size])
-                    sgd_vector(gammas[h - 1], dgamma[:size], plan.bn_rate)
-                    sgd_vector(betas[h - 1], dbeta[:size], plan.bn_rate)
-                du = du_hidden
-        if plan.update_running and bn != BN_OFF:
+                    affine(blas, z[k - 1][r0:r1], weights[k - 1], biases[k - 1], u_rows)
+                if k == n_layers:
+                    output_grad_rows(u_rows, t_batch[r0:r1], plan.output, count,
+                                     du[k][r0:r1])
+                elif bn == BN_OFF:
+                    hidden_forward(u_rows, plan.act, plan.alpha, bn, gammas[k - 1],
+                                   betas[k - 1], has_gamma, True, mean[k], var[k], std[k], True,
+                                   u_hat[k][r0:r1], u_hat[k][r0:r1],
+                                   rows_of(multiplier[k], r0, r1), z[k][r0:r1])
+            if k < n_layers and bn != BN_OFF:
+                if not wait_for_all(barrier, threads):
+                    return -1
+                for part in range(first_part, last_part):  # the statistics, by columns
+                    c0, c1 = part_range(sizes[k], part)
+                    batch_statistics_columns(u[k][:n], mean[k], var[k], c0, c1)
+                    std_columns(var[k], std[k], c0, c1)
+                if not wait_for_all(barrier, threads):
+                    return -1
+                for part in range(first_part, last_part):  # normalised and activated, by rows
+                    r0, r1 = part_range(n, part)
+                    normalise_activate(u[k][r0:r1], plan.act, plan.alpha, gammas[k - 1],
+                                       betas[k - 1], has_gamma, mean[k], std[k], True,
+                                       u_hat[k][r0:r1],
+                                       y[k][r0:r1] if has_gamma else u_hat[k][r0:r1],
+                                       rows_of(multiplier[k], r0, r1), z[k][r0:r1], 0,
+                                       sizes[k])
+        if not wait_for_all(barrier, threads):
+            return -1
+        if use_sparse and first_part == 0:
+            sparse_steps += 1
+        # backward, by rows of each W; each layer updated as soon as its gradients exist
+        for k in range(n_layers, 0, -1):
+            grad = du[k][:n]
+            sparse_update = k == 1 and use_sparse and all_finite(grad)
+            if k == 1 and use_sparse and not sparse_update:  # the dense way needs x's rows
+                for part in range(first_part, last_part):
+                    r0, r1 = part_range(n, part)
+                    gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1),
+                                 z[0][r0:r1], t_batch[r0:r1])
+                if not wait_for_all(barrier, threads):
+                    return -1
+            h = k - 1
+            for part in range(first_part, last_part):
+                i0, i1 = part_range(sizes[h], part)
+                if sparse_update:
+                    finite[part] = sparse_weight_update(parts, part, i0, i1, grad, weights[0],
+                                                        plan.eta, plan.decay, plan.lam,
+                                                        buffers.dw[0])
+                else:
+                    affine_backward_update_rows(blas, z[h][:n], weights[h], grad, plan.eta,
+                                                plan.decay, plan.lam, k > 1, dz[h][:n],
+                                                buffers.dw[h], i0, i1)
+                    if k == 1 and csr.sparse:
+                        finite[part] = 1 if all_finite(weights[0][i0:i1]) else 0
+                j0, j1 = part_range(sizes[k], part)
+                column_sums(grad[:, j0:j1], db[j0:j1])
+                sgd_vector(biases[h][j0:j1], db[j0:j1], plan.eta)
+                if k > 1 and bn != BN_OFF:  # batch norm's sums for the same columns
+                    batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), plan.act,
+                                             plan.alpha, False, u[h][:n], mean[h], std[h],
+                                             gammas[h - 1], betas[h - 1], u_hat[h][:n],
+                                             y[h][:n] if has_gamma else u_hat[h][:n],
+                                             gammas[h - 1], has_gamma, du[h][:n],
+                                             buffers.dgamma_nodes[h], buffers.dbeta_nodes[h],
+                                             buffers.mean_g[h], buffers.mean_gu[h], i0, i1)
+            if not wait_for_all(barrier, threads):
+                return -1
+            if k > 1:  # hidden layer h's backward (with batch norm: its second pass), by rows
+                for part in range(first_part, last_part):
+                    r0, r1 = part_range(n, part)
+                    if bn == BN_OFF:
+                        hidden_backward(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), plan.act,
+                                        plan.alpha, bn, False, u[h][r0:r1], mean[h], std[h],
+                                        gammas[h - 1], betas[h - 1], u_hat[h][r0:r1],
+                                        u[h][r0:r1], gammas[h - 1], has_gamma, du[h][r0:r1],
+                                        buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
+                    else:
+                        batch_norm_backward_finish(u[h][r0:r1], mean[h], std[h], gammas[h - 1],
+                                                   betas[h - 1], False, u_hat[h][r0:r1],
+                                                   gammas[h - 1], has_gamma, du[h][r0:r1],
+                                                   buffers.mean_g[h], buffers.mean_gu[h], 0,
+                                                   sizes[h])
+                if not wait_for_all(barrier, threads):
+                    return -1
+            if k > 1 and has_gamma and plan.bn_rate != zero and first_part == 0:
+                size = gammas[h - 1].shape[0]
+                dgamma, dbeta = buffers.dgamma[:size], buffers.dbeta[:size]
+                layer_parameter_grads(bn, buffers.dgamma_nodes[h], buffers.dbeta_nodes[h],
+                                      dgamma, dbeta)
+                sgd_vector(gammas[h - 1], dgamma, plan.bn_rate)
+                sgd_vector(betas[h - 1], dbeta, plan.bn_rate)
+        if plan.update_running and bn != BN_OFF and first_part == 0:
             for k in range(1, n_layers):
                 update_running(layers.running_means[k - 1], layers.running_vars[k - 1],
-                               mean_buf[k], var_buf[k], plan.momentum, plan.momentum_rest)
+                               mean[k], var[k], plan.momentum, plan.momentum_rest)
     return sparse_steps

@@ -100,11 +100,30 @@ def derivative_row(grad, values, code, alpha, multiplier, out):
 @jit
 def multiplier_row(multiplier, i, expanded):
     """Row i of a (1 or n, 1 or d) multiplier as a full (d,) row (``expanded`` is scratch)."""
+    return multiplier_columns(multiplier, i, 0, expanded.shape[0], expanded)
+
+
+@jit
+def multiplier_columns(multiplier, i, low, high, expanded):
+    """Columns low..high-1 of row i of a (1 or n, 1 or d) multiplier, as a (high - low,) row
+    (``expanded``, of that size, is scratch)."""
     row = multiplier[i if multiplier.shape[0] > 1 else 0]
-    if multiplier.shape[1] == expanded.shape[0]:
-        return row
+    if multiplier.shape[1] > 1:
+        return row[low:high]
     expanded[:] = row[0]
     return expanded
+
+
+@jit
+def parameter_columns(values, low, high):
+    """A (high - low,) copy of entries low..high-1 of a (1,) or (d,) batch-norm parameter
+    ((1,): one value for every node)."""
+    out = np.empty(high - low, values.dtype)
+    if values.shape[0] == 1:
+        out[:] = values[0]
+    else:
+        out[:] = values[low:high]
+    return out
 
 
 # ---- fused hidden layer ----
@@ -113,23 +132,31 @@ def multiplier_row(multiplier, i, expanded):
 @jit
 def batch_statistics(u, mean, var):
     """Per-node batch mean and population variance, summed row by row (two passes)."""
-    n, d = u.shape
+    batch_statistics_columns(u, mean, var, 0, u.shape[1])
+
+
+@jit
+def batch_statistics_columns(u, mean, var, low, high):
+    """`batch_statistics` of columns low..high-1 (into mean[low:high] and var[low:high])."""
+    n = u.shape[0]
     count = u.dtype.type(n)
-    mean[:] = u.dtype.type(0.0)
+    mean_part, var_part = mean[low:high], var[low:high]
+    d = high - low
+    mean_part[:] = u.dtype.type(0.0)
     for i in range(n):
-        row = u[i]
+        row = u[i, low:high]
         for j in range(d):
-            mean[j] += row[j]
+            mean_part[j] += row[j]
     for j in range(d):
-        mean[j] = mean[j] / count
-    var[:] = u.dtype.type(0.0)
+        mean_part[j] = mean_part[j] / count
+    var_part[:] = u.dtype.type(0.0)
     for i in range(n):
-        row = u[i]
+        row = u[i, low:high]
         for j in range(d):
-            deviation = row[j] - mean[j]
-            var[j] += deviation * deviation
+            deviation = row[j] - mean_part[j]
+            var_part[j] += deviation * deviation
     for j in range(d):
-        var[j] = var[j] / count
+        var_part[j] = var_part[j] / count
 
 
 @jit
@@ -146,12 +173,7 @@ def normalise_row(u_row, mean, std, gamma, beta, has_gamma, u_hat_row, y_row):
 @jit
 def expand_parameter(values, d):
     """A (d,) copy of a (1,) or (d,) batch-norm parameter."""
-    out = np.empty(d, values.dtype)
-    if values.shape[0] == 1:
-        out[:] = values[0]
-    else:
-        out[:] = values
-    return out
+    return parameter_columns(values, 0, d)
 
 
 @jit
@@ -164,26 +186,59 @@ def hidden_forward(u, act, alpha, bn, gamma, beta, has_gamma, batch_stats, mean,
     receive the normalised values (pass y = u_hat without gamma); else they are not touched.
     ``multiplier`` is (1 or n, 1 or d): a scalar, a per-node mask or a per-element mask.
     """
-    n, d = u.shape
+    hidden_forward_columns(u, act, alpha, bn, gamma, beta, has_gamma, batch_stats, mean, var,
+                           std, store, u_hat, y, multiplier, z, 0, u.shape[1])
+
+
+@jit
+def hidden_forward_columns(u, act, alpha, bn, gamma, beta, has_gamma, batch_stats, mean, var,
+                           std, store, u_hat, y, multiplier, z, low, high):
+    """`hidden_forward` of columns low..high-1 only (every array is the whole layer's; each
+    node needs no other)."""
+    n = u.shape[0]
+    d = high - low
     expanded = np.empty(d, u.dtype)
     if bn == BN_OFF:
         for i in range(n):
-            activate_row(u[i], act, alpha, multiplier_row(multiplier, i, expanded), z[i])
+            activate_row(u[i, low:high], act, alpha,
+                         multiplier_columns(multiplier, i, low, high, expanded), z[i, low:high])
         return
     if batch_stats:
-        batch_statistics(u, mean, var)
-    floor = u.dtype.type(BN_STD_FLOOR)
-    for j in range(d):
+        batch_statistics_columns(u, mean, var, low, high)
+    std_columns(var, std, low, high)
+    normalise_activate(u, act, alpha, gamma, beta, has_gamma, mean, std, store, u_hat, y,
+                       multiplier, z, low, high)
+
+
+@jit
+def std_columns(var, std, low, high):
+    """std = max(sqrt(var), 1e-7) for entries low..high-1 (NaN stays NaN, like np.maximum)."""
+    floor = var.dtype.type(BN_STD_FLOOR)
+    for j in range(low, high):
         root = np.sqrt(var[j])
-        std[j] = floor if root < floor else root  # NaN stays NaN, like np.maximum
-    gamma_row, beta_row = expand_parameter(gamma, d), expand_parameter(beta, d)
+        std[j] = floor if root < floor else root
+
+
+@jit
+def normalise_activate(u, act, alpha, gamma, beta, has_gamma, mean, std, store, u_hat, y,
+                       multiplier, z, low, high):
+    """z = act(gamma * (u - mean) / std + beta) * multiplier for columns low..high-1 of every
+    row of u (u_hat and y receive the normalised values when ``store``). Rows need no other
+    row: threads may share them out."""
+    n = u.shape[0]
+    d = high - low
+    expanded = np.empty(d, u.dtype)
+    mean_part, std_part = mean[low:high], std[low:high]
+    gamma_row = parameter_columns(gamma, low, high)
+    beta_row = parameter_columns(beta, low, high)
     u_hat_scratch, y_scratch = np.empty(d, u.dtype), np.empty(d, u.dtype)
     for i in range(n):
-        u_hat_row = u_hat[i] if store else u_hat_scratch
-        y_row = y[i] if store else y_scratch
-        normalise_row(u[i], mean, std, gamma_row, beta_row, has_gamma, u_hat_row, y_row)
+        u_hat_row = u_hat[i, low:high] if store else u_hat_scratch
+        y_row = y[i, low:high] if store else y_scratch
+        normalise_row(u[i, low:high], mean_part, std_part, gamma_row, beta_row, has_gamma,
+                      u_hat_row, y_row)
         activate_row(y_row if has_gamma else u_hat_row, act, alpha,
-                     multiplier_row(multiplier, i, expanded), z[i])
+                     multiplier_columns(multiplier, i, low, high, expanded), z[i, low:high])
 
 
 @jit
@@ -205,56 +260,108 @@ def hidden_backward(dz, multiplier, act, alpha, bn, recompute, u, mean, std, for
     forward_beta exactly as the forward pass built them. g = gamma * dy. With BN and gamma,
     dgamma_nodes/dbeta_nodes receive the per-node sums of u_hat*dy and dy.
     """
-    n, d = dz.shape
+    hidden_backward_columns(dz, multiplier, act, alpha, bn, recompute, u, mean, std,
+                            forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
+                            dgamma_nodes, dbeta_nodes, 0, dz.shape[1])
+
+
+@jit
+def hidden_backward_columns(dz, multiplier, act, alpha, bn, recompute, u, mean, std,
+                            forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
+                            dgamma_nodes, dbeta_nodes, low, high):
+    """`hidden_backward` of columns low..high-1 only (every array is the whole layer's; with
+    batch norm each node's sums run over its own column)."""
+    n = dz.shape[0]
+    d = high - low
     expanded = np.empty(d, dz.dtype)
     if bn == BN_OFF:
         for i in range(n):
-            derivative_row(dz[i], y[i], act, alpha, multiplier_row(multiplier, i, expanded),
-                           du[i])
+            derivative_row(dz[i, low:high], y[i, low:high], act, alpha,
+                           multiplier_columns(multiplier, i, low, high, expanded),
+                           du[i, low:high])
         return
-    gamma_row = expand_parameter(gamma, d)
-    forward_gamma_row = expand_parameter(forward_gamma, d)
-    forward_beta_row = expand_parameter(forward_beta, d)
+    mean_g, mean_gu = np.empty(dz.shape[1], dz.dtype), np.empty(dz.shape[1], dz.dtype)
+    batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std,
+                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
+                             dgamma_nodes, dbeta_nodes, mean_g, mean_gu, low, high)
+    batch_norm_backward_finish(u, mean, std, forward_gamma, forward_beta, recompute, u_hat,
+                               gamma, has_gamma, du, mean_g, mean_gu, low, high)
+
+
+@jit
+def batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std,
+                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
+                             dgamma_nodes, dbeta_nodes, mean_g, mean_gu, low, high):
+    """The first pass of `hidden_backward` with BN, columns low..high-1: du = dy (through mask
+    and activation), the column means of g = gamma * dy and of g * u_hat into mean_g and
+    mean_gu, and the node sums of gamma's and beta's gradients. Each column's sums run over
+    its own column only."""
+    n = dz.shape[0]
+    d = high - low
+    expanded = np.empty(d, dz.dtype)
+    gamma_row = parameter_columns(gamma, low, high)
+    forward_gamma_row = parameter_columns(forward_gamma, low, high)
+    forward_beta_row = parameter_columns(forward_beta, low, high)
+    mean_part, std_part = mean[low:high], std[low:high]
+    sum_g, sum_gu = mean_g[low:high], mean_gu[low:high]
+    dgamma_part, dbeta_part = dgamma_nodes[low:high], dbeta_nodes[low:high]
     u_hat_scratch, y_scratch = np.empty(d, dz.dtype), np.empty(d, dz.dtype)
-    mean_g = np.zeros(d, dz.dtype)
-    mean_gu = np.zeros(d, dz.dtype)
-    dgamma_nodes[:] = dz.dtype.type(0.0)
-    dbeta_nodes[:] = dz.dtype.type(0.0)
+    zero = dz.dtype.type(0.0)
+    sum_g[:] = zero
+    sum_gu[:] = zero
+    dgamma_part[:] = zero
+    dbeta_part[:] = zero
     for i in range(n):
         if recompute:
-            normalise_row(u[i], mean, std, forward_gamma_row, forward_beta_row, has_gamma,
-                          u_hat_scratch, y_scratch)
+            normalise_row(u[i, low:high], mean_part, std_part, forward_gamma_row,
+                          forward_beta_row, has_gamma, u_hat_scratch, y_scratch)
             u_hat_row = u_hat_scratch
             y_row = y_scratch if has_gamma else u_hat_scratch
         else:
-            u_hat_row, y_row = u_hat[i], y[i]
-        du_row = du[i]
-        derivative_row(dz[i], y_row, act, alpha, multiplier_row(multiplier, i, expanded), du_row)
+            u_hat_row, y_row = u_hat[i, low:high], y[i, low:high]
+        du_row = du[i, low:high]
+        derivative_row(dz[i, low:high], y_row, act, alpha,
+                       multiplier_columns(multiplier, i, low, high, expanded), du_row)
         for j in range(d):
             dy = du_row[j]
             g = gamma_row[j] * dy if has_gamma else dy
-            mean_g[j] += g
-            mean_gu[j] += g * u_hat_row[j]
+            sum_g[j] += g
+            sum_gu[j] += g * u_hat_row[j]
         if has_gamma:
             for j in range(d):
-                dgamma_nodes[j] += u_hat_row[j] * du_row[j]
-                dbeta_nodes[j] += du_row[j]
+                dgamma_part[j] += u_hat_row[j] * du_row[j]
+                dbeta_part[j] += du_row[j]
     count = dz.dtype.type(n)
     for j in range(d):
-        mean_g[j] = mean_g[j] / count
-        mean_gu[j] = mean_gu[j] / count
+        sum_g[j] = sum_g[j] / count
+        sum_gu[j] = sum_gu[j] / count
+
+
+@jit
+def batch_norm_backward_finish(u, mean, std, forward_gamma, forward_beta, recompute, u_hat,
+                               gamma, has_gamma, du, mean_g, mean_gu, low, high):
+    """The second pass of `hidden_backward` with BN, columns low..high-1 of the rows given:
+    du = (g - mean(g) - u_hat * mean(g * u_hat)) / std. Rows need no other row."""
+    n = du.shape[0]
+    d = high - low
+    gamma_row = parameter_columns(gamma, low, high)
+    forward_gamma_row = parameter_columns(forward_gamma, low, high)
+    forward_beta_row = parameter_columns(forward_beta, low, high)
+    mean_part, std_part = mean[low:high], std[low:high]
+    mean_g_part, mean_gu_part = mean_g[low:high], mean_gu[low:high]
+    u_hat_scratch, y_scratch = np.empty(d, du.dtype), np.empty(d, du.dtype)
     for i in range(n):
         if recompute:
-            normalise_row(u[i], mean, std, forward_gamma_row, forward_beta_row, False,
-                          u_hat_scratch, y_scratch)
+            normalise_row(u[i, low:high], mean_part, std_part, forward_gamma_row,
+                          forward_beta_row, False, u_hat_scratch, y_scratch)
             u_hat_row = u_hat_scratch
         else:
-            u_hat_row = u_hat[i]
-        du_row = du[i]
+            u_hat_row = u_hat[i, low:high]
+        du_row = du[i, low:high]
         for j in range(d):
             dy = du_row[j]
             g = gamma_row[j] * dy if has_gamma else dy
-            du_row[j] = (g - mean_g[j] - u_hat_row[j] * mean_gu[j]) / std[j]
+            du_row[j] = (g - mean_g_part[j] - u_hat_row[j] * mean_gu_part[j]) / std_part[j]
 
 
 @jit
@@ -319,16 +426,25 @@ def affine_backward_update(blas, x, w, b, du, rate, decay, lam, need_dx, dx, dw,
 
     Without weight decay BLAS adds -rate x^T du to W directly (``dw`` is not touched).
     """
-    one, zero = du.dtype.type(1.0), du.dtype.type(0.0)
-    if need_dx:
-        gemm(blas, False, True, one, du, w, zero, dx)
-    if decay == DECAY_NONE:
-        gemm(blas, True, False, -rate, x, du, one, w)
-    else:
-        gemm(blas, True, False, one, x, du, zero, dw)
-        sgd_weights(w, dw, rate, decay, lam)
+    affine_backward_update_rows(blas, x, w, du, rate, decay, lam, need_dx, dx, dw, 0, w.shape[0])
     column_sums(du, db)
     sgd_vector(b, db, rate)
+
+
+@jit
+def affine_backward_update_rows(blas, x, w, du, rate, decay, lam, need_dx, dx, dw, low, high):
+    """Rows low..high-1 of `affine_backward_update`'s weight update, and the columns of dx
+    they give (no bias): dx[:, low:high] = du W[low:high]^T, then W[low:high] is updated.
+    Each row of W and column of dx depends on no other: threads may share the rows out."""
+    one, zero = du.dtype.type(1.0), du.dtype.type(0.0)
+    w_rows = w[low:high]
+    if need_dx:
+        gemm(blas, False, True, one, du, w_rows, zero, dx[:, low:high])
+    if decay == DECAY_NONE:
+        gemm(blas, True, False, -rate, x[:, low:high], du, one, w_rows)
+    else:
+        gemm(blas, True, False, one, x[:, low:high], du, zero, dw[low:high])
+        sgd_weights(w_rows, dw[low:high], rate, decay, lam)
 
 
 @jit
@@ -373,8 +489,13 @@ def loss(y, t, output):
 @jit
 def output_grad_from_u(u, t, output, du):
     """du = (output(u) - t) / N, row by row (y itself is not kept)."""
+    output_grad_rows(u, t, output, u.dtype.type(u.shape[0]), du)
+
+
+@jit
+def output_grad_rows(u, t, output, count, du):
+    """`output_grad_from_u` for some rows of a batch of ``count`` rows."""
     n, d = u.shape
-    count = u.dtype.type(n)
     output_forward(u, output, du)
     for i in range(n):
         for j in range(d):

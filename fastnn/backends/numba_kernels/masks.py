@@ -83,15 +83,22 @@ def fill_article_mask(key, keep_count, scratch, mask):
 
 
 @jit
-def fill_bernoulli_multiplier(key, keep, on_value, multiplier):
-    """multiplier[i, j] = on_value where uniform01 < keep, else 0 (the inverted-dropout draw)."""
-    rows, cols = multiplier.shape
+def fill_bernoulli_rows(key, keep, on_value, multiplier, low, high):
+    """Rows low..high-1 of `fill_bernoulli_multiplier` (element (i, j) draws the same value
+    whichever rows are filled together)."""
+    cols = multiplier.shape[1]
     zero = multiplier.dtype.type(0.0)
-    for i in range(rows):
+    for i in range(low, high):
         for j in range(cols):
             bits = mix64(np.uint64(i * cols + j) * _GOLDEN + key) >> _SHIFT11
             uniform = np.float64(bits) * _UNIT53
             multiplier[i, j] = on_value if uniform < keep else zero
+
+
+@jit
+def fill_bernoulli_multiplier(key, keep, on_value, multiplier):
+    """multiplier[i, j] = on_value where uniform01 < keep, else 0 (the inverted-dropout draw)."""
+    fill_bernoulli_rows(key, keep, on_value, multiplier, 0, multiplier.shape[0])
 
 
 @jit

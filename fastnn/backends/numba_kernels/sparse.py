@@ -12,7 +12,7 @@ from collections import namedtuple
 import numpy as np
 
 from .common import DECAY_NONE, jit, jit_nogil
-from .layers import column_sums, sgd_vector, sgd_weights
+from .layers import sgd_weights
 
 
 @jit_nogil
@@ -142,51 +142,73 @@ def all_finite(a):
     return finite
 
 
-@jit
-def sparse_weight_update(batch_ptr, batch_idx, batch_val, du, w, eta, decay, lam, col_ptr,
-                         col_row, col_val, acc, dw):
-    """W -= eta * (x^T du + weight-decay gradient of the old W), x the batch's CSR rows.
+#: the CSR rows of one part of a training batch (``span``: its first row in the batch and its
+#: row count, set each step), the same rows by column (``col_*``, from `transpose_part`), and
+#: the scratch its share of the weight update gathers one column of the whole batch into
+SparseBatch = namedtuple(
+    "SparseBatch", "span ptr idx val col_ptr col_fill col_row col_val merged_row merged_val acc")
 
-    The batch is transposed to columns first (counting sort), so each row j of x^T du is
-    summed once, over the batch rows in order. Without weight decay only the rows of W that
-    the batch touches change (x^T du is 0 elsewhere); with it ``dw`` receives all of x^T du
-    and `sgd_weights` updates every row. True when W is finite afterwards.
-    """
-    n = batch_ptr.shape[0] - 1
-    d, m = w.shape
-    dtype = w.dtype
-    zero = dtype.type(0.0)
-    nnz = batch_ptr[n]
+
+@jit
+def transpose_part(batch):
+    """The part's rows by column: entries of column j are col_ptr[j] to col_ptr[j + 1] of
+    col_row (the row in the whole batch) and col_val, in row order (a counting sort)."""
+    col_ptr, fill = batch.col_ptr, batch.col_fill
+    d = fill.shape[0]
+    nnz = batch.ptr[batch.span[1]]
     col_ptr[:] = 0
     for q in range(nnz):
-        col_ptr[batch_idx[q] + 1] += 1
+        col_ptr[batch.idx[q] + 1] += 1
     for j in range(d):
         col_ptr[j + 1] += col_ptr[j]
-    fill = col_ptr[:d].copy()
-    for i in range(n):
-        for q in range(batch_ptr[i], batch_ptr[i + 1]):
-            j = batch_idx[q]
-            col_row[fill[j]] = i
-            col_val[fill[j]] = batch_val[q]
+    fill[:] = col_ptr[:d]
+    for i in range(batch.span[1]):
+        for q in range(batch.ptr[i], batch.ptr[i + 1]):
+            j = batch.idx[q]
+            batch.col_row[fill[j]] = batch.span[0] + i
+            batch.col_val[fill[j]] = batch.val[q]
             fill[j] += 1
+
+
+@jit
+def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
+    """Rows low..high-1 of W -= eta * (x^T du + weight-decay gradient of the old W), x the
+    batch's CSR rows split among ``parts`` (a tuple of `SparseBatch`, in row order, each
+    transposed by `transpose_part`; part ``me``'s scratch is used).
+
+    Row j of x^T du is summed once, over column j's entries of the whole batch in row order
+    (the same sums whichever rows of W one call updates). Without weight decay only the rows
+    of W that the batch touches change (x^T du is 0 elsewhere); with it ``dw`` receives x^T du
+    and `sgd_weights` updates every row of the range. True when those rows of W are finite
+    afterwards.
+    """
+    scratch = parts[me]
+    rows, values, acc = scratch.merged_row, scratch.merged_val, scratch.acc
+    m = w.shape[1]
+    zero = w.dtype.type(0.0)
     finite = True
-    for j in range(d):
-        low, high = col_ptr[j], col_ptr[j + 1]
-        if low == high:
+    for j in range(low, high):
+        last = 0
+        for part in parts:
+            for p in range(part.col_ptr[j], part.col_ptr[j + 1]):
+                rows[last] = part.col_row[p]
+                values[last] = part.col_val[p]
+                last += 1
+        if last == 0:
             if decay != DECAY_NONE:
                 dw[j, :] = zero
             continue
         acc[:] = zero
-        p = low
-        while p + 4 <= high:
-            v0, v1, v2, v3 = col_val[p], col_val[p + 1], col_val[p + 2], col_val[p + 3]
-            d0, d1 = du[col_row[p]], du[col_row[p + 1]]
-            d2, d3 = du[col_row[p + 2]], du[col_row[p + 3]]
+        p = 0
+        while p + 4 <= last:
+            v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+            d0, d1 = du[rows[p]], du[rows[p + 1]]
+            d2, d3 = du[rows[p + 2]], du[rows[p + 3]]
             for k in range(m):
                 acc[k] += (v0 * d0[k] + v1 * d1[k]) + (v2 * d2[k] + v3 * d3[k])
             p += 4
-        while p < high:
-            v0, d0 = col_val[p], du[col_row[p]]
+        while p < last:
+            v0, d0 = values[p], du[rows[p]]
             for k in range(m):
                 acc[k] += v0 * d0[k]
             p += 1
@@ -198,23 +220,6 @@ def sparse_weight_update(batch_ptr, batch_idx, batch_val, du, w, eta, decay, lam
             row[k] -= eta * acc[k]
             finite &= row[k] - row[k] == zero
     if decay != DECAY_NONE:
-        sgd_weights(w, dw, eta, decay, lam)
-        return all_finite(w)
-    return finite
-
-
-#: one training batch in CSR form, and the scratch its weight update transposes it into
-SparseBatch = namedtuple("SparseBatch", "ptr idx val col_ptr col_row col_val acc")
-
-
-@jit
-def sparse_backward_update(batch, du, w, b, rate, decay, lam, dw, db):
-    """Layer 1's `affine_backward_update` over the batch's non-zero inputs (no dx: layer 1
-    has none): W -= rate * (x^T du + decay), b -= rate * column sums. True when W is finite."""
-    n = du.shape[0]  # the batch's rows (the buffers have room for a full batch)
-    finite = sparse_weight_update(batch.ptr[: n + 1], batch.idx, batch.val, du, w, rate, decay,
-                                  lam, batch.col_ptr, batch.col_row, batch.col_val, batch.acc,
-                                  dw)
-    column_sums(du, db)
-    sgd_vector(b, db, rate)
+        sgd_weights(w[low:high], dw[low:high], eta, decay, lam)
+        return all_finite(w[low:high])
     return finite
