@@ -13,8 +13,10 @@ medians.
 batch 100; the article/numba column is shown for it alone).
 
 ``--loop trainer`` (default) times `Trainer.fit`'s epochs, what a user gets (the numba backend
-evaluates each epoch on one core while the next one trains on the other); ``--loop ops`` times
-the backend's ops in turn (one epoch's training, then its evaluations) on one thread.
+shares each training step between two threads, then evaluation's blocks); ``--loop ops`` times
+the backend's ops in turn (one epoch's training, then its evaluations). ``--impls`` also takes
+``numba-overlap``: numba with FASTNN_NUMBA_PARALLEL=overlap (each epoch trains on one thread
+while the previous one is evaluated on the other), shown in extra columns.
 
 ``--data`` takes one kind or a comma-separated list (one table each). MNIST's inputs are ~81%
 exact zeros after min-max scaling, so the numba backend takes its sparse (CSR) first layer
@@ -37,9 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch_peer import build_model, epoch_order, epoch_runner
 
 ARTICLE_SECONDS_PER_EPOCH = {"off": 229.0 / 50, "bn": 299.0 / 50}  # 3:49 and 4:59 for 50 epochs
 IMPLEMENTATIONS = ("numpy", "numba", "torch")
+#: also accepted by --impls: the numba backend with FASTNN_NUMBA_PARALLEL=overlap (training on
+#: one thread while the previous epoch is evaluated on the other), for a before/after column
+OVERLAP = "numba-overlap"
 #: one measured configuration: (hidden sizes as "100,50", batch size, dtype, batch norm)
 Setup = tuple[str, int, str, str]
 N_TRAIN, N_TEST, N_INPUTS, N_CLASSES = 60_000, 10_000, 784, 10
@@ -71,10 +77,6 @@ def load_data(kind: str, dtype: str) -> tuple[np.ndarray, ...]:
             np.ascontiguousarray(x_test, dtype), eye[labels_test], labels_test)
 
 
-def epoch_order(epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(1000 + epoch).permutation(n)
-
-
 # ---- workers (one configuration per process) ----
 
 def time_fastnn(
@@ -97,7 +99,7 @@ def time_fastnn(
         trainer = Trainer(config.replace(epochs=repeats, normalize="none"))
         history = trainer.fit(x, labels, x_test, labels_test)
         used = sorted({name.split("_")[-1] for name, count in trainer.counters.items()
-                       if count and name.split("_")[0] in ("train", "evaluate")})
+                       if count and name.split("_")[-1] in ("sparse", "dense")})
         return history.epoch_seconds[1:], "+".join(used)
     net = Network(config)
     ops = net.ops
@@ -115,7 +117,7 @@ def time_fastnn(
             net.evaluate(x_test, t_test, labels_test, workspace)
             seconds.append(time.perf_counter() - start)
     used = sorted({name.split("_")[-1] for name, count in workspace.counters.items()
-                   if count and name.split("_")[0] in ("train", "evaluate")})
+                   if count and name.split("_")[-1] in ("sparse", "dense")})
     return seconds, "+".join(used)
 
 
@@ -123,46 +125,19 @@ def time_torch(dtype: str, batch_norm: str, data: str, repeats: int,
                hidden: tuple[int, ...] = (100, 50), batch_size: int = 100) -> list[float]:
     """The same network, batch size, plain SGD and evaluation work in PyTorch on the CPU."""
     import torch
-    from torch import nn
 
     torch.manual_seed(0)
-    torch_dtype = getattr(torch, dtype)
     x, _, labels, x_test, _, labels_test = load_data(data, dtype)
     x, x_test = torch.from_numpy(x), torch.from_numpy(x_test)
     labels, labels_test = torch.from_numpy(labels), torch.from_numpy(labels_test)
-    layers: list[nn.Module] = []
-    sizes = (N_INPUTS, *hidden)
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if batch_norm != "off":  # evaluated in training mode: statistics of the evaluated set
-            layers.append(nn.BatchNorm1d(fan_out))
-        layers.append(nn.ReLU())
-    layers.append(nn.Linear(sizes[-1], N_CLASSES))
-    model = nn.Sequential(*layers).to(torch_dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def evaluate(inputs: Any, targets: Any) -> tuple[float, float]:
-        with torch.no_grad():
-            outputs = model(inputs)
-            accuracy = (outputs.argmax(1) == targets).double().mean()
-            return float(loss_fn(outputs, targets)), float(accuracy)
-
-    def epoch(number: int) -> None:
-        order = torch.from_numpy(epoch_order(number, len(x)))
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x[index]), labels[index]).backward()
-            optimizer.step()
-        evaluate(x, labels)
-        evaluate(x_test, labels_test)
-
-    epoch(0)  # warm-up (allocator, thread pool), not timed
+    model = build_model(N_INPUTS, hidden, N_CLASSES, batch_norm).to(getattr(torch, dtype))
+    run_epoch = epoch_runner(model, x, labels, x_test, labels_test, batch_size)
+    run_epoch(torch.from_numpy(epoch_order(0, len(x))))  # warm-up (allocator, threads), untimed
     seconds = []
     for number in range(1, repeats + 1):
+        order = torch.from_numpy(epoch_order(number, len(x)))
         start = time.perf_counter()
-        epoch(number)
+        run_epoch(order)
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -202,7 +177,8 @@ def worker(arguments: argparse.Namespace) -> None:
         seconds = time_torch(dtype, batch_norm, arguments.data, arguments.epochs_repeat, hidden,
                              batch_size)
     else:
-        seconds, path = time_fastnn(implementation, dtype, batch_norm, arguments.data,
+        backend = "numba" if implementation == OVERLAP else implementation
+        seconds, path = time_fastnn(backend, dtype, batch_norm, arguments.data,
                                     arguments.epochs_repeat, arguments.loop, hidden, batch_size)
     print(json.dumps({"seconds": seconds, "blas": blas_description(), "first_layer": path}))
 
@@ -219,6 +195,8 @@ def run_worker(implementation: str, config: Setup, data: str,
     if not arguments.keep_openblas_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
+    if implementation == OVERLAP:
+        env["FASTNN_NUMBA_PARALLEL"] = "overlap"
     hidden, batch, dtype, batch_norm = config
     command = [sys.executable, __file__, "--worker", implementation, dtype, batch_norm, hidden,
                str(batch), "--epochs-repeat", str(arguments.epochs_repeat), "--data", data,
@@ -318,11 +296,15 @@ def print_table(kind: str, configs: list[Setup], seconds: dict[tuple[Any, ...], 
 
     print(f"one epoch (train 60k, then evaluate 60k + 10k); data {kind}; median of "
           f"{arguments.epochs_repeat * arguments.rounds} epochs; fastnn loop: {arguments.loop}")
-    print(f"BLAS: {blas or 'unknown'}; cpus: {os.cpu_count()}; numba first layer: "
+    print(f"BLAS: {blas or 'unknown'}; cpus: {os.cpu_count()}; numba: "
+          f"FASTNN_NUMBA_PARALLEL={os.environ.get('FASTNN_NUMBA_PARALLEL', 'split')}; first layer: "
           f"{'/'.join(sorted(paths)) or '-'} (FASTNN_NUMBA_SPARSE="
           f"{os.environ.get('FASTNN_NUMBA_SPARSE', 'auto')})")
+    overlap = any(key[:2] == (kind, OVERLAP) for key in seconds)
     header = (f"{'hidden':<9} {'batch':>5} {'dtype':<8} {'BN':<4} {'numpy s':>8} {'numba s':>8} "
               f"{'torch s':>8} {'numba/torch':>11} {'numba/numpy':>11} {'article/numba':>13}")
+    if overlap:
+        header += f" {'overlap s':>9} {'overlap/torch':>13}"
     print(header)
     print("-" * len(header))
     for config in configs:
@@ -333,7 +315,9 @@ def print_table(kind: str, configs: list[Setup], seconds: dict[tuple[Any, ...], 
         print(f"{hidden:<9} {batch:>5} {dtype:<8} {bn:<4} {format_seconds(numpy_s):>8} "
               f"{format_seconds(numba_s):>8} {format_seconds(torch_s):>8} "
               f"{format_ratio(numba_s, torch_s):>11} {format_ratio(numba_s, numpy_s):>11} "
-              f"{format_ratio(article, numba_s) if is_article else '-':>13}")
+              f"{format_ratio(article, numba_s) if is_article else '-':>13}"
+              + (f" {format_seconds(median(OVERLAP, config)):>9} "
+                 f"{format_ratio(median(OVERLAP, config), torch_s):>13}" if overlap else ""))
     print(f"article: {ARTICLE_SECONDS_PER_EPOCH['off']:.2f} s/epoch without BN (229 s / 50), "
           f"{ARTICLE_SECONDS_PER_EPOCH['bn']:.2f} s/epoch with BN (299 s / 50), 2018 desktop "
           "(hidden 100,50, batch 100)")

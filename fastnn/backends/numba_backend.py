@@ -7,6 +7,13 @@ live in `numba_kernels` (one module per concern) and compile lazily, on first us
 per-op overrides below run; the object itself keeps no per-run state (that is the run's
 `Workspace`), so one instance serves every thread at once.
 
+Two threads: with two free threads or more, each training step is shared by two (the batch's
+rows forward, the rows of each W backward, a spin barrier between the phases; see
+`numba_kernels.epoch`), then evaluation shares its blocks. The workspace option ``parallel``
+(FASTNN_NUMBA_PARALLEL) "overlap" trains on one thread instead while a trainer evaluates the
+previous epoch on another. Every choice gives the same bits: the parts of a step are the same
+with one thread or two.
+
 Sparse inputs: when a run's input matrix is mostly exact zeros (MNIST after min-max scaling:
 ~81%), `prepare_inputs` builds its CSR form in the run's workspace, and the first layer's
 product and weight gradient skip the zeros. Workspace options (from the environment when the

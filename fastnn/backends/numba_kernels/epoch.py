@@ -16,10 +16,11 @@ Every step is computed in `PARTS` parts, so that two threads can share it:
   of W[rows] need no other rows, and neither does the hidden layer's batch-norm backward of
   those columns (without batch norm it goes by rows of the batch); the bias by columns of du;
 - one thread per part, meeting at a spin barrier (`sync`) between the phases; with one thread
-  the parts run one after the other.
+  the BLAS products still go part by part, one after the other, and the rest (where a row or
+  column's numbers never depend on which others are computed with it) over everything at once.
 
-No number is summed across parts, and the parts are the same whatever the thread count, so a
-run gives the same bits with one thread or two.
+No number is summed across parts, and BLAS always sees the same blocks, so a run gives the same
+bits with one thread or two.
 """
 
 from __future__ import annotations
@@ -100,10 +101,9 @@ def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
         np.empty(widest, dtype), np.empty(widest, dtype), per_layer(lambda k: sizes[k]),
         per_layer(lambda k: sizes[k]), np.ones(PARTS, np.int64),
     )
-    part_rows = -(-rows // PARTS)
-    capacity = part_rows * sizes[0] if sparse else 0
+    capacity = rows * sizes[0] if sparse else 0  # one thread keeps every row in part 0's
     parts = tuple(
-        SparseBatch(np.zeros(2, np.int64), np.zeros(part_rows + 1, np.int64),
+        SparseBatch(np.zeros(2, np.int64), np.zeros(rows + 1, np.int64),
                     np.empty(capacity, np.int32), np.empty(capacity, dtype),
                     np.zeros(sizes[0] + 1, np.int64), np.empty(sizes[0], np.int64),
                     np.empty(capacity, np.int64), np.empty(capacity, dtype),
@@ -117,6 +117,21 @@ def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
 def part_range(size, part):
     """The slice of 0..size-1 that part ``part`` of `PARTS` computes."""
     return size * part // PARTS, size * (part + 1) // PARTS
+
+
+@jit
+def owned(size, first, last):
+    """The slice of 0..size-1 that parts first..last-1 compute together (contiguous)."""
+    return part_range(size, first)[0], part_range(size, last - 1)[1]
+
+
+@jit
+def mark_finite(finite, first, last, value):
+    """Record whether the rows of W1 that parts first..last-1 own are finite (in ``first``'s
+    entry; the others say yes)."""
+    finite[first] = 1 if value else 0
+    for part in range(first + 1, last):
+        finite[part] = 1
 
 
 @jit
@@ -166,7 +181,11 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
     dtype = x.dtype
     zero = dtype.type(0.0)
     bn, has_gamma = plan.bn, plan.has_gamma
-    first_part, last_part = (me, me + 1) if threads > 1 else (0, PARTS)
+    # this thread's parts; what no BLAS call computes goes by their union (`owned`) in one go
+    first, last = (me, me + 1) if threads > 1 else (0, PARTS)
+    rows = parts[first]  # the CSR rows of the batch this thread owns (the others' stay empty)
+    for part in range(first + 1, last):
+        parts[part].span[1] = 0
     sizes = np.empty(n_layers + 1, np.int64)
     sizes[0] = weights[0].shape[0]
     shared_masks = False  # article masks: one row for the whole batch, made by part 0
@@ -174,9 +193,8 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
         sizes[k + 1] = weights[k].shape[1]
         shared_masks |= plan.keep_ratios[k] < 1.0 and not plan.inverted
     scratch = np.empty(sizes.max(), np.uint64)
-    for part in range(first_part, last_part):
-        low, high = part_range(sizes[0], part)
-        finite[part] = 1 if csr.sparse and all_finite(weights[0][low:high]) else 0
+    low, high = owned(sizes[0], first, last)
+    mark_finite(finite, first, last, csr.sparse and all_finite(weights[0][low:high]))
     if not wait_for_all(barrier, threads):
         return -1
     sparse_steps = 0
@@ -186,137 +204,123 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
         n = min(batch_size, n_rows - start)
         count = dtype.type(n)
         use_sparse = csr.sparse and finite.min() == 1
+        r0, r1 = owned(n, first, last)
         # the dropout multipliers, from the keys of (epoch, step, layer)
         step_key = fold_counter(plan.epoch_key, step)
-        for part in range(first_part, last_part):
-            r0, r1 = part_range(n, part)
-            for k in range(n_layers):
-                keep = plan.keep_ratios[k]
-                if keep >= 1.0:
-                    continue
-                key = fold_counter(step_key, k)
-                if plan.inverted:
-                    fill_bernoulli_rows(key, keep, dtype.type(1.0) / dtype.type(keep),
-                                        multiplier[k][:n], r0, r1)
-                elif part == 0:
-                    fill_article_mask(key, plan.keep_counts[k], scratch[: sizes[k]],
-                                      multiplier[k][0])
+        for k in range(n_layers):
+            keep = plan.keep_ratios[k]
+            if keep >= 1.0:
+                continue
+            key = fold_counter(step_key, k)
+            if plan.inverted:
+                fill_bernoulli_rows(key, keep, dtype.type(1.0) / dtype.type(keep),
+                                    multiplier[k][:n], r0, r1)
+            elif first == 0:
+                fill_article_mask(key, plan.keep_counts[k], scratch[: sizes[k]],
+                                  multiplier[k][0])
         if shared_masks and not wait_for_all(barrier, threads):
             return -1
-        # forward: by rows (batch norm by columns)
+        # forward: by rows (batch norm's statistics by columns)
+        if use_sparse:
+            rows.span[0], rows.span[1] = r0, r1 - r0
+            sparse_batch(csr.indptr, csr.indices, csr.values, order, start + r0,
+                         rows_of(multiplier[0], r0, r1), rows.ptr[: r1 - r0 + 1], rows.idx,
+                         rows.val)
+            transpose_part(rows)
+            gather_targets(t, order, start + r0, t_batch[r0:r1])
+        else:
+            gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1), z[0][r0:r1],
+                         t_batch[r0:r1])
         for k in range(1, n_layers + 1):
-            for part in range(first_part, last_part):
-                r0, r1 = part_range(n, part)
-                if k == 1:  # this part's rows of the batch
-                    if use_sparse:
-                        batch = parts[part]
-                        batch.span[0], batch.span[1] = r0, r1 - r0
-                        sparse_batch(csr.indptr, csr.indices, csr.values, order, start + r0,
-                                     rows_of(multiplier[0], r0, r1), batch.ptr[: r1 - r0 + 1],
-                                     batch.idx, batch.val)
-                        transpose_part(batch)
-                        gather_targets(t, order, start + r0, t_batch[r0:r1])
-                    else:
-                        gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1),
-                                     z[0][r0:r1], t_batch[r0:r1])
-                u_rows = u[k][r0:r1]
-                if k == 1 and use_sparse:
-                    batch = parts[part]
-                    sparse_affine_rows(batch.ptr, batch.idx, batch.val, weights[0], biases[0],
-                                       u_rows)
-                else:
-                    affine(blas, z[k - 1][r0:r1], weights[k - 1], biases[k - 1], u_rows)
-                if k == n_layers:
-                    output_grad_rows(u_rows, t_batch[r0:r1], plan.output, count,
-                                     du[k][r0:r1])
-                elif bn == BN_OFF:
-                    hidden_forward(u_rows, plan.act, plan.alpha, bn, gammas[k - 1],
-                                   betas[k - 1], has_gamma, True, mean[k], var[k], std[k], True,
-                                   u_hat[k][r0:r1], u_hat[k][r0:r1],
-                                   rows_of(multiplier[k], r0, r1), z[k][r0:r1])
-            if k < n_layers and bn != BN_OFF:
+            if k == 1 and use_sparse:
+                sparse_affine_rows(rows.ptr, rows.idx, rows.val, weights[0], biases[0],
+                                   u[1][r0:r1])
+            else:
+                for part in range(first, last):  # BLAS: always by parts (same sums)
+                    p0, p1 = part_range(n, part)
+                    affine(blas, z[k - 1][p0:p1], weights[k - 1], biases[k - 1], u[k][p0:p1])
+            if k == n_layers:
+                output_grad_rows(u[k][r0:r1], t_batch[r0:r1], plan.output, count, du[k][r0:r1])
+            elif bn == BN_OFF:
+                hidden_forward(u[k][r0:r1], plan.act, plan.alpha, bn, gammas[k - 1],
+                               betas[k - 1], has_gamma, True, mean[k], var[k], std[k], True,
+                               u_hat[k][r0:r1], u_hat[k][r0:r1], rows_of(multiplier[k], r0, r1),
+                               z[k][r0:r1])
+            else:
                 if not wait_for_all(barrier, threads):
                     return -1
-                for part in range(first_part, last_part):  # the statistics, by columns
-                    c0, c1 = part_range(sizes[k], part)
-                    batch_statistics_columns(u[k][:n], mean[k], var[k], c0, c1)
-                    std_columns(var[k], std[k], c0, c1)
+                c0, c1 = owned(sizes[k], first, last)  # the statistics, by columns
+                batch_statistics_columns(u[k][:n], mean[k], var[k], c0, c1)
+                std_columns(var[k], std[k], c0, c1)
                 if not wait_for_all(barrier, threads):
                     return -1
-                for part in range(first_part, last_part):  # normalised and activated, by rows
-                    r0, r1 = part_range(n, part)
-                    normalise_activate(u[k][r0:r1], plan.act, plan.alpha, gammas[k - 1],
-                                       betas[k - 1], has_gamma, mean[k], std[k], True,
-                                       u_hat[k][r0:r1],
-                                       y[k][r0:r1] if has_gamma else u_hat[k][r0:r1],
-                                       rows_of(multiplier[k], r0, r1), z[k][r0:r1], 0,
-                                       sizes[k])
+                normalise_activate(u[k][r0:r1], plan.act, plan.alpha, gammas[k - 1],
+                                   betas[k - 1], has_gamma, mean[k], std[k], True,
+                                   u_hat[k][r0:r1], y[k][r0:r1] if has_gamma else u_hat[k][r0:r1],
+                                   rows_of(multiplier[k], r0, r1), z[k][r0:r1], 0, sizes[k])
         if not wait_for_all(barrier, threads):
             return -1
-        if use_sparse and first_part == 0:
+        if use_sparse and first == 0:
             sparse_steps += 1
         # backward, by rows of each W; each layer updated as soon as its gradients exist
         for k in range(n_layers, 0, -1):
             grad = du[k][:n]
             sparse_update = k == 1 and use_sparse and all_finite(grad)
             if k == 1 and use_sparse and not sparse_update:  # the dense way needs x's rows
-                for part in range(first_part, last_part):
-                    r0, r1 = part_range(n, part)
-                    gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1),
-                                 z[0][r0:r1], t_batch[r0:r1])
+                gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1),
+                             z[0][r0:r1], t_batch[r0:r1])
                 if not wait_for_all(barrier, threads):
                     return -1
             h = k - 1
-            for part in range(first_part, last_part):
-                i0, i1 = part_range(sizes[h], part)
-                if sparse_update:
-                    finite[part] = sparse_weight_update(parts, part, i0, i1, grad, weights[0],
-                                                        plan.eta, plan.decay, plan.lam,
-                                                        buffers.dw[0])
-                else:
+            i0, i1 = owned(sizes[h], first, last)
+            if sparse_update:
+                mark_finite(finite, first, last,
+                            sparse_weight_update(parts, first, i0, i1, grad, weights[0],
+                                                 plan.eta, plan.decay, plan.lam, buffers.dw[0]))
+            else:
+                for part in range(first, last):  # BLAS: always by parts (same sums)
+                    p0, p1 = part_range(sizes[h], part)
                     affine_backward_update_rows(blas, z[h][:n], weights[h], grad, plan.eta,
                                                 plan.decay, plan.lam, k > 1, dz[h][:n],
-                                                buffers.dw[h], i0, i1)
-                    if k == 1 and csr.sparse:
-                        finite[part] = 1 if all_finite(weights[0][i0:i1]) else 0
-                j0, j1 = part_range(sizes[k], part)
-                column_sums(grad[:, j0:j1], db[j0:j1])
-                sgd_vector(biases[h][j0:j1], db[j0:j1], plan.eta)
-                if k > 1 and bn != BN_OFF:  # batch norm's sums for the same columns
-                    batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), plan.act,
-                                             plan.alpha, False, u[h][:n], mean[h], std[h],
-                                             gammas[h - 1], betas[h - 1], u_hat[h][:n],
-                                             y[h][:n] if has_gamma else u_hat[h][:n],
-                                             gammas[h - 1], has_gamma, du[h][:n],
-                                             buffers.dgamma_nodes[h], buffers.dbeta_nodes[h],
-                                             buffers.mean_g[h], buffers.mean_gu[h], i0, i1)
+                                                buffers.dw[h], p0, p1)
+                if k == 1 and csr.sparse:
+                    mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
+            j0, j1 = owned(sizes[k], first, last)
+            column_sums(grad[:, j0:j1], db[j0:j1])
+            sgd_vector(biases[h][j0:j1], db[j0:j1], plan.eta)
+            if k > 1 and bn != BN_OFF:  # batch norm's sums for the same columns
+                batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), plan.act,
+                                         plan.alpha, False, u[h][:n], mean[h], std[h],
+                                         gammas[h - 1], betas[h - 1], u_hat[h][:n],
+                                         y[h][:n] if has_gamma else u_hat[h][:n],
+                                         gammas[h - 1], has_gamma, du[h][:n],
+                                         buffers.dgamma_nodes[h], buffers.dbeta_nodes[h],
+                                         buffers.mean_g[h], buffers.mean_gu[h], i0, i1)
             if not wait_for_all(barrier, threads):
                 return -1
             if k > 1:  # hidden layer h's backward (with batch norm: its second pass), by rows
-                for part in range(first_part, last_part):
-                    r0, r1 = part_range(n, part)
-                    if bn == BN_OFF:
-                        hidden_backward(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), plan.act,
-                                        plan.alpha, bn, False, u[h][r0:r1], mean[h], std[h],
-                                        gammas[h - 1], betas[h - 1], u_hat[h][r0:r1],
-                                        u[h][r0:r1], gammas[h - 1], has_gamma, du[h][r0:r1],
-                                        buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
-                    else:
-                        batch_norm_backward_finish(u[h][r0:r1], mean[h], std[h], gammas[h - 1],
-                                                   betas[h - 1], False, u_hat[h][r0:r1],
-                                                   gammas[h - 1], has_gamma, du[h][r0:r1],
-                                                   buffers.mean_g[h], buffers.mean_gu[h], 0,
-                                                   sizes[h])
+                if bn == BN_OFF:
+                    hidden_backward(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), plan.act,
+                                    plan.alpha, bn, False, u[h][r0:r1], mean[h], std[h],
+                                    gammas[h - 1], betas[h - 1], u_hat[h][r0:r1], u[h][r0:r1],
+                                    gammas[h - 1], has_gamma, du[h][r0:r1],
+                                    buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
+                else:
+                    batch_norm_backward_finish(u[h][r0:r1], mean[h], std[h], gammas[h - 1],
+                                               betas[h - 1], False, u_hat[h][r0:r1],
+                                               gammas[h - 1], has_gamma, du[h][r0:r1],
+                                               buffers.mean_g[h], buffers.mean_gu[h], 0,
+                                               sizes[h])
                 if not wait_for_all(barrier, threads):
                     return -1
-            if k > 1 and has_gamma and plan.bn_rate != zero and first_part == 0:
+            if k > 1 and has_gamma and plan.bn_rate != zero and first == 0:
                 size = gammas[h - 1].shape[0]
                 dgamma, dbeta = buffers.dgamma[:size], buffers.dbeta[:size]
                 layer_parameter_grads(bn, buffers.dgamma_nodes[h], buffers.dbeta_nodes[h],
                                       dgamma, dbeta)
                 sgd_vector(gammas[h - 1], dgamma, plan.bn_rate)
                 sgd_vector(betas[h - 1], dbeta, plan.bn_rate)
-        if plan.update_running and bn != BN_OFF and first_part == 0:
+        if plan.update_running and bn != BN_OFF and first == 0:
             for k in range(1, n_layers):
                 update_running(layers.running_means[k - 1], layers.running_vars[k - 1],
                                mean[k], var[k], plan.momentum, plan.momentum_rest)

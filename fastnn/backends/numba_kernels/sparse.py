@@ -190,6 +190,8 @@ def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
     for j in range(low, high):
         last = 0
         for part in parts:
+            if part.span[1] == 0:  # no rows (its columns are stale)
+                continue
             for p in range(part.col_ptr[j], part.col_ptr[j + 1]):
                 rows[last] = part.col_row[p]
                 values[last] = part.col_val[p]
