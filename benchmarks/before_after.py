@@ -30,6 +30,8 @@ def measure(checkout: Path, implementation: str, config: tuple[str, str, str, st
     """The epoch seconds of one worker process, or why it failed."""
     hidden, batch, dtype, batch_norm = config
     env = dict(os.environ, PYTHONPATH=str(checkout))
+    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # as compare.py: BLAS's own choice
+        env.pop(name, None)
     if arguments.threads:  # fastnn's threads, and PyTorch's (OpenMP) alike
         env.update(FASTNN_THREADS=str(arguments.threads), OMP_NUM_THREADS=str(arguments.threads))
     command = [sys.executable, str(checkout / "benchmarks" / "compare.py"), "--worker",

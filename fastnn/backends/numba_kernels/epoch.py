@@ -37,7 +37,7 @@ from .layers import (
     batch_norm_backward_finish,
     batch_norm_backward_sums,
     batch_statistics_columns,
-    column_sums,
+    column_sums_range,
     hidden_backward,
     hidden_forward,
     layer_parameter_grads,
@@ -286,7 +286,7 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
                 if k == 1 and csr.sparse:
                     mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
             j0, j1 = owned(sizes[k], first, last)
-            column_sums(grad[:, j0:j1], db[j0:j1])
+            column_sums_range(grad, db, j0, j1)
             sgd_vector(biases[h][j0:j1], db[j0:j1], plan.eta)
             if k > 1 and bn != BN_OFF:  # batch norm's sums for the same columns
                 batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), plan.act,

@@ -403,10 +403,18 @@ def affine(blas, x, w, b, u):
 @jit
 def column_sums(a, out):
     """out[j] = sum over rows of a[:, j], row by row."""
-    out[:] = a.dtype.type(0.0)
+    column_sums_range(a, out, 0, a.shape[1])
+
+
+@jit
+def column_sums_range(a, out, low, high):
+    """out[j] = sum over rows of a[:, j] for j in low..high-1 (the same sums as `column_sums`)."""
+    part = out[low:high]
+    part[:] = a.dtype.type(0.0)
     for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            out[j] += a[i, j]
+        row = a[i, low:high]
+        for j in range(high - low):
+            part[j] += row[j]
 
 
 @jit

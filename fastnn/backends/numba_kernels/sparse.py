@@ -171,49 +171,67 @@ def transpose_part(batch):
 
 
 @jit
+def accumulate_column(rows, values, first, last, du, acc):
+    """acc = the sum over p in first..last-1 of values[p] * du[rows[p]] (four a pass)."""
+    m = acc.shape[0]
+    acc[:] = acc.dtype.type(0.0)
+    p = first
+    while p + 4 <= last:
+        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+        d0, d1 = du[rows[p]], du[rows[p + 1]]
+        d2, d3 = du[rows[p + 2]], du[rows[p + 3]]
+        for k in range(m):
+            acc[k] += (v0 * d0[k] + v1 * d1[k]) + (v2 * d2[k] + v3 * d3[k])
+        p += 4
+    while p < last:
+        v0, d0 = values[p], du[rows[p]]
+        for k in range(m):
+            acc[k] += v0 * d0[k]
+        p += 1
+
+
+@jit
 def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
     """Rows low..high-1 of W -= eta * (x^T du + weight-decay gradient of the old W), x the
-    batch's CSR rows split among ``parts`` (a tuple of `SparseBatch`, in row order, each
+    batch's CSR rows split between the two ``parts`` (`SparseBatch`, in row order, each
     transposed by `transpose_part`; part ``me``'s scratch is used).
 
     Row j of x^T du is summed once, over column j's entries of the whole batch in row order
-    (the same sums whichever rows of W one call updates). Without weight decay only the rows
-    of W that the batch touches change (x^T du is 0 elsewhere); with it ``dw`` receives x^T du
-    and `sgd_weights` updates every row of the range. True when those rows of W are finite
-    afterwards.
+    (the same sums whichever rows of W one call updates, however the rows are split). Without
+    weight decay only the rows of W that the batch touches change (x^T du is 0 elsewhere); with
+    it ``dw`` receives x^T du and `sgd_weights` updates every row of the range. True when those
+    rows of W are finite afterwards.
     """
+    first_part, second_part = parts[0], parts[1]
+    both = first_part.span[1] > 0 and second_part.span[1] > 0
+    single = first_part if first_part.span[1] > 0 else second_part
+    ptr_a, row_a, val_a = first_part.col_ptr, first_part.col_row, first_part.col_val
+    ptr_b, row_b, val_b = second_part.col_ptr, second_part.col_row, second_part.col_val
+    ptr_s, row_s, val_s = single.col_ptr, single.col_row, single.col_val
     scratch = parts[me]
-    rows, values, acc = scratch.merged_row, scratch.merged_val, scratch.acc
+    merged_row, merged_val, acc = scratch.merged_row, scratch.merged_val, scratch.acc
     m = w.shape[1]
     zero = w.dtype.type(0.0)
     finite = True
     for j in range(low, high):
-        last = 0
-        for part in parts:
-            if part.span[1] == 0:  # no rows (its columns are stale)
-                continue
-            for p in range(part.col_ptr[j], part.col_ptr[j + 1]):
-                rows[last] = part.col_row[p]
-                values[last] = part.col_val[p]
+        if both:  # the column's entries of both parts, in row order
+            last = 0
+            for p in range(ptr_a[j], ptr_a[j + 1]):
+                merged_row[last] = row_a[p]
+                merged_val[last] = val_a[p]
                 last += 1
-        if last == 0:
+            for p in range(ptr_b[j], ptr_b[j + 1]):
+                merged_row[last] = row_b[p]
+                merged_val[last] = val_b[p]
+                last += 1
+            first, rows, values = 0, merged_row, merged_val
+        else:  # one part holds every row: its column is read where it is
+            first, last, rows, values = ptr_s[j], ptr_s[j + 1], row_s, val_s
+        if first == last:
             if decay != DECAY_NONE:
                 dw[j, :] = zero
             continue
-        acc[:] = zero
-        p = 0
-        while p + 4 <= last:
-            v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-            d0, d1 = du[rows[p]], du[rows[p + 1]]
-            d2, d3 = du[rows[p + 2]], du[rows[p + 3]]
-            for k in range(m):
-                acc[k] += (v0 * d0[k] + v1 * d1[k]) + (v2 * d2[k] + v3 * d3[k])
-            p += 4
-        while p < last:
-            v0, d0 = values[p], du[rows[p]]
-            for k in range(m):
-                acc[k] += v0 * d0[k]
-            p += 1
+        accumulate_column(rows, values, first, last, du, acc)
         if decay != DECAY_NONE:
             dw[j, :] = acc
             continue
