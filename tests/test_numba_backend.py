@@ -465,6 +465,34 @@ def test_a_step_shared_by_two_threads_gives_the_same_bits(
     assert_all_close("train_epoch", ours.params, ref.numpy_params(), dtype)
 
 
+@pytest.mark.parametrize("batch_size", (3, 4))
+@pytest.mark.parametrize("sparse", (False, True), ids=("dense", "sparse"))
+def test_a_one_input_network_with_per_row_masks(numba_ops: Any, sparse: bool,
+                                                batch_size: int) -> None:
+    """One input: a part's slice of an inverted mask is (1, 1) or (n, 1) and must still mask
+    (not read as "no dropout", nor as one value for every row); 1 and 2 threads agree with the
+    reference, short last batch included."""
+    options = dict(n_inputs=1, dropout_mode="inverted", dropout_input=0.6, dropout_hidden=0.7,
+                   batch_size=batch_size, dtype="float64")
+    gen = np.random.default_rng(8)
+    x = np.where(gen.random((23, 1)) < 0.5, 0.0, gen.random((23, 1)))
+    t = np.eye(3)[gen.integers(0, 3, 23)]
+    order = gen.permutation(23)
+    results = []
+    for threads in (1, 2):
+        ours, ref = _pair(options)
+        space = numba_ops.workspace(threads=threads)
+        space.options["sparse_mode"] = "1" if sparse else "0"
+        numba_ops.prepare_inputs(x, space)
+        for epoch in (1, 2):
+            ours.train_epoch(x, t, order, epoch, space)
+            ref.train_epoch(x, t, order, epoch)
+        assert_all_close("train_epoch", ours.params, ref.numpy_params(), "float64")
+        results.append(ours.state_arrays())
+    for name, value in results[0].items():
+        assert np.array_equal(value, results[1][name]), name
+
+
 def test_overlap_mode_trains_on_one_thread(numba_ops: Any, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     """FASTNN_NUMBA_PARALLEL=overlap: a two-thread run's steps stay on one thread (the other

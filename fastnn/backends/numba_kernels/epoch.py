@@ -141,10 +141,10 @@ def rows_of(multiplier, low, high):
 
 
 @jit
-def gather_batch(x, t, order, start, multiplier, z0, t_batch):
-    """z0 = x[order[start:start+n]] * input multiplier, t_batch = the matching targets."""
+def gather_batch(x, t, order, start, masked, multiplier, z0, t_batch):
+    """z0 = x[order[start:start+n]] * input multiplier (when ``masked``: a (1 or n, 1 or d)
+    multiplier), t_batch = the matching targets."""
     n, d = z0.shape
-    masked = multiplier.shape[0] > 1 or multiplier.shape[1] > 1
     expanded = np.empty(d, z0.dtype)
     for i in range(n):
         source, target = x[order[start + i]], z0[i]
@@ -193,6 +193,7 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
         sizes[k + 1] = weights[k].shape[1]
         shared_masks |= plan.keep_ratios[k] < 1.0 and not plan.inverted
     scratch = np.empty(sizes.max(), np.uint64)
+    input_masked = plan.keep_ratios[0] < 1.0
     low, high = owned(sizes[0], first, last)
     mark_finite(finite, first, last, csr.sparse and all_finite(weights[0][low:high]))
     if not wait_for_all(barrier, threads):
@@ -229,8 +230,8 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
             transpose_part(rows)
             gather_targets(t, order, start + r0, t_batch[r0:r1])
         else:
-            gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1), z[0][r0:r1],
-                         t_batch[r0:r1])
+            gather_batch(x, t, order, start + r0, input_masked, rows_of(multiplier[0], r0, r1),
+                         z[0][r0:r1], t_batch[r0:r1])
         for k in range(1, n_layers + 1):
             if k == 1 and use_sparse:
                 sparse_affine_rows(rows.ptr, rows.idx, rows.val, weights[0], biases[0],
@@ -267,7 +268,7 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
             grad = du[k][:n]
             sparse_update = k == 1 and use_sparse and all_finite(grad)
             if k == 1 and use_sparse and not sparse_update:  # the dense way needs x's rows
-                gather_batch(x, t, order, start + r0, rows_of(multiplier[0], r0, r1),
+                gather_batch(x, t, order, start + r0, input_masked, rows_of(multiplier[0], r0, r1),
                              z[0][r0:r1], t_batch[r0:r1])
                 if not wait_for_all(barrier, threads):
                     return -1
@@ -288,31 +289,37 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
             j0, j1 = owned(sizes[k], first, last)
             column_sums_range(grad, db, j0, j1)
             sgd_vector(biases[h][j0:j1], db[j0:j1], plan.eta)
-            if k > 1 and bn != BN_OFF:  # batch norm's sums for the same columns
-                batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), plan.act,
-                                         plan.alpha, False, u[h][:n], mean[h], std[h],
-                                         gammas[h - 1], betas[h - 1], u_hat[h][:n],
-                                         y[h][:n] if has_gamma else u_hat[h][:n],
-                                         gammas[h - 1], has_gamma, du[h][:n],
-                                         buffers.dgamma_nodes[h], buffers.dbeta_nodes[h],
-                                         buffers.mean_g[h], buffers.mean_gu[h], i0, i1)
             if not wait_for_all(barrier, threads):
                 return -1
-            if k > 1:  # hidden layer h's backward (with batch norm: its second pass), by rows
-                if bn == BN_OFF:
-                    hidden_backward(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), plan.act,
-                                    plan.alpha, bn, False, u[h][r0:r1], mean[h], std[h],
-                                    gammas[h - 1], betas[h - 1], u_hat[h][r0:r1], u[h][r0:r1],
-                                    gammas[h - 1], has_gamma, du[h][r0:r1],
-                                    buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
-                else:
+            if k > 1:  # hidden layer h's backward
+                # through mask and activation, by rows (whole rows: the same bits whatever the
+                # split, vectorised exp/tanh included); without batch norm that is all
+                activated = y[h] if bn != BN_OFF and has_gamma else (
+                    u_hat[h] if bn != BN_OFF else u[h])
+                hidden_backward(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), plan.act,
+                                plan.alpha, BN_OFF, False, u[h][r0:r1], mean[h], std[h],
+                                gammas[h - 1], betas[h - 1], u_hat[h][r0:r1],
+                                activated[r0:r1], gammas[h - 1], has_gamma, du[h][r0:r1],
+                                buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
+                if not wait_for_all(barrier, threads):
+                    return -1
+                if bn != BN_OFF:  # batch norm: its sums by columns, its second pass by rows
+                    batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), plan.act,
+                                             plan.alpha, False, u[h][:n], mean[h], std[h],
+                                             gammas[h - 1], betas[h - 1], u_hat[h][:n],
+                                             activated[:n], gammas[h - 1], has_gamma, True,
+                                             du[h][:n], buffers.dgamma_nodes[h],
+                                             buffers.dbeta_nodes[h], buffers.mean_g[h],
+                                             buffers.mean_gu[h], i0, i1)
+                    if not wait_for_all(barrier, threads):
+                        return -1
                     batch_norm_backward_finish(u[h][r0:r1], mean[h], std[h], gammas[h - 1],
                                                betas[h - 1], False, u_hat[h][r0:r1],
                                                gammas[h - 1], has_gamma, du[h][r0:r1],
                                                buffers.mean_g[h], buffers.mean_gu[h], 0,
                                                sizes[h])
-                if not wait_for_all(barrier, threads):
-                    return -1
+                    if not wait_for_all(barrier, threads):
+                        return -1
             if k > 1 and has_gamma and plan.bn_rate != zero and first == 0:
                 size = gammas[h - 1].shape[0]
                 dgamma, dbeta = buffers.dgamma[:size], buffers.dbeta[:size]

@@ -282,7 +282,7 @@ def hidden_backward_columns(dz, multiplier, act, alpha, bn, recompute, u, mean, 
         return
     mean_g, mean_gu = np.empty(dz.shape[1], dz.dtype), np.empty(dz.shape[1], dz.dtype)
     batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std,
-                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
+                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, False, du,
                              dgamma_nodes, dbeta_nodes, mean_g, mean_gu, low, high)
     batch_norm_backward_finish(u, mean, std, forward_gamma, forward_beta, recompute, u_hat,
                                gamma, has_gamma, du, mean_g, mean_gu, low, high)
@@ -290,12 +290,12 @@ def hidden_backward_columns(dz, multiplier, act, alpha, bn, recompute, u, mean, 
 
 @jit
 def batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std,
-                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
-                             dgamma_nodes, dbeta_nodes, mean_g, mean_gu, low, high):
+                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, activated,
+                             du, dgamma_nodes, dbeta_nodes, mean_g, mean_gu, low, high):
     """The first pass of `hidden_backward` with BN, columns low..high-1: du = dy (through mask
-    and activation), the column means of g = gamma * dy and of g * u_hat into mean_g and
-    mean_gu, and the node sums of gamma's and beta's gradients. Each column's sums run over
-    its own column only."""
+    and activation; with ``activated`` du holds dy already), the column means of
+    g = gamma * dy and of g * u_hat into mean_g and mean_gu, and the node sums of gamma's and
+    beta's gradients. Each column's sums run over its own column only."""
     n = dz.shape[0]
     d = high - low
     expanded = np.empty(d, dz.dtype)
@@ -320,8 +320,9 @@ def batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std
         else:
             u_hat_row, y_row = u_hat[i, low:high], y[i, low:high]
         du_row = du[i, low:high]
-        derivative_row(dz[i, low:high], y_row, act, alpha,
-                       multiplier_columns(multiplier, i, low, high, expanded), du_row)
+        if not activated:
+            derivative_row(dz[i, low:high], y_row, act, alpha,
+                           multiplier_columns(multiplier, i, low, high, expanded), du_row)
         for j in range(d):
             dy = du_row[j]
             g = gamma_row[j] * dy if has_gamma else dy

@@ -105,7 +105,6 @@ def sparse_batch(indptr, indices, values, order, start, multiplier, batch_ptr, b
     zero = batch_val.dtype.type(0.0)
     per_element = multiplier.shape[1] > 1
     per_row = multiplier.shape[0] > 1
-    scalar = multiplier[0, 0]
     q = 0
     batch_ptr[0] = 0
     for i in range(n):
@@ -113,7 +112,7 @@ def sparse_batch(indptr, indices, values, order, start, multiplier, batch_ptr, b
         mask_row = multiplier[i if per_row else 0]
         for p in range(indptr[source], indptr[source + 1]):
             j = indices[p]
-            value = values[p] * (mask_row[j] if per_element else scalar)
+            value = values[p] * (mask_row[j] if per_element else mask_row[0])
             if value != zero:
                 batch_idx[q] = j
                 batch_val[q] = value
