@@ -447,22 +447,38 @@ def test_a_step_shared_by_two_threads_gives_the_same_bits(
     if sparse:
         x = sparse_x(dtype, 23, 6)
     order = np.random.default_rng(4).permutation(len(x))
-    results = []
-    for threads in (1, 2):
-        ours, ref = _pair(options)
-        space = numba_ops.workspace(threads=threads)
-        space.options["sparse_mode"] = "1" if sparse else "0"
-        numba_ops.prepare_inputs(x, space)
-        for epoch in (1, 2):
-            ours.train_epoch(x, t, order, epoch, space)
-            ref.train_epoch(x, t, order, epoch)
+    runs = _two_epochs_on_one_and_two_threads(numba_ops, options, x, t, order, sparse)
+    for threads, (ours, _, space) in zip((1, 2), runs, strict=True):
         assert space.counters[f"train_threads_{threads}"] == 2
         assert space.counters["sparse_steps"] == (2 * len(range(0, 23, ours.plan.batch_size))
                                                   if sparse else 0)
-        results.append(ours.state_arrays())
-    for name, value in results[0].items():
-        assert np.array_equal(value, results[1][name]), name
+    _assert_same_bits(runs)
+    ours, ref, _ = runs[-1]
     assert_all_close("train_epoch", ours.params, ref.numpy_params(), dtype)
+
+
+def _two_epochs_on_one_and_two_threads(
+    ops: Any, options: dict[str, Any], x: np.ndarray, t: np.ndarray, order: np.ndarray,
+    sparse: bool,
+) -> list[tuple[Network, Network, Any]]:
+    """(numba network, reference network, workspace) after two epochs, for threads 1 and 2."""
+    runs = []
+    for threads in (1, 2):
+        ours, ref = _pair(options)
+        space = ops.workspace(threads=threads)
+        space.options["sparse_mode"] = "1" if sparse else "0"
+        ops.prepare_inputs(x, space)
+        for epoch in (1, 2):
+            ours.train_epoch(x, t, order, epoch, space)
+            ref.train_epoch(x, t, order, epoch)
+        runs.append((ours, ref, space))
+    return runs
+
+
+def _assert_same_bits(runs: list[tuple[Network, Network, Any]]) -> None:
+    first, second = (ours.state_arrays() for ours, _, _ in runs)
+    for name, value in first.items():
+        assert np.array_equal(value, second[name]), name
 
 
 @pytest.mark.parametrize("batch_size", (3, 4))
@@ -478,19 +494,10 @@ def test_a_one_input_network_with_per_row_masks(numba_ops: Any, sparse: bool,
     x = np.where(gen.random((23, 1)) < 0.5, 0.0, gen.random((23, 1)))
     t = np.eye(3)[gen.integers(0, 3, 23)]
     order = gen.permutation(23)
-    results = []
-    for threads in (1, 2):
-        ours, ref = _pair(options)
-        space = numba_ops.workspace(threads=threads)
-        space.options["sparse_mode"] = "1" if sparse else "0"
-        numba_ops.prepare_inputs(x, space)
-        for epoch in (1, 2):
-            ours.train_epoch(x, t, order, epoch, space)
-            ref.train_epoch(x, t, order, epoch)
+    runs = _two_epochs_on_one_and_two_threads(numba_ops, options, x, t, order, sparse)
+    for ours, ref, _ in runs:
         assert_all_close("train_epoch", ours.params, ref.numpy_params(), "float64")
-        results.append(ours.state_arrays())
-    for name, value in results[0].items():
-        assert np.array_equal(value, results[1][name]), name
+    _assert_same_bits(runs)
 
 
 def test_overlap_mode_trains_on_one_thread(numba_ops: Any, monkeypatch: pytest.MonkeyPatch

@@ -186,28 +186,17 @@ def hidden_forward(u, act, alpha, bn, gamma, beta, has_gamma, batch_stats, mean,
     receive the normalised values (pass y = u_hat without gamma); else they are not touched.
     ``multiplier`` is (1 or n, 1 or d): a scalar, a per-node mask or a per-element mask.
     """
-    hidden_forward_columns(u, act, alpha, bn, gamma, beta, has_gamma, batch_stats, mean, var,
-                           std, store, u_hat, y, multiplier, z, 0, u.shape[1])
-
-
-@jit
-def hidden_forward_columns(u, act, alpha, bn, gamma, beta, has_gamma, batch_stats, mean, var,
-                           std, store, u_hat, y, multiplier, z, low, high):
-    """`hidden_forward` of columns low..high-1 only (every array is the whole layer's; each
-    node needs no other)."""
-    n = u.shape[0]
-    d = high - low
-    expanded = np.empty(d, u.dtype)
+    n, d = u.shape
     if bn == BN_OFF:
+        expanded = np.empty(d, u.dtype)
         for i in range(n):
-            activate_row(u[i, low:high], act, alpha,
-                         multiplier_columns(multiplier, i, low, high, expanded), z[i, low:high])
+            activate_row(u[i], act, alpha, multiplier_row(multiplier, i, expanded), z[i])
         return
     if batch_stats:
-        batch_statistics_columns(u, mean, var, low, high)
-    std_columns(var, std, low, high)
+        batch_statistics(u, mean, var)
+    std_columns(var, std, 0, d)
     normalise_activate(u, act, alpha, gamma, beta, has_gamma, mean, std, store, u_hat, y,
-                       multiplier, z, low, high)
+                       multiplier, z, 0, d)
 
 
 @jit
@@ -260,32 +249,19 @@ def hidden_backward(dz, multiplier, act, alpha, bn, recompute, u, mean, std, for
     forward_beta exactly as the forward pass built them. g = gamma * dy. With BN and gamma,
     dgamma_nodes/dbeta_nodes receive the per-node sums of u_hat*dy and dy.
     """
-    hidden_backward_columns(dz, multiplier, act, alpha, bn, recompute, u, mean, std,
-                            forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
-                            dgamma_nodes, dbeta_nodes, 0, dz.shape[1])
-
-
-@jit
-def hidden_backward_columns(dz, multiplier, act, alpha, bn, recompute, u, mean, std,
-                            forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, du,
-                            dgamma_nodes, dbeta_nodes, low, high):
-    """`hidden_backward` of columns low..high-1 only (every array is the whole layer's; with
-    batch norm each node's sums run over its own column)."""
-    n = dz.shape[0]
-    d = high - low
-    expanded = np.empty(d, dz.dtype)
+    n, d = dz.shape
     if bn == BN_OFF:
+        expanded = np.empty(d, dz.dtype)
         for i in range(n):
-            derivative_row(dz[i, low:high], y[i, low:high], act, alpha,
-                           multiplier_columns(multiplier, i, low, high, expanded),
-                           du[i, low:high])
+            derivative_row(dz[i], y[i], act, alpha, multiplier_row(multiplier, i, expanded),
+                           du[i])
         return
-    mean_g, mean_gu = np.empty(dz.shape[1], dz.dtype), np.empty(dz.shape[1], dz.dtype)
+    mean_g, mean_gu = np.empty(d, dz.dtype), np.empty(d, dz.dtype)
     batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std,
                              forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, False, du,
-                             dgamma_nodes, dbeta_nodes, mean_g, mean_gu, low, high)
+                             dgamma_nodes, dbeta_nodes, mean_g, mean_gu, 0, d)
     batch_norm_backward_finish(u, mean, std, forward_gamma, forward_beta, recompute, u_hat,
-                               gamma, has_gamma, du, mean_g, mean_gu, low, high)
+                               gamma, has_gamma, du, mean_g, mean_gu, 0, d)
 
 
 @jit

@@ -170,26 +170,6 @@ def transpose_part(batch):
 
 
 @jit
-def accumulate_column(rows, values, first, last, du, acc):
-    """acc = the sum over p in first..last-1 of values[p] * du[rows[p]] (four a pass)."""
-    m = acc.shape[0]
-    acc[:] = acc.dtype.type(0.0)
-    p = first
-    while p + 4 <= last:
-        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-        d0, d1 = du[rows[p]], du[rows[p + 1]]
-        d2, d3 = du[rows[p + 2]], du[rows[p + 3]]
-        for k in range(m):
-            acc[k] += (v0 * d0[k] + v1 * d1[k]) + (v2 * d2[k] + v3 * d3[k])
-        p += 4
-    while p < last:
-        v0, d0 = values[p], du[rows[p]]
-        for k in range(m):
-            acc[k] += v0 * d0[k]
-        p += 1
-
-
-@jit
 def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
     """Rows low..high-1 of W -= eta * (x^T du + weight-decay gradient of the old W), x the
     batch's CSR rows split between the two ``parts`` (`SparseBatch`, in row order, each
@@ -230,7 +210,7 @@ def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
             if decay != DECAY_NONE:
                 dw[j, :] = zero
             continue
-        accumulate_column(rows, values, first, last, du, acc)
+        sparse_row_product(rows, values, first, last, du, acc)  # x[:, j]^T du
         if decay != DECAY_NONE:
             dw[j, :] = acc
             continue

@@ -37,6 +37,11 @@ def abandon(state: np.ndarray) -> None:
     state[ABANDONED] = 1
 
 
+def _is_state(state: Any) -> bool:
+    """Whether a kernel argument's type is a barrier state (an int64 array)."""
+    return isinstance(state, types.Array) and state.dtype == types.int64
+
+
 def _slot(context: Any, builder: Any, array_type: Any, array: Any, index: Any) -> Any:
     native = context.make_array(array_type)(context, builder, array)
     return cgutils.get_item_pointer(context, builder, array_type, native, [index])
@@ -45,7 +50,7 @@ def _slot(context: Any, builder: Any, array_type: Any, array: Any, index: Any) -
 @intrinsic
 def atomic_add(typingctx: Any, state: Any, index: Any, value: Any) -> Any:
     """state[index] += value atomically (sequentially consistent); returns the old value."""
-    if not (isinstance(state, types.Array) and state.dtype == types.int64):
+    if not _is_state(state):
         return None
     signature = types.int64(state, types.intp, types.int64)
 
@@ -59,7 +64,7 @@ def atomic_add(typingctx: Any, state: Any, index: Any, value: Any) -> Any:
 @intrinsic
 def atomic_read(typingctx: Any, state: Any, index: Any) -> Any:
     """state[index], read atomically with acquire ordering (never hoisted out of a loop)."""
-    if not (isinstance(state, types.Array) and state.dtype == types.int64):
+    if not _is_state(state):
         return None
     signature = types.int64(state, types.intp)
 
@@ -73,7 +78,7 @@ def atomic_read(typingctx: Any, state: Any, index: Any) -> Any:
 @intrinsic
 def atomic_write(typingctx: Any, state: Any, index: Any, value: Any) -> Any:
     """state[index] = value atomically with release ordering."""
-    if not (isinstance(state, types.Array) and state.dtype == types.int64):
+    if not _is_state(state):
         return None
     signature = types.void(state, types.intp, types.int64)
 
