@@ -422,6 +422,83 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) ->
 
 # ---- two threads: a step shared between them, or evaluation beside training ----
 
+
+# ---- the sparse products, kernel by kernel, against sums written out one by one ----
+
+#: widths around the vector sizes (16 float32, 8 float64 lanes): narrower, exact, one over,
+#: an overlapping last chunk, more than one group of 8 chunks
+PRODUCT_WIDTHS = (1, 7, 8, 9, 15, 16, 17, 40, 100, 129, 200)
+
+
+def _csr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nonzero = x != 0
+    indptr = np.concatenate([[0], np.cumsum(nonzero.sum(axis=1))]).astype(np.int64)
+    rows, cols = np.nonzero(nonzero)
+    return indptr, cols.astype(np.int32), x[rows, cols]
+
+
+def _summed_in_order(pairs: Any, w: np.ndarray) -> np.ndarray:
+    """The sum of value * w[index] over (index, value) pairs, from +0, one rounding at a time."""
+    total = np.zeros(w.shape[1], w.dtype)
+    for index, value in pairs:
+        total = total + value * w[index]
+    return total
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", PRODUCT_WIDTHS)
+def test_sparse_products_sum_each_element_in_order(dtype: str, width: int) -> None:
+    """The forward product (training and evaluation, scaled) and x^T du of the weight update
+    give the bits of a plain in-order sum, whatever the width: SIMD chunks, the overlapping
+    last chunk and the narrow path all round like it."""
+    from fastnn.backends.numba_kernels import epoch, sparse
+
+    gen = np.random.default_rng(width)
+    x = sparse_x(dtype, 11, 30, seed=width)
+    w = gen.normal(size=(30, width)).astype(dtype)
+    b = gen.normal(size=width).astype(dtype)
+    indptr, indices, values = _csr(x)
+    rows = [list(zip(indices[indptr[i]:indptr[i + 1]], values[indptr[i]:indptr[i + 1]],
+                     strict=True)) for i in range(len(x))]
+    u = np.empty((len(x), width), dtype)
+    sparse.sparse_affine_rows(indptr, indices, values, w, b, u)
+    expected = np.array([_summed_in_order(row, w) + b for row in rows])
+    np.testing.assert_array_equal(u, expected)
+    scale = np.dtype(dtype).type(0.8)
+    block = np.empty((6, width), dtype)
+    sparse.sparse_block(indptr, indices, values, 3, scale, w, b, block)
+    scaled = [[(j, v * scale) for j, v in row] for row in rows[3:9]]
+    np.testing.assert_array_equal(block, [_summed_in_order(row, w) + b for row in scaled])
+
+    du = gen.normal(size=(len(x), width)).astype(dtype)
+    eta = np.dtype(dtype).type(0.1)
+    columns = [[(i, x[i, j]) for i in range(len(x)) if x[i, j] != 0] for j in range(30)]
+    gradient = np.array([_summed_in_order(column, du) for column in columns])
+    for split in (0, 4):  # every row in one part; rows 0-3 in part 0, the rest in part 1
+        _, parts = epoch.step_buffers((30, width, 3), len(x), 3, np.dtype(dtype),
+                                      np.ones(2), False, True)
+        bounds = ((0, len(x)), (len(x), len(x))) if split == 0 else ((0, split),
+                                                                      (split, len(x)))
+        for part, (first, last) in zip(parts, bounds, strict=True):
+            part.span[:] = first, last - first
+            part.ptr[: last - first + 1] = indptr[first:last + 1] - indptr[first]
+            count = indptr[last] - indptr[first]
+            part.idx[:count] = indices[indptr[first]:indptr[last]]
+            part.val[:count] = values[indptr[first]:indptr[last]]
+            sparse.transpose_part(part)
+        updated, dw = w.copy(), np.empty_like(w)
+        assert sparse.sparse_weight_update(parts, 1, 0, 30, du, updated, eta, 0,
+                                           np.dtype(dtype).type(0.0), dw)
+        np.testing.assert_array_equal(updated, w - eta * gradient)
+        sparse.sparse_weight_update(parts, 0, 0, 30, du, w.copy(), eta, 2,
+                                    np.dtype(dtype).type(1e-3), dw)  # L2: x^T du into dw
+        np.testing.assert_array_equal(dw, gradient)
+    broken = w.copy()
+    broken[indices[0], 0] = np.inf  # an update that leaves W non-finite says so
+    assert not sparse.sparse_weight_update(parts, 0, 0, 30, du, broken, eta, 0,
+                                           np.dtype(dtype).type(0.0), dw)
+
+
 SPLIT_CASES = {
     "plain": {},
     "bn-article-dropout": dict(batch_norm="bn", dropout_input=0.8, dropout_hidden=0.5),
@@ -431,6 +508,10 @@ SPLIT_CASES = {
     "batch-1": dict(batch_size=1, batch_norm="off"),
     "odd-batch-narrow": dict(batch_size=7, hidden=(1, 3), batch_norm="bn"),
     "one-hidden-mse": dict(hidden=(4,), output="identity_mse", dropout_input=0.7),
+    # a first layer of many vector chunks (the sparse products' register groups, the last
+    # chunk overlapping): 150 = 9 x 16 + 6 float32, 18 x 8 + 6 float64
+    "wide-first-l1": dict(hidden=(150, 5), weight_decay=("l1", 1e-3), dropout_input=0.8),
+    "wide-first-plain": dict(hidden=(150, 5)),
 }
 
 

@@ -86,6 +86,12 @@ def jit_nogil(function: Any) -> Any:
     return numba.njit(cache=CACHE_ENABLED, error_model="numpy", nogil=True)(function)
 
 
+def jit_inline(function: Any) -> Any:
+    """`jit` inlined into each kernel that calls it (a small hot helper: no call overhead,
+    its loops optimised with the caller's)."""
+    return numba.njit(cache=CACHE_ENABLED, error_model="numpy", inline="always")(function)
+
+
 # ---- codes shared with the backend ----
 
 ACTIVATION_CODES = {

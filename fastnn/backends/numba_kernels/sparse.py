@@ -3,16 +3,20 @@
 MNIST after min-max scaling is ~81% exact zeros. The first layer's product and its weight
 gradient then run over the non-zero inputs only. Results match the dense path to rounding
 (sums run in another order); inf/NaN weights take the dense path so they propagate as there.
+
+Both products are sums of rows scaled by the non-zeros (`product_chunks`): one output row is
+held in vector registers (`simd`) while the rows it sums stream past, so a row of W1 is read
+once per input non-zero and nothing else touches memory. Each element is summed from +0 in the
+order of the non-zeros, so how rows or columns are grouped never changes a bit.
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
 
-import numpy as np
-
-from .common import DECAY_NONE, jit, jit_nogil
+from .common import DECAY_NONE, jit, jit_inline, jit_nogil
 from .layers import sgd_weights
+from .simd import lanes, load, load_row, muladd, store, zeros
 
 
 @jit_nogil
@@ -45,52 +49,98 @@ def fill_csr(x, indptr, indices, values):
                 p += 1
 
 
-@jit
-def sparse_row_product(indices, values, low, high, w, out):
-    """out = the sum over p in low..high of values[p] * w[indices[p]] (four rows a pass)."""
-    m = out.shape[0]
+@jit_inline
+def chunk_start(chunk, size, step):
+    """Where chunk ``chunk`` of ``step`` elements of a row of ``size`` starts: the last chunk
+    ends at the row's end, overlapping the one before (its lanes come out the same twice)."""
+    return min(chunk * step, size - step)
+
+
+@jit_inline
+def product_chunks(indices, values, low, high, w, out, chunk):
+    """Chunks chunk..chunk+7 of out = the sum over p in low..high of values[p] * w[indices[p]]
+    (a chunk: `simd.lanes` elements; chunks past the row's end are its last chunk again: the
+    same lanes, the same bits). Each element is summed from +0 in the order of p, product and
+    sum rounded apart; the 8 chunks stay in vector registers, each w row is read once."""
+    m, step = out.shape[0], lanes(out)
+    s0, s1 = chunk_start(chunk, m, step), chunk_start(chunk + 1, m, step)
+    s2, s3 = chunk_start(chunk + 2, m, step), chunk_start(chunk + 3, m, step)
+    s4, s5 = chunk_start(chunk + 4, m, step), chunk_start(chunk + 5, m, step)
+    s6, s7 = chunk_start(chunk + 6, m, step), chunk_start(chunk + 7, m, step)
+    a0, a1, a2, a3 = zeros(out), zeros(out), zeros(out), zeros(out)
+    a4, a5, a6, a7 = zeros(out), zeros(out), zeros(out), zeros(out)
+    for p in range(low, high):
+        v, j = values[p], indices[p]
+        a0, a1 = muladd(a0, v, load_row(w, j, s0)), muladd(a1, v, load_row(w, j, s1))
+        a2, a3 = muladd(a2, v, load_row(w, j, s2)), muladd(a3, v, load_row(w, j, s3))
+        a4, a5 = muladd(a4, v, load_row(w, j, s4)), muladd(a5, v, load_row(w, j, s5))
+        a6, a7 = muladd(a6, v, load_row(w, j, s6)), muladd(a7, v, load_row(w, j, s7))
+    store(out, s0, a0)
+    store(out, s1, a1)
+    store(out, s2, a2)
+    store(out, s3, a3)
+    store(out, s4, a4)
+    store(out, s5, a5)
+    store(out, s6, a6)
+    store(out, s7, a7)
+
+
+@jit_inline
+def narrow_product(indices, values, low, high, w, out):
+    """`product_chunks` for a row narrower than one chunk, element by element (the same
+    sums)."""
     out[:] = out.dtype.type(0.0)
-    p = low
-    while p + 4 <= high:
-        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-        w0, w1 = w[indices[p]], w[indices[p + 1]]
-        w2, w3 = w[indices[p + 2]], w[indices[p + 3]]
-        for k in range(m):
-            out[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k])
-        p += 4
-    while p < high:
-        v0, w0 = values[p], w[indices[p]]
-        for k in range(m):
-            out[k] += v0 * w0[k]
-        p += 1
+    for p in range(low, high):
+        v, row = values[p], w[indices[p]]
+        for k in range(out.shape[0]):
+            out[k] += v * row[k]
+
+
+@jit
+def sparse_rows_product(indptr, first, base, indices, values, w, u):
+    """u[i] = the sum over p in indptr[first + i] - base .. indptr[first + i + 1] - base of
+    values[p] * w[indices[p]], for each row of u (`product_chunks`' sums)."""
+    n, m = u.shape
+    step = lanes(w[0])
+    if m < step:
+        for i in range(n):
+            narrow_product(indices, values, indptr[first + i] - base,
+                           indptr[first + i + 1] - base, w, u[i])
+        return
+    chunks = (m + step - 1) // step
+    for i in range(n):
+        low, high = indptr[first + i] - base, indptr[first + i + 1] - base
+        row = u[i]
+        for chunk in range(0, chunks, 8):
+            product_chunks(indices, values, low, high, w, row, chunk)
+
+
+@jit
+def add_bias(u, b):
+    """u[i] += b for each row."""
+    for i in range(u.shape[0]):
+        row = u[i]
+        for k in range(row.shape[0]):
+            row[k] += b[k]
 
 
 @jit
 def sparse_affine_rows(indptr, indices, values, w, b, u):
     """u[i] = x[i] W + b for the CSR rows of x (indptr has len(u) + 1 entries)."""
-    for i in range(u.shape[0]):
-        row = u[i]
-        sparse_row_product(indices, values, indptr[i], indptr[i + 1], w, row)
-        for k in range(row.shape[0]):
-            row[k] += b[k]
+    sparse_rows_product(indptr, 0, 0, indices, values, w, u)
+    add_bias(u, b)
 
 
 @jit
 def sparse_block(indptr, indices, values, start, scale, w, b, u):
     """u[i] = (x[start + i] * scale) W + b for the CSR rows of x (the evaluation's layer 1)."""
-    one = u.dtype.type(1.0)
-    scaled = np.empty(w.shape[0] if scale != one else 0, u.dtype)
-    for i in range(u.shape[0]):
-        row = u[i]
-        low, high = indptr[start + i], indptr[start + i + 1]
-        if scale == one:
-            sparse_row_product(indices, values, low, high, w, row)
-        else:
-            for p in range(low, high):
-                scaled[p - low] = values[p] * scale
-            sparse_row_product(indices[low:high], scaled, 0, high - low, w, row)
-        for k in range(row.shape[0]):
-            row[k] += b[k]
+    if scale == u.dtype.type(1.0):
+        sparse_rows_product(indptr, start, 0, indices, values, w, u)
+    else:
+        base, end = indptr[start], indptr[start + u.shape[0]]
+        scaled = values[base:end] * scale
+        sparse_rows_product(indptr, start, base, indices[base:end], scaled, w, u)
+    add_bias(u, b)
 
 
 @jit
@@ -169,6 +219,29 @@ def transpose_part(batch):
             fill[j] += 1
 
 
+@jit_inline
+def subtract_scaled(row, eta, acc):
+    """row -= eta * acc (each element rounded as ``row[k] - eta * acc[k]``); True when row is
+    finite afterwards."""
+    m, step = row.shape[0], lanes(row)
+    zero = row.dtype.type(0.0)
+    check = zeros(row)  # + 0 * each new value: stays 0 while every value is finite
+    vectors = m // step
+    for start in range(0, vectors * step, step):
+        updated = muladd(load(row, start), -eta, load(acc, start))
+        store(row, start, updated)
+        check = muladd(check, zero, updated)
+    finite = True
+    for k in range(vectors * step, m):
+        row[k] -= eta * acc[k]
+        finite &= row[k] - row[k] == zero
+    if vectors > 0:  # acc is spent: it holds the check's lanes
+        store(acc, 0, check)
+        for k in range(step):
+            finite &= acc[k] == zero
+    return finite
+
+
 @jit
 def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
     """Rows low..high-1 of W -= eta * (x^T du + weight-decay gradient of the old W), x the
@@ -182,42 +255,39 @@ def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
     rows of W are finite afterwards.
     """
     first_part, second_part = parts[0], parts[1]
-    both = first_part.span[1] > 0 and second_part.span[1] > 0
-    single = first_part if first_part.span[1] > 0 else second_part
     ptr_a, row_a, val_a = first_part.col_ptr, first_part.col_row, first_part.col_val
     ptr_b, row_b, val_b = second_part.col_ptr, second_part.col_row, second_part.col_val
-    ptr_s, row_s, val_s = single.col_ptr, single.col_row, single.col_val
     scratch = parts[me]
-    merged_row, merged_val, acc = scratch.merged_row, scratch.merged_val, scratch.acc
-    m = w.shape[1]
+    rows, values, acc = scratch.merged_row, scratch.merged_val, scratch.acc
+    has_a, has_b = first_part.span[1] > 0, second_part.span[1] > 0  # (else col_ptr is stale)
+    m, step = acc.shape[0], lanes(acc)
     zero = w.dtype.type(0.0)
     finite = True
     for j in range(low, high):
-        if both:  # the column's entries of both parts, in row order
-            last = 0
-            for p in range(ptr_a[j], ptr_a[j + 1]):
-                merged_row[last] = row_a[p]
-                merged_val[last] = val_a[p]
-                last += 1
-            for p in range(ptr_b[j], ptr_b[j + 1]):
-                merged_row[last] = row_b[p]
-                merged_val[last] = val_b[p]
-                last += 1
-            first, rows, values = 0, merged_row, merged_val
-        else:  # one part holds every row: its column is read where it is
-            first, last, rows, values = ptr_s[j], ptr_s[j + 1], row_s, val_s
-        if first == last:
+        count = 0  # column j's entries of the whole batch, in row order, gathered
+        a0, a1 = (ptr_a[j], ptr_a[j + 1]) if has_a else (0, 0)
+        for p in range(a0, a1):
+            rows[count] = row_a[p]
+            values[count] = val_a[p]
+            count += 1
+        b0, b1 = (ptr_b[j], ptr_b[j + 1]) if has_b else (0, 0)
+        for p in range(b0, b1):
+            rows[count] = row_b[p]
+            values[count] = val_b[p]
+            count += 1
+        if count == 0:  # x^T du is 0 there
             if decay != DECAY_NONE:
                 dw[j, :] = zero
             continue
-        sparse_row_product(rows, values, first, last, du, acc)  # x[:, j]^T du
+        if m < step:
+            narrow_product(rows, values, 0, count, du, acc)
+        else:
+            for chunk in range(0, (m + step - 1) // step, 8):
+                product_chunks(rows, values, 0, count, du, acc, chunk)
         if decay != DECAY_NONE:
             dw[j, :] = acc
-            continue
-        row = w[j]
-        for k in range(m):
-            row[k] -= eta * acc[k]
-            finite &= row[k] - row[k] == zero
+        else:
+            finite &= subtract_scaled(w[j], eta, acc)
     if decay != DECAY_NONE:
         sgd_weights(w[low:high], dw[low:high], eta, decay, lam)
         return all_finite(w[low:high])
