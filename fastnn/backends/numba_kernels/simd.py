@@ -1,4 +1,5 @@
-"""Explicit SIMD vectors for the kernels whose loops numba cannot keep in registers.
+"""Explicit SIMD vectors for the kernels whose loops numba cannot keep in registers, and a
+prefetch hint for the rows a kernel will read next.
 
 A `Vector` is one 64-byte LLVM vector of the array's float type (16 float32 or 8 float64
 lanes: one AVX-512 register, two AVX2 ones; LLVM splits it on narrower machines, the results
@@ -6,6 +7,9 @@ are the same). Kernels hold their accumulators in `Vector` locals, which LLVM ke
 registers, and touch memory only through `load`/`store` of a contiguous row. `muladd` rounds
 the product and the sum separately (no fused multiply-add), like the scalar code and NumPy's
 element-wise ``a + v * w``, so a lane computes exactly what a scalar loop would.
+
+`prefetch` asks the CPU to bring the cache line of one array element closer (LLVM's prefetch
+intrinsic: a hint that changes no result and never faults).
 
 Nothing compiles at import: the intrinsics are typed and compiled with the kernels that call
 them.
@@ -153,3 +157,27 @@ def muladd(typingctx: Any, acc: Any, scalar: Any, value: Any) -> Any:
         return builder.fadd(total, builder.fmul(broadcast, vector))
 
     return acc(acc, scalar, value), codegen
+
+
+@intrinsic
+def prefetch(typingctx: Any, array: Any, index: Any) -> Any:
+    """Hint that array[index] (a 1-d array) will be read soon: its cache line is fetched into
+    every cache level. Changes nothing; an index past the end is harmless (no fault)."""
+    if not (isinstance(array, types.Array) and array.ndim == 1
+            and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        native = context.make_array(sig.args[0])(context, builder, args[0])
+        address = builder.gep(native.data, [args[1]])
+        byte_pointer = ir.IntType(8).as_pointer()
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, ir.IntType(32),
+                                                            ir.IntType(32), ir.IntType(32)]),
+            "llvm.prefetch.p0i8")
+        int32 = ir.IntType(32)
+        builder.call(function, [builder.bitcast(address, byte_pointer), int32(0), int32(3),
+                                int32(1)])
+        return context.get_dummy_value()
+
+    return types.none(array, types.intp), codegen

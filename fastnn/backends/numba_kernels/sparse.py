@@ -16,7 +16,7 @@ from collections import namedtuple
 
 from .common import DECAY_NONE, jit, jit_inline, jit_nogil
 from .layers import sgd_weights
-from .simd import lanes, load, load_row, muladd, store, zeros
+from .simd import lanes, load, load_row, muladd, prefetch, store, zeros
 
 
 @jit_nogil
@@ -143,30 +143,57 @@ def sparse_block(indptr, indices, values, start, scale, w, b, u):
     add_bias(u, b)
 
 
+#: how many rows ahead `sparse_batch` prefetches the source rows (a batch's rows are scattered
+#: over the set: without it each row's first lines come from memory while the copy waits)
+PREFETCH_ROWS_AHEAD = 4
+
+
+@jit_inline
+def prefetch_csr_row(indptr, indices, values, source):
+    """Hint that CSR row ``source``'s indices and values will be read (every cache line)."""
+    low, high = indptr[source], indptr[source + 1]
+    for p in range(low, high, 16):
+        prefetch(indices, p)
+        prefetch(values, p)
+
+
 @jit
 def sparse_batch(indptr, indices, values, order, start, multiplier, batch_ptr, batch_idx,
                  batch_val):
     """The CSR rows of x[order[start:start+n]] * multiplier (n = len(batch_ptr) - 1).
 
     Entries whose product is exactly 0 (a dropped input) are left out; the rest are the values
-    the reference's dense x * multiplier holds.
+    the reference's dense x * multiplier holds. A multiplier of one 1 (no input dropout) copies
+    the rows as they are.
     """
     n = batch_ptr.shape[0] - 1
     zero = batch_val.dtype.type(0.0)
     per_element = multiplier.shape[1] > 1
     per_row = multiplier.shape[0] > 1
+    unmasked = not per_element and not per_row and multiplier[0, 0] == 1
+    last = min(start + n, order.shape[0])
+    for i in range(min(PREFETCH_ROWS_AHEAD, n)):
+        prefetch_csr_row(indptr, indices, values, order[start + i])
     q = 0
     batch_ptr[0] = 0
     for i in range(n):
+        if start + i + PREFETCH_ROWS_AHEAD < last:
+            prefetch_csr_row(indptr, indices, values, order[start + i + PREFETCH_ROWS_AHEAD])
         source = order[start + i]
-        mask_row = multiplier[i if per_row else 0]
-        for p in range(indptr[source], indptr[source + 1]):
-            j = indices[p]
-            value = values[p] * (mask_row[j] if per_element else mask_row[0])
-            if value != zero:
-                batch_idx[q] = j
-                batch_val[q] = value
-                q += 1
+        low, high = indptr[source], indptr[source + 1]
+        if unmasked:  # x * 1 is x, and its entries are nonzero
+            batch_idx[q:q + high - low] = indices[low:high]
+            batch_val[q:q + high - low] = values[low:high]
+            q += high - low
+        else:
+            mask_row = multiplier[i if per_row else 0]
+            for p in range(low, high):
+                j = indices[p]
+                value = values[p] * (mask_row[j] if per_element else mask_row[0])
+                if value != zero:
+                    batch_idx[q] = j
+                    batch_val[q] = value
+                    q += 1
         batch_ptr[i + 1] = q
 
 
