@@ -423,6 +423,41 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) ->
 # ---- two threads: a step shared between them, or evaluation beside training ----
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vectorised_exp_is_within_2_ulp_of_numpy(dtype: str) -> None:
+    """The kernels' exp (no libm call, so that loops of it vectorise) against NumPy's: within
+    2 ulp wherever NumPy's result is a positive finite number, subnormals included, and the
+    same 0, inf and NaN at the edges."""
+    from numba import njit
+
+    from fastnn.backends.numba_kernels.elementary import exp
+
+    @njit
+    def apply(x, out):  # type: ignore[no-untyped-def]
+        for i in range(x.shape[0]):
+            out[i] = exp(x[i])
+
+    gen = np.random.default_rng(5)
+    info = np.finfo(dtype)
+    edge = float(np.log(info.max))
+    x = np.concatenate([
+        gen.uniform(-1.05 * edge - 40, 1.05 * edge, 400_000), gen.uniform(-3, 3, 100_000),
+        np.linspace(-edge - 20, -edge + 2, 20_001), np.linspace(edge - 1, edge + 1, 2_001),
+        [0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0],
+    ]).astype(dtype)
+    ours = np.empty_like(x)
+    apply(x, ours)
+    with np.errstate(over="ignore", under="ignore"):
+        expected = np.exp(x)
+    positive = np.isfinite(expected) & (expected > 0)
+    ulps = (np.abs(ours[positive].astype(np.float64) - expected[positive])
+            / np.spacing(expected[positive]).astype(np.float64))
+    assert ulps.max() <= 2.0, (x[positive][ulps.argmax()], ulps.max())
+    edges = ~positive
+    np.testing.assert_array_equal(ours[edges], expected[edges])  # 0, inf, NaN (NaN == NaN)
+    assert positive.sum() > 0.8 * len(x) and edges.sum() > 1000  # both regions exercised
+
 # ---- the sparse products, kernel by kernel, against sums written out one by one ----
 
 #: widths around the vector sizes (16 float32, 8 float64 lanes): narrower, exact, one over,

@@ -24,6 +24,7 @@ from .common import (
     OUTPUT_IDENTITY,
     jit,
 )
+from .elementary import exp
 
 # ---- activations, a row at a time (the branch sits outside the loop, so loops vectorise) ----
 
@@ -42,7 +43,7 @@ def activate_row(values, code, alpha, multiplier, out):
             out[j] = (zero if v < zero else v) * multiplier[j]
     elif code == SIGMOID:
         for j in range(d):
-            out[j] = one / (one + np.exp(-values[j])) * multiplier[j]
+            out[j] = one / (one + exp(-values[j])) * multiplier[j]
     elif code == TANH:
         for j in range(d):
             out[j] = np.tanh(values[j]) * multiplier[j]
@@ -55,7 +56,7 @@ def activate_row(values, code, alpha, multiplier, out):
             out[j] = values[j] * multiplier[j]
     elif code == SOFTPLUS:
         for j in range(d):
-            out[j] = np.log(one + np.exp(values[j])) * multiplier[j]
+            out[j] = np.log(one + exp(values[j])) * multiplier[j]
     elif code == SOFTSIGN:
         for j in range(d):
             v = values[j]
@@ -76,7 +77,7 @@ def derivative_row(grad, values, code, alpha, multiplier, out):
             out[j] = grad[j] * multiplier[j] * (one if values[j] > zero else zero)
     elif code == SIGMOID or code == SOFTPLUS:  # softplus' is the sigmoid
         for j in range(d):
-            s = one / (one + np.exp(-values[j]))
+            s = one / (one + exp(-values[j]))
             out[j] = grad[j] * multiplier[j] * (s * (one - s) if code == SIGMOID else s)
     elif code == TANH:
         for j in range(d):
@@ -445,7 +446,7 @@ def output_forward(u, output, y):
             top = max(top, u[i, j])
         total = u.dtype.type(0.0)
         for j in range(d):
-            e = np.exp(u[i, j] - top)
+            e = exp(u[i, j] - top)
             y[i, j] = e
             total += e
         for j in range(d):
