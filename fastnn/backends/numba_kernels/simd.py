@@ -140,13 +140,13 @@ def store(typingctx: Any, row: Any, start: Any, value: Any) -> Any:
 
 @intrinsic
 def muladd(typingctx: Any, acc: Any, scalar: Any, value: Any) -> Any:
-    """acc + scalar * value, lane by lane, each operation rounded (never fused)."""
-    if not isinstance(acc, Vector) or value != acc or not isinstance(scalar, types.Float):
-        return None
+    """acc + scalar * value, lane by lane, each operation rounded (never fused); the scalar has
+    the vector's dtype."""
+    if not isinstance(acc, Vector) or value != acc or scalar != acc.dtype:
+        return None  # a scalar of another dtype would round differently from scalar code
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         total, factor, vector = args
-        factor = context.cast(builder, factor, sig.args[1], acc.dtype)
         vector_type = vector.type
         index_type = ir.IntType(32)
         single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), factor,

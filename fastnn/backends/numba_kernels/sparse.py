@@ -170,7 +170,7 @@ def sparse_batch(indptr, indices, values, order, start, multiplier, batch_ptr, b
     zero = batch_val.dtype.type(0.0)
     per_element = multiplier.shape[1] > 1
     per_row = multiplier.shape[0] > 1
-    unmasked = not per_element and not per_row and multiplier[0, 0] == 1
+    unmasked = n > 0 and not per_element and not per_row and multiplier[0, 0] == 1
     last = min(start + n, order.shape[0])
     for i in range(min(PREFETCH_ROWS_AHEAD, n)):
         prefetch_csr_row(indptr, indices, values, order[start + i])
@@ -248,10 +248,10 @@ def transpose_part(batch):
 
 @jit_inline
 def subtract_scaled(row, eta, acc):
-    """row -= eta * acc (each element rounded as ``row[k] - eta * acc[k]``); True when row is
-    finite afterwards."""
+    """row -= eta * acc (each element rounded as ``row[k] - eta * acc[k]``, eta in row's
+    dtype); True when row is finite afterwards."""
     m, step = row.shape[0], lanes(row)
-    zero = row.dtype.type(0.0)
+    zero, eta = row.dtype.type(0.0), row.dtype.type(eta)  # vector lanes and tail alike
     check = zeros(row)  # + 0 * each new value: stays 0 while every value is finite
     vectors = m // step
     for start in range(0, vectors * step, step):
