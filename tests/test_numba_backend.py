@@ -420,12 +420,10 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) ->
     assert terminal.text.count("compiling") == 1
 
 
-# ---- two threads: a step shared between them, or evaluation beside training ----
-
-
+# ---- the kernels' exp (no libm call) ----
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_vectorised_exp_is_within_2_ulp_of_numpy(dtype: str) -> None:
+def test_vectorised_exp_is_within_an_ulp_or_two(dtype: str) -> None:
     """The kernels' exp (no libm call, so that loops of it vectorise): float32 within 1 ulp of
     the correctly rounded value (float64's exp rounded), float64 within 2 ulp of NumPy's,
     wherever that is a positive finite number, subnormals included; the same 0, inf and NaN at
@@ -459,6 +457,7 @@ def test_vectorised_exp_is_within_2_ulp_of_numpy(dtype: str) -> None:
     edges = ~positive
     np.testing.assert_array_equal(ours[edges], expected[edges])  # 0, inf, NaN (NaN == NaN)
     assert positive.sum() > 0.8 * len(x) and edges.sum() > 1000  # both regions exercised
+
 
 # ---- the sparse products, kernel by kernel, against sums written out one by one ----
 
@@ -539,6 +538,29 @@ def test_sparse_products_sum_each_element_in_order(dtype: str, width: int) -> No
     assert not sparse.sparse_weight_update(parts, 0, 0, 30, du, broken, eta, 0,
                                            np.dtype(dtype).type(0.0), dw)
 
+
+def test_vector_loads_and_stores_refuse_strided_arrays() -> None:
+    """A vector moves consecutive elements: a strided row is a compile error, never a wrong
+    read or write."""
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    from fastnn.backends.numba_kernels import simd
+
+    @njit
+    def copy_chunk(source, target):  # type: ignore[no-untyped-def]
+        simd.store(target, 0, simd.load(source, 0))
+
+    source, target = np.arange(32, dtype=np.float32), np.zeros(16, np.float32)
+    copy_chunk(source, target)
+    np.testing.assert_array_equal(target, source[:16])
+    with pytest.raises(TypingError):
+        copy_chunk(source[::2], target)
+    with pytest.raises(TypingError):
+        copy_chunk(source, np.zeros((16, 2), np.float32)[:, 0])
+
+
+# ---- two threads: a step shared between them, or evaluation beside training ----
 
 SPLIT_CASES = {
     "plain": {},

@@ -3,7 +3,10 @@
 numba compiles ``np.exp`` to a call of libm's exp for each element, which keeps every loop
 around it scalar; the sigmoid of each hidden unit, forward and backward, then costs more than
 the layer's product. `exp` here is the classic range reduction and polynomial, written so
-that LLVM turns a loop of it into SIMD code:
+that LLVM turns a loop of it into SIMD code. That pays only where the loop vectorises (an
+element-wise loop such as the sigmoid's); a loop that sums in order (the softmax) stays scalar,
+and there libm's exp is the faster.
+
 
 - x = n ln 2 + r with n = floor(x log2(e) + 1/2) and |r| <= ln(2)/2, ln 2 split in two parts
   (Cody and Waite) so that r is exact;

@@ -446,7 +446,7 @@ def output_forward(u, output, y):
             top = max(top, u[i, j])
         total = u.dtype.type(0.0)
         for j in range(d):
-            e = exp(u[i, j] - top)
+            e = np.exp(u[i, j] - top)  # (an in-order sum: this loop stays scalar)
             y[i, j] = e
             total += e
         for j in range(d):

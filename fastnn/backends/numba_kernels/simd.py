@@ -46,7 +46,8 @@ class _VectorModel(models.PrimitiveModel):
 
 
 def _is_float_row(row: Any) -> bool:
-    return (isinstance(row, types.Array) and row.ndim == 1
+    """A contiguous 1-d float32/float64 array (a vector moves consecutive elements)."""
+    return (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
             and row.dtype in (types.float32, types.float64))
 
 
