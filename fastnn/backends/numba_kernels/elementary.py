@@ -7,7 +7,6 @@ that LLVM turns a loop of it into SIMD code. That pays only where the loop vecto
 element-wise loop such as the sigmoid's); a loop that sums in order (the softmax) stays scalar,
 and there libm's exp is the faster.
 
-
 - x = n ln 2 + r with n = floor(x log2(e) + 1/2) and |r| <= ln(2)/2, ln 2 split in two parts
   (Cody and Waite) so that r is exact;
 - exp(r) by a polynomial: float32 the minimax one of Cephes' ``expf`` (degree 7 in all),
@@ -25,27 +24,28 @@ included; at the edges it gives what NumPy gives: 0 and inf, NaN for NaN.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
 
 @intrinsic
-def float_from_bits(typingctx: Any, bits: Any) -> Any:
-    """The float whose bit pattern is ``bits`` (int32 -> float32, int64 -> float64)."""
-    if bits == types.int32:
-        result = types.float32
-    elif bits == types.int64:
-        result = types.float64
-    else:
+def float_from_bits(typingctx: Any, bits: Any, like: Any) -> Any:
+    """The float of ``like``'s type whose bit pattern is ``bits`` (an int64; its low 32 bits
+    for a float32)."""
+    if bits != types.int64 or like not in (types.float32, types.float64):
         return None
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], context.get_value_type(result))
+        result = context.get_value_type(like)
+        pattern = args[0] if like == types.float64 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(pattern, result)
 
-    return result(bits), codegen
+    return like(bits, like), codegen
 
 
 def exp(x: Any) -> Any:
@@ -53,61 +53,47 @@ def exp(x: Any) -> Any:
     return np.exp(x)
 
 
-# float32: ln 2 = LN2_HI + LN2_LO, LN2_HI with few bits (n * LN2_HI is exact)
-F32_LOG2E = np.float32(1.44269504088896341)
-F32_LN2_HI = np.float32(0.693359375)
-F32_LN2_LO = np.float32(-2.12194440e-4)
-F32_RANGE = (np.float32(-104.0), np.float32(89.0))  # exp rounds to 0 below, to inf above
-F32_POLY = tuple(np.float32(c) for c in (
-    1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-    5.0000001201e-1))
-# float64
-F64_LOG2E = np.float64(1.4426950408889634)
-F64_LN2_HI = np.float64(6.93145751953125e-1)
-F64_LN2_LO = np.float64(1.42860682030941723212e-6)
-F64_RANGE = (np.float64(-746.0), np.float64(710.0))
-F64_INVERSE_FACTORIALS = tuple(np.float64(1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64)))
-                               for k in range(13, 1, -1))  # 1/13! ... 1/2!
+#: per dtype: log2(e); ln 2 = ln2_hi + ln2_lo with ln2_hi of few bits (n * ln2_hi is exact);
+#: the range outside which exp rounds to 0 or inf; the polynomial p(r) with
+#: exp(r) = 1 + r + r^2 p(r), highest coefficient first; the exponent field's bias and shift
+ExpConstants = namedtuple(
+    "ExpConstants", "log2e ln2_hi ln2_lo low high polynomial exponent_bias mantissa_bits")
+
+EXP_CONSTANTS = {
+    types.float32: ExpConstants(
+        np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4),
+        np.float32(-104.0), np.float32(89.0),
+        tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                      4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)),
+        127, 23),
+    types.float64: ExpConstants(
+        np.float64(1.4426950408889634), np.float64(6.93145751953125e-1),
+        np.float64(1.42860682030941723212e-6), np.float64(-746.0), np.float64(710.0),
+        tuple(np.float64(1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64)))
+              for k in range(13, 1, -1)),  # Taylor: 1/13! ... 1/2!
+        1023, 52),
+}
 
 
 @overload(exp)
 def _exp_overload(x: Any) -> Any:
-    if x == types.float32:
-        c0, c1, c2, c3, c4, c5 = F32_POLY
-        low, high = F32_RANGE
+    if x not in EXP_CONSTANTS:
+        return None
+    log2e, ln2_hi, ln2_lo, low, high, polynomial, bias, shift = EXP_CONSTANTS[x]
+    one, half = polynomial[0].dtype.type(1.0), polynomial[0].dtype.type(0.5)
 
-        def exp_float32(x: Any) -> Any:
-            one, half = np.float32(1.0), np.float32(0.5)
-            clamped = min(max(x, low), high)
-            n = np.floor(clamped * F32_LOG2E + half)
-            r = (clamped - n * F32_LN2_HI) - n * F32_LN2_LO
-            p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
-            y = (p * (r * r) + r) + one
-            first = np.int64(n) >> 1  # 2^n as 2^first * 2^(n - first): both normal
-            scale_first = float_from_bits(np.int32((first + 127) << 23))
-            scale_rest = float_from_bits(np.int32((np.int64(n) - first + 127) << 23))
-            value = (y * scale_first) * scale_rest
-            return x if x != x else value
+    def exp_impl(x: Any) -> Any:
+        clamped = min(max(x, low), high)
+        n = np.floor(clamped * log2e + half)
+        r = (clamped - n * ln2_hi) - n * ln2_lo
+        p = polynomial[0]
+        for k in range(1, len(polynomial)):
+            p = p * r + polynomial[k]
+        y = (p * (r * r) + r) + one
+        first = np.int64(n) >> 1  # 2^n as 2^first * 2^(n - first): both normal numbers
+        scale_first = float_from_bits((first + bias) << shift, x)
+        scale_rest = float_from_bits((np.int64(n) - first + bias) << shift, x)
+        value = (y * scale_first) * scale_rest
+        return x if x != x else value
 
-        return exp_float32
-    if x == types.float64:
-        inverse = F64_INVERSE_FACTORIALS
-        low, high = F64_RANGE
-
-        def exp_float64(x: Any) -> Any:
-            one, half = np.float64(1.0), np.float64(0.5)
-            clamped = min(max(x, low), high)
-            n = np.floor(clamped * F64_LOG2E + half)
-            r = (clamped - n * F64_LN2_HI) - n * F64_LN2_LO
-            p = inverse[0]
-            for k in range(1, len(inverse)):
-                p = p * r + inverse[k]
-            y = (p * (r * r) + r) + one
-            first = np.int64(n) >> 1
-            scale_first = float_from_bits((first + 1023) << 52)
-            scale_rest = float_from_bits((np.int64(n) - first + 1023) << 52)
-            value = (y * scale_first) * scale_rest
-            return x if x != x else value
-
-        return exp_float64
-    return None
+    return exp_impl

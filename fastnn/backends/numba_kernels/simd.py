@@ -51,11 +51,11 @@ def _is_float_row(row: Any) -> bool:
             and row.dtype in (types.float32, types.float64))
 
 
-def _element_pointer(context: Any, builder: Any, row_type: Any, row: Any, start: Any,
-                     vector_type: Any) -> Any:
-    """A pointer to row[start], typed as a pointer to ``vector_type``."""
-    native = context.make_array(row_type)(context, builder, row)
-    pointer = cgutils.get_item_pointer(context, builder, row_type, native, [start])
+def _element_pointer(context: Any, builder: Any, array_type: Any, array: Any,
+                     indices: list[Any], vector_type: Any) -> Any:
+    """A pointer to array[indices], typed as a pointer to ``vector_type``."""
+    native = context.make_array(array_type)(context, builder, array)
+    pointer = cgutils.get_item_pointer(context, builder, array_type, native, indices)
     return builder.bitcast(pointer, vector_type.as_pointer())
 
 
@@ -95,7 +95,7 @@ def load(typingctx: Any, row: Any, start: Any) -> Any:
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         vector_type = context.get_value_type(vector)
-        pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1],
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], [args[1]],
                                    vector_type)
         return builder.load(pointer, align=row.dtype.bitwidth // 8)
 
@@ -113,11 +113,8 @@ def load_row(typingctx: Any, matrix: Any, row: Any, start: Any) -> Any:
     vector = Vector(matrix.dtype)
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        vector_type = context.get_value_type(vector)
-        native = context.make_array(sig.args[0])(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, sig.args[0], native,
-                                           [args[1], args[2]])
-        pointer = builder.bitcast(pointer, vector_type.as_pointer())
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], [args[1], args[2]],
+                                   context.get_value_type(vector))
         return builder.load(pointer, align=matrix.dtype.bitwidth // 8)
 
     return vector(matrix, types.intp, types.intp), codegen
@@ -131,7 +128,7 @@ def store(typingctx: Any, row: Any, start: Any, value: Any) -> Any:
         return None
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1],
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], [args[1]],
                                    args[2].type)
         builder.store(args[2], pointer, align=row.dtype.bitwidth // 8)
         return context.get_dummy_value()
