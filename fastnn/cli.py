@@ -11,88 +11,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import shutil
-import signal
 import sys
-import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
 from .config import CLI_DEFAULTS, OPTIONS, Config, cli_default, flag_names
 from .errors import ConfigError, DataError, FastnnError
-from .fileio import check_writable_folder, os_reason, remove_partial_files, write_atomically
+from .fileio import os_reason, write_atomically
+from .runs import (
+    SweepFolder,
+    check_checkpoint_dir,
+    check_output_file,
+    check_output_folder,
+    environment,
+    run_record,
+    save_model,
+    save_stopped_run,
+    stop_code,
+    stop_signals_as_interrupts,
+    stop_text,
+    write_record,
+)
 from .threads import THREADS_ENV, check_threads, default_threads, usable_cpus
 
-EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_INTERNAL = 2, 1
 #: the run finished, but --out, a sweep's run file or --save-model could not be written
 EXIT_UNSAVED = 3
-INTERRUPT_DIR = "fastnn-interrupted"
-#: the signals that stop a command the way Ctrl-C does (batch schedulers send SIGTERM first)
-STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
-)
-#: where a sweep's runs checkpoint, under --out-dir (removed once a run's file is written)
-SWEEP_CHECKPOINTS = "checkpoints"
 
 
 class UsageError(FastnnError):
     """A bad command line."""
-
-
-class Terminated(KeyboardInterrupt):
-    """A stop signal (SIGTERM, SIGHUP), raised where it lands so that the command takes the
-    path of Ctrl-C: the step ends, the last completed epoch is saved, then the exit."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _stop_text(exc: BaseException) -> str:
-    """How the command was stopped, for its one-line message."""
-    if isinstance(exc, Terminated):
-        return f"terminated by {signal.Signals(exc.signum).name}"
-    return "interrupted"
-
-
-def _stop_code(exc: BaseException) -> int:
-    """The exit status of a stopped command: 128 + the signal's number (130 for Ctrl-C)."""
-    return 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-
-
-@contextmanager
-def stop_signals_as_interrupts() -> Iterator[None]:
-    """Within the block (in the main thread), SIGTERM and SIGHUP raise `Terminated`, once: a
-    second signal while the command saves its work is ignored. A signal the process ignores
-    (SIGHUP under ``nohup``) stays ignored. The previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    raised = False
-
-    def handler(signum: int, frame: Any) -> None:
-        nonlocal raised
-        if not raised:
-            raised = True
-            raise Terminated(signum)
-
-    previous = {}
-    for signum in STOP_SIGNALS:
-        before = signal.getsignal(signum)
-        if before is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before if before is not None else signal.SIG_DFL)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -287,106 +239,6 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def environment(
-    config: Config, threads: int | None = None, data: str | None = None
-) -> dict[str, Any]:
-    """Backend, dtype, threads, data (an IDX folder; None: MNIST from the cache), versions and
-    CPU of this run."""
-    import numpy
-
-    versions = {
-        "fastnn": __version__,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-    }
-    for name in ("numba", "cupy"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
-    return {
-        "backend": config.backend,
-        "dtype": config.dtype,
-        "threads": threads,
-        "data": data,
-        "versions": versions,
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _finite(data: Any) -> Any:
-    """``data`` with NaN and infinities replaced by None, so the JSON is strict."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(value) for value in data]
-    return data
-
-
-def _writable_folder(folder: Path, flag: str, path: str | Path) -> None:
-    """Create ``folder`` (and its parents) and write a test file in it, or a UsageError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"{flag} {path}: cannot create folder {folder} ({exc.strerror or exc})"
-        ) from None
-    try:
-        check_writable_folder(folder)
-    except OSError as exc:
-        raise UsageError(
-            f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})"
-        ) from None
-
-
-def _check_writable(path: str | None, flag: str) -> None:
-    """Fail before training, not after, when an output file cannot be written."""
-    if not path:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory; give a file name")
-    _writable_folder(target.parent, flag, path)
-
-
-def _check_checkpoint_dir(path: str | None, flag: str) -> None:
-    """Fail before training when checkpoints cannot be written into directory ``path``."""
-    from .checkpoint import FILENAME
-
-    if not path:
-        return
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(
-            f"{flag} {path}: is a file, not a directory; checkpoints go into a directory "
-            f"(DIR/{FILENAME}): give a new or existing directory name"
-        )
-    if (directory / FILENAME).is_dir():
-        raise UsageError(f"{flag} {path}: {directory / FILENAME} is a directory; remove it")
-    _writable_folder(directory, flag, path)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(data), indent=1, allow_nan=False)
-    write_atomically(path, lambda handle: handle.write(text.encode()))
-
-
 def _epoch_line(history: Any, epoch: int) -> str:
     return (
         f"epoch {epoch:3d}  train acc {history.train_acc[-1]:.4f} loss {history.train_loss[-1]:.5f}"
@@ -410,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Check every option and output path, then read the data, train, report per epoch and
     write --out/--save-model/checkpoints."""
     from . import checkpoint as ckpt
-    from .sweep import data_marker, read_data, sized_for
+    from .datasets import data_marker, read_data, sized_for
     from .train import Trainer
 
     resume_state = None
@@ -427,14 +279,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--checkpoint-every needs --checkpoint DIR")
     threads = args.threads if args.threads is not None else default_threads()
     _check_backend(config.backend)
-    _check_writable(args.out, "--out")
-    _check_writable(args.save_model, "--save-model")
-    _check_writable(args.log_csv, "--log-csv")
-    _check_writable(args.log_jsonl, "--log-jsonl")
+    check_output_file(args.out, "--out")
+    check_output_file(args.save_model, "--save-model")
+    check_output_file(args.log_csv, "--log-csv")
+    check_output_file(args.log_jsonl, "--log-jsonl")
     if args.checkpoint:
-        _check_checkpoint_dir(args.checkpoint, "--checkpoint")
+        check_checkpoint_dir(args.checkpoint, "--checkpoint")
     elif args.resume:
-        _check_checkpoint_dir(args.resume, "--resume")
+        check_checkpoint_dir(args.resume, "--resume")
     checkpoint_dir = args.checkpoint or args.resume
     saved_extra = resume_state.extra if resume_state else {}
     every = args.checkpoint_every or saved_extra.get("checkpoint_every") or 1
@@ -466,8 +318,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
         if bar is not None:
             bar.close()
-        _save_interrupted(trainer, config, args, writer, extra, threads, exc)
-        return _stop_code(exc)
+        print(save_stopped_run(trainer, config, args.out, writer, extra, threads, exc),
+              file=sys.stderr, flush=True)
+        return stop_code(exc)
     if bar is not None:
         bar.close()
     return _finish(trainer, config, args, threads, writer, extra)
@@ -504,108 +357,25 @@ def _progress_bar(config: Config, args: argparse.Namespace, resume_state: Any) -
     return tqdm(total=config.epochs, initial=done, unit="epoch", desc="training")
 
 
-def _keep_checkpoint(
-    writer: Any, config: Config, state: Any, extra: dict
-) -> tuple[Path | None, int | None, str]:
-    """Make sure a checkpoint of ``state`` is on disk (in the writer's directory, else
-    `INTERRUPT_DIR`): the directory holding a checkpoint of this run (None: none), the epoch
-    of that checkpoint, and what happened, in words."""
-    from . import checkpoint as ckpt
-
-    if writer is not None and writer.saved_epoch == state.epoch:
-        return writer.directory, state.epoch, f"checkpoint saved to {writer.directory}"
-    directory = writer.directory if writer is not None else Path(INTERRUPT_DIR)
-    try:
-        ckpt.save_checkpoint(directory, config, state, extra)
-    except OSError as exc:
-        text = f"could not write checkpoint {directory / ckpt.FILENAME} ({os_reason(exc)})"
-        if writer is not None and writer.saved_epoch is not None:
-            kept = writer.saved_epoch
-            return directory, kept, f"{text}; the one there is of epoch {kept}"
-        return None, None, text
-    return directory, state.epoch, f"checkpoint saved to {directory}"
-
-
-def _write_results(path: str, record: dict[str, Any], what: str) -> str | None:
-    """Write a run record to ``path``; when that fails, print it on stdout (one line of JSON)
-    and return the one-line reason."""
-    try:
-        write_json_atomic(path, record)
-    except OSError as exc:
-        print(json.dumps(_finite(record), allow_nan=False), flush=True)
-        return f"could not write {path} ({os_reason(exc)}); the {what} are on stdout, as JSON"
-    return None
-
-
-def _save_interrupted(
-    trainer: Any,
-    config: Config,
-    args: argparse.Namespace,
-    writer: Any,
-    extra: dict,
-    threads: int,
-    stop: BaseException,
-) -> None:
-    """Save the checkpoint of the last completed epoch and the partial --out; one line on
-    stderr says what was saved where (and what could not be)."""
-    what = _stop_text(stop)
-    if trainer.state is None:
-        print(f"{what} before the first evaluation; nothing to save", file=sys.stderr)
-        return
-    state = trainer.state
-    parts = [f"{what} after epoch {state.epoch}"]
-    directory, _, text = _keep_checkpoint(writer, config, state, extra)
-    parts.append(text)
-    trainer.history = state.history
-    trainer.history.events["interrupted_after_epoch"] = state.epoch
-    if args.out:
-        record = _run_record(trainer, config, threads, extra)
-        failure = _write_results(args.out, record, "partial results")
-        parts.append(failure or f"partial results in {args.out}")
-    if directory is not None:
-        parts.append(f"continue with: fastnn train --resume {directory}")
-    print("; ".join(parts), file=sys.stderr, flush=True)
-
-
-def _run_record(
-    trainer: Any, config: Config, threads: int, extra: dict | None = None
-) -> dict[str, Any]:
-    return {
-        "config": config.to_dict(),
-        "history": trainer.history.to_dict(),
-        "summary": trainer.history.summary(),
-        "environment": environment(config, threads, (extra or {}).get("data")),
-    }
-
-
 def _finish(
     trainer: Any,
     config: Config,
     args: argparse.Namespace,
     threads: int,
-    writer: Any = None,
-    extra: dict | None = None,
+    writer: Any,
+    extra: dict[str, Any],
 ) -> int:
     """Write --out and --save-model, print the events and the table; `EXIT_UNSAVED` (the
     record on stdout, the reasons on stderr) when an output could not be written."""
     from .history import format_table
 
     history = trainer.history
-    record = _run_record(trainer, config, threads, extra)
+    record = run_record(config, history, environment(config, threads, extra.get("data")))
     failures = []
     if args.save_model:
-        try:
-            trainer.save(args.save_model)
-        except OSError as exc:
-            state = trainer.state
-            directory, epoch, text = _keep_checkpoint(writer, config, state, extra or {})
-            hint = (
-                f"{text}: `fastnn train --resume {directory} --save-model {args.save_model}` "
-                "writes the network from it"
-                if epoch == state.epoch
-                else f"{text}; the trained network is lost"
-            )
-            failures.append(f"could not write {args.save_model} ({os_reason(exc)}); {hint}")
+        failure = save_model(trainer, config, args.save_model, writer, extra)
+        if failure:
+            failures.append(failure)
     for event in ("stopped_early_at", "stopped_on_divergence_at", "restored_best_epoch"):
         if event in history.events:
             print(f"{event.replace('_', ' ')} {history.events[event]}")
@@ -616,7 +386,7 @@ def _finish(
         flush=True,
     )
     if args.out:
-        failure = _write_results(args.out, record, "results")
+        failure = write_record(args.out, record, "results")
         if failure:
             failures.insert(0, failure)
     for failure in failures:
@@ -696,7 +466,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     in the format --out names; the files are labelled by their names."""
     from . import plots
 
-    _check_writable(args.out, "--out")
+    check_output_file(args.out, "--out")
     try:
         plots.image_format(args.out)
     except ConfigError as exc:
@@ -841,29 +611,18 @@ def _train_points(
     """Train every point into ``out_dir`` (one run file each; finished points kept unless
     --redo; local runs checkpoint every epoch there). Returns (records by name, names whose
     file could not be written), or the exit code of a stopped run."""
-    from contextlib import ExitStack
+    from .datasets import read_data_once
+    from .sweep import dask_client, run_sweep
 
-    from .sweep import dask_client, data_marker, load_data, run_sweep, sized_for
-
-    _writable_folder(out_dir, "--out-dir", out_dir)
-    checkpoints = None if args.dask else out_dir / SWEEP_CHECKPOINTS
+    check_output_folder(out_dir, "--out-dir")
+    data = args.data or None
+    folder = SweepFolder(out_dir, data, checkpointing=not args.dask)
     values = {point.name: point.values for point in points}
-    records: dict[str, dict[str, Any]] = {}
     unsaved: list[str] = []
     with ExitStack() as stack:
         client = stack.enter_context(dask_client(args.dask)) if args.dask else None
-        data = args.data or None
-        loaded = load_data(data)  # data errors (and the first-use download) before any run
-        marker = data_marker(data)
-        for point in points:
-            if args.redo:  # train afresh, not from a checkpoint either
-                if checkpoints is not None:
-                    shutil.rmtree(checkpoints / point.name, ignore_errors=True)
-                continue
-            path = out_dir / f"{point.name}.json"
-            kept = _finished_run(path, sized_for(point.config, loaded), marker)
-            if kept is not None:
-                records[point.name] = kept
+        loaded = read_data_once(data)  # data errors (and the first-use download) before any run
+        records = folder.kept_records(points, loaded, redo=args.redo)
         todo = [point for point in points if point.name not in records]
         kept_text = (
             f" ({len(records)} already there, kept; --redo trains them again)" if records else ""
@@ -871,34 +630,35 @@ def _train_points(
         print(f"sweeping {_plural(len(points), 'run')} into {out_dir}{kept_text}", flush=True)
         results = run_sweep(
             todo, data, workers=args.workers, client=client, threads=args.threads,
-            checkpoints=checkpoints,
+            checkpoints=folder.checkpoints,
         )
         try:
             with closing(results):  # an interrupt stops the worker processes at once
                 for name, record in results:
-                    config = Config.from_dict(record["config"])
-                    record["environment"] = {
-                        **environment(config, data=marker),
-                        **record.get("environment", {}),
-                    }
                     records[name] = record
-                    if _save_run(out_dir / f"{name}.json", record):
-                        if checkpoints is not None:
-                            shutil.rmtree(checkpoints / name, ignore_errors=True)
-                    else:
+                    failure = folder.save(name, record)
+                    if failure is not None:
+                        print(f"warning: {failure}", file=sys.stderr, flush=True)
                         unsaved.append(name)
                     if not args.quiet:
                         where = " ".join(f"{key}={text}" for key, text in values[name].items())
                         test_acc = record["history"]["test_acc"][-1]
                         print(f"done {where}: test acc {_number(test_acc)}", flush=True)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
-            _sweep_stopped(exc, len(records), len(points), out_dir, checkpoints, todo)
-            return _stop_code(exc)
-    if checkpoints is not None:
-        try:
-            checkpoints.rmdir()  # only when empty: a run whose file is missing keeps its own
-        except OSError:
-            pass
+            folder.remove_partial_checkpoints(point.name for point in todo)
+            later = (
+                "the running ones continue from their checkpoints"
+                if folder.checkpoints is not None
+                else "the others are trained"
+            )
+            print(
+                f"fastnn: {stop_text(exc)}: {len(records)} of {_plural(len(points), 'run')} done, "
+                f"their files are in {out_dir}; {later} when the same command runs again",
+                file=sys.stderr,
+                flush=True,
+            )
+            return stop_code(exc)
+    folder.tidy()
     return records, unsaved
 
 
@@ -912,70 +672,10 @@ def _row(values: dict[str, str], record: dict[str, Any]) -> tuple[dict[str, str]
     return values, History.from_dict(record["history"]).summary()
 
 
-def _finished_run(path: Path, config: Config, data: str | None) -> dict[str, Any] | None:
-    """The record in run file ``path`` when it is a finished run of ``config`` on ``data``
-    (a later sweep keeps it), else None."""
-    from .history import History
-
-    try:
-        record = json.loads(path.read_text())
-        history = History.from_dict(record["history"])
-        history.summary()
-        same = record["config"] == json.loads(json.dumps(config.to_dict()))
-        env = record.get("environment") or {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    events = history.events
-    finished = len(history.test_acc) == config.epochs + 1 or any(
-        key in events for key in ("stopped_early_at", "stopped_on_divergence_at")
-    )
-    if not same or "data" not in env or env["data"] != data:
-        return None
-    if "interrupted_after_epoch" in events or not finished:
-        return None
-    return record
-
-
-def _save_run(path: Path, record: dict[str, Any]) -> bool:
-    """Write one run file of a sweep; when that fails, say so on stderr, print the record on
-    stdout (one line of JSON) and return False: the sweep goes on."""
-    failure = _write_results(str(path), record, "results")
-    if failure is not None:
-        print(f"warning: {failure}", file=sys.stderr, flush=True)
-    return failure is None
-
-
-def _sweep_stopped(
-    stop: BaseException,
-    done: int,
-    total: int,
-    out_dir: Path,
-    checkpoints: Path | None,
-    todo: list[Any],
-) -> None:
-    """One line on stderr: what a stopped sweep kept, and how it continues."""
-    from .checkpoint import FILENAME
-
-    if checkpoints is not None:
-        for point in todo:  # temporary files of workers killed mid-write
-            remove_partial_files(checkpoints / point.name / FILENAME)
-    later = (
-        "the running ones continue from their checkpoints" if checkpoints is not None
-        else "the others are trained"
-    )
-    print(
-        f"fastnn: {_stop_text(stop)}: {done} of {_plural(total, 'run')} done, their files are "
-        f"in {out_dir}; {later} when the same command runs again",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 def cmd_data(args: argparse.Namespace) -> int:
     """``data verify``: one line per cached MNIST file (ok, missing, damaged), exit 2 unless
     all are ok; ``data fetch``: fetch the missing or damaged ones (not when offline)."""
-    from .datasets import MNIST_FILES, cache_dir, cache_status, fetch_mnist
-    from .sweep import OFFLINE_ENV, offline
+    from .datasets import MNIST_FILES, OFFLINE_ENV, cache_dir, cache_status, fetch_mnist, offline
 
     folder = Path(args.data_dir).expanduser() if args.data_dir else cache_dir()
     statuses = cache_status(folder)
@@ -1027,8 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastnn: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # before training started, or after it ended
-        print(f"fastnn: {_stop_text(exc)}", file=sys.stderr)
-        return _stop_code(exc)
+        print(f"fastnn: {stop_text(exc)}", file=sys.stderr)
+        return stop_code(exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if os.environ.get("FASTNN_DEBUG"):
             raise

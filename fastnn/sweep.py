@@ -5,19 +5,18 @@ themselves (through ``FASTNN_THREADS`` and the BLAS/Numba thread variables, set 
 worker imports NumPy), and runs on a Dask worker split that worker's share of its host.
 
 Local runs can checkpoint every epoch into a folder of their own (``checkpoints``), and a run
-that finds a checkpoint of its own config and data there continues from it, so a sweep that was
-stopped (SIGTERM, Ctrl-C, ``kill -9``) loses at most an epoch of each running point.
+that finds a checkpoint of its own config and data there continues from it
+(`fastnn.runs.run_point`), so a sweep that was stopped (SIGTERM, Ctrl-C, ``kill -9``) loses at
+most an epoch of each running point.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import multiprocessing
 import os
 import re
 import signal
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import OPTIONS, Config, sweepable
-from .errors import CheckpointError, ConfigError, DataError, MissingDependency
+from .errors import ConfigError, MissingDependency
+from .runs import run_point
 from .threads import THREADS_ENV, default_threads, usable_cpus
 
 #: the variables that cap a worker process's threads (fastnn's own, OpenBLAS, Numba, OpenMP, MKL)
@@ -39,8 +39,6 @@ THREAD_VARIABLES = (
 )
 #: seconds to wait for a Dask scheduler before calling its address unreachable
 DASK_CONNECT_TIMEOUT_S = 5.0
-#: set to 1 to never download MNIST (the data must be in the cache or given with --data)
-OFFLINE_ENV = "FASTNN_OFFLINE"
 
 
 @dataclass(frozen=True)
@@ -112,40 +110,6 @@ def _file_name(values: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
 
 
-def sized_for(config: Config, data: tuple) -> Config:
-    """Input and output sizes taken from the data (any IDX folder, not only 28x28 digits)."""
-    x_train, t_train, _, t_test = data
-    n_inputs = int(x_train[0].size) if len(x_train) else config.n_inputs
-    top = max(int(t_train.max()) if len(t_train) else 0, int(t_test.max()) if len(t_test) else 0)
-    return config.replace(n_inputs=n_inputs, n_outputs=max(top + 1, 2))
-
-
-def offline() -> bool:
-    """True when ``FASTNN_OFFLINE`` forbids downloading MNIST."""
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def read_data(data_path: str | None) -> tuple:
-    """The IDX folder ``data_path``, or MNIST from the cache (fetched unless `offline`)."""
-    from .datasets import load_mnist
-
-    if data_path:
-        return load_mnist(data_path)
-    try:
-        return load_mnist(fetch=not offline())
-    except DataError as exc:
-        if offline():
-            raise DataError(f"{exc} ({OFFLINE_ENV}=1: not downloaded)") from None
-        raise
-
-
-@functools.lru_cache(maxsize=1)
-def load_data(data_path: str | None) -> tuple:
-    """The data set of a sweep, read once per process (every point of a sequential sweep and
-    the up-front check share it; training never writes to it)."""
-    return read_data(data_path)
-
-
 def threads_per_run(requested: int | None, workers: int) -> int:
     """Threads of each run of ``workers`` local processes: ``requested``, else
     ``FASTNN_THREADS``, else the usable CPUs split among the workers."""
@@ -159,70 +123,6 @@ def threads_per_run(requested: int | None, workers: int) -> int:
 def worker_environment(threads: int) -> dict[str, str]:
     """The environment variables that give a worker process ``threads`` threads."""
     return {variable: str(threads) for variable in THREAD_VARIABLES}
-
-
-def data_marker(data_path: str | None) -> str | None:
-    """How run files and checkpoints name their data: the IDX folder's absolute path, or None
-    for MNIST from the cache."""
-    return str(Path(data_path).resolve()) if data_path else None
-
-
-def resumable_state(directory: str | Path, config: Config, data_path: str | None) -> Any:
-    """The `TrainState` checkpointed in ``directory`` when a run of ``config`` on
-    ``data_path`` can continue from it; None when there is none, or it is unreadable, of
-    another config or of other data."""
-    from .checkpoint import FILENAME, check_compatible, load_checkpoint
-
-    if not (Path(directory) / FILENAME).is_file():
-        return None
-    try:
-        saved, state = load_checkpoint(directory)
-        check_compatible(saved, config, state, directory)
-    except CheckpointError:
-        return None
-    if state.extra.get("data", "") != data_marker(data_path):
-        return None
-    return state
-
-
-def run_point(
-    name: str,
-    config: dict[str, Any],
-    data_path: str | None,
-    threads: int | None = None,
-    checkpoint_dir: str | None = None,
-) -> tuple[str, dict]:
-    """Train one point (in any process); return its name and run record.
-
-    ``threads`` None: ``FASTNN_THREADS`` of this process, else its usable CPUs.
-    ``checkpoint_dir``: write a checkpoint there after every epoch, and continue from the one
-    there when it is of this config and data (the history is the same as without a stop).
-    """
-    from .train import Trainer
-
-    used = default_threads() if threads is None else threads
-    data = load_data(data_path)
-    cfg = sized_for(Config.from_dict(config), data)
-    resume, on_epoch = None, None
-    if checkpoint_dir is not None:
-        from .checkpoint import CheckpointWriter
-
-        resume = resumable_state(checkpoint_dir, cfg, data_path)
-        writer = CheckpointWriter(checkpoint_dir, cfg, {"data": data_marker(data_path)})
-
-        def on_epoch(trainer: Trainer, epoch: int) -> None:
-            if writer.due(epoch):
-                writer.save(trainer.state)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # divergence is recorded in the history's events
-        history = Trainer(cfg, on_epoch=on_epoch, threads=used).fit(*data, resume=resume)
-    return name, {
-        "config": cfg.to_dict(),
-        "history": history.to_dict(),
-        "summary": history.summary(),
-        "environment": {"threads": used, "data": data_marker(data_path)},
-    }
 
 
 def run_sweep(

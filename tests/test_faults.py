@@ -21,6 +21,7 @@ from conftest import make_idx_folder, run_history
 import fastnn.cli as cli
 import fastnn.datasets as datasets
 import fastnn.fileio as fileio
+import fastnn.runs as runs
 import fastnn.threads as threads
 from fastnn.checkpoint import FILENAME, load_checkpoint
 from fastnn.cli import main
@@ -247,8 +248,8 @@ def test_save_model_failing_without_checkpoint_saves_one_in_the_working_folder(
     model = tmp_path / "models" / "m.npz"
     assert main(["train", "--data", str(data), *TINY, "--epochs", "1", "--save-model",
                  str(model)]) == 3
-    assert f"checkpoint saved to {cli.INTERRUPT_DIR}" in capsys.readouterr().err
-    assert load_checkpoint(tmp_path / cli.INTERRUPT_DIR)[1].epoch == 1
+    assert f"checkpoint saved to {runs.INTERRUPT_DIR}" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / runs.INTERRUPT_DIR)[1].epoch == 1
 
 
 def test_a_sweep_run_file_that_cannot_be_written_is_on_stdout_and_redone_later(
@@ -269,7 +270,7 @@ def test_a_sweep_run_file_that_cannot_be_written_is_on_stdout_and_redone_later(
     assert main(args) == 0  # seed=1 comes from its final checkpoint; the others are kept
     assert "(2 already there, kept" in capsys.readouterr().out
     assert json.loads((out_dir / "seed=1.json").read_text())["history"] == record["history"]
-    assert not (out_dir / cli.SWEEP_CHECKPOINTS).exists()
+    assert not (out_dir / runs.SWEEP_CHECKPOINTS).exists()
 
 
 # ---- SIGTERM and SIGHUP ----
@@ -410,7 +411,7 @@ def test_sigterm_keeps_finished_sweep_points_and_resumes_the_running_one(
     slow_data: Path, reference_sweep: Path, tmp_path: Path
 ) -> None:
     out_dir = tmp_path / "runs"
-    checkpoints = out_dir / cli.SWEEP_CHECKPOINTS
+    checkpoints = out_dir / runs.SWEEP_CHECKPOINTS
     proc = subprocess.Popen(_sweep(slow_data, out_dir, 30), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for(checkpoints / "seed=1" / FILENAME, proc)
@@ -442,7 +443,7 @@ def test_sigterm_to_a_parallel_sweeps_process_group_stops_every_worker(
     slow_data: Path, reference_sweep: Path, tmp_path: Path
 ) -> None:
     out_dir = tmp_path / "runs"
-    checkpoints = out_dir / cli.SWEEP_CHECKPOINTS
+    checkpoints = out_dir / runs.SWEEP_CHECKPOINTS
     proc = subprocess.Popen(
         _sweep(slow_data, out_dir, 2000, "--workers", "2"), env=ENV, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True, start_new_session=True,

@@ -1,0 +1,469 @@
+"""A run's lifecycle, below the command line: what ``train``, ``sweep`` and ``reproduce`` share.
+
+- before training, every output is checked (`check_output_file`, `check_output_folder`,
+  `check_checkpoint_dir`), so a run never ends with nowhere to write;
+- the run record (`run_record`: config, history, summary, `environment`), written atomically,
+  or put on stdout when it cannot be (`write_record`);
+- stop signals: SIGTERM and SIGHUP raise `Terminated` where they land, as Ctrl-C raises
+  KeyboardInterrupt (`stop_signals_as_interrupts`); a stopped run keeps a checkpoint of its last
+  completed epoch and its partial record (`save_stopped_run`) and exits with `stop_code`;
+- one point of a sweep, trained in any process, continuing from its own checkpoint
+  (`run_point`), and the folder of a sweep's run files: which finished runs are kept, each run's
+  file written as it finishes (`SweepFolder`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import Config
+from .datasets import Data, data_marker, read_data_once, sized_for
+from .errors import CheckpointError, FastnnError
+from .fileio import check_writable_folder, os_reason, remove_partial_files, write_atomically
+from .history import History
+from .threads import default_threads
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointWriter
+    from .train import Trainer, TrainState
+
+#: the exit status of a run stopped by Ctrl-C
+EXIT_INTERRUPTED = 130
+#: where a stopped run without --checkpoint saves its checkpoint (in the working folder)
+INTERRUPT_DIR = "fastnn-interrupted"
+#: the signals that stop a command the way Ctrl-C does (batch schedulers send SIGTERM first)
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+#: where a sweep's runs checkpoint, under its folder (removed once a run's file is written)
+SWEEP_CHECKPOINTS = "checkpoints"
+
+
+class OutputError(FastnnError):
+    """An output the command line names cannot be written (found before training)."""
+
+
+# ---- the up-front output checks ----
+
+
+def check_output_folder(folder: Path, flag: str, path: str | Path | None = None) -> None:
+    """Create ``folder`` (and its parents) and write a test file in it, or an `OutputError`
+    that names ``flag`` and ``path`` (default: the folder)."""
+    path = folder if path is None else path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"{flag} {path}: cannot create folder {folder} ({exc.strerror or exc})"
+        ) from None
+    try:
+        check_writable_folder(folder)
+    except OSError as exc:
+        raise OutputError(
+            f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})"
+        ) from None
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Fail before training, not after, when output file ``path`` (None: none) cannot be
+    written."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory; give a file name")
+    check_output_folder(target.parent, flag, path)
+
+
+def check_checkpoint_dir(path: str | None, flag: str) -> None:
+    """Fail before training when checkpoints cannot be written into directory ``path``."""
+    from .checkpoint import FILENAME
+
+    if not path:
+        return
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(
+            f"{flag} {path}: is a file, not a directory; checkpoints go into a directory "
+            f"(DIR/{FILENAME}): give a new or existing directory name"
+        )
+    if (directory / FILENAME).is_dir():
+        raise OutputError(f"{flag} {path}: {directory / FILENAME} is a directory; remove it")
+    check_output_folder(directory, flag, path)
+
+
+# ---- the run record ----
+
+
+def environment(
+    config: Config, threads: int | None = None, data: str | None = None
+) -> dict[str, Any]:
+    """Backend, dtype, threads, data (an IDX folder; None: MNIST from the cache), versions and
+    CPU of this run."""
+    import numpy
+
+    versions = {
+        "fastnn": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+    }
+    for name in ("numba", "cupy"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return {
+        "backend": config.backend,
+        "dtype": config.dtype,
+        "threads": threads,
+        "data": data,
+        "versions": versions,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_record(config: Config, history: History, environment: dict[str, Any]) -> dict[str, Any]:
+    """The record of a run, as its run file holds it: config, history, summary, environment
+    (a sweep's point gives its threads and data; `SweepFolder.save` adds the rest)."""
+    return {
+        "config": config.to_dict(),
+        "history": history.to_dict(),
+        "summary": history.summary(),
+        "environment": environment,
+    }
+
+
+def strict_json(data: Any) -> Any:
+    """``data`` with NaN and infinities replaced by None, so the JSON is strict."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(strict_json(data), indent=1, allow_nan=False)
+    write_atomically(path, lambda handle: handle.write(text.encode()))
+
+
+def write_record(path: str | Path, record: dict[str, Any], what: str) -> str | None:
+    """Write a run record to ``path``; when that fails, print it on stdout (one line of JSON)
+    and return the one-line reason, which calls the record ``what``."""
+    try:
+        write_json_atomic(path, record)
+    except OSError as exc:
+        print(json.dumps(strict_json(record), allow_nan=False), flush=True)
+        return f"could not write {path} ({os_reason(exc)}); the {what} are on stdout, as JSON"
+    return None
+
+
+# ---- stop signals ----
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP), raised where it lands so that the command takes the
+    path of Ctrl-C: the step ends, the last completed epoch is saved, then the exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_text(exc: BaseException) -> str:
+    """How the command was stopped, for its one-line message."""
+    if isinstance(exc, Terminated):
+        return f"terminated by {signal.Signals(exc.signum).name}"
+    return "interrupted"
+
+
+def stop_code(exc: BaseException) -> int:
+    """The exit status of a stopped command: 128 + the signal's number (130 for Ctrl-C)."""
+    return 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+@contextmanager
+def stop_signals_as_interrupts() -> Iterator[None]:
+    """Within the block (in the main thread), SIGTERM and SIGHUP raise `Terminated`, once: a
+    second signal while the command saves its work is ignored. A signal the process ignores
+    (SIGHUP under ``nohup``) stays ignored. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Terminated(signum)
+
+    previous = {}
+    for signum in STOP_SIGNALS:
+        before = signal.getsignal(signum)
+        if before is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before if before is not None else signal.SIG_DFL)
+
+
+# ---- what a stopped or finished training run keeps ----
+
+
+def keep_checkpoint(
+    writer: CheckpointWriter | None, config: Config, state: TrainState, extra: dict[str, Any]
+) -> tuple[Path | None, int | None, str]:
+    """Make sure a checkpoint of ``state`` is on disk (in the writer's directory, else
+    `INTERRUPT_DIR`): the directory holding a checkpoint of this run (None: none), the epoch
+    of that checkpoint, and what happened, in words."""
+    from . import checkpoint as ckpt
+
+    if writer is not None and writer.saved_epoch == state.epoch:
+        return writer.directory, state.epoch, f"checkpoint saved to {writer.directory}"
+    directory = writer.directory if writer is not None else Path(INTERRUPT_DIR)
+    try:
+        ckpt.save_checkpoint(directory, config, state, extra)
+    except OSError as exc:
+        text = f"could not write checkpoint {directory / ckpt.FILENAME} ({os_reason(exc)})"
+        if writer is not None and writer.saved_epoch is not None:
+            kept = writer.saved_epoch
+            return directory, kept, f"{text}; the one there is of epoch {kept}"
+        return None, None, text
+    return directory, state.epoch, f"checkpoint saved to {directory}"
+
+
+def save_stopped_run(
+    trainer: Trainer,
+    config: Config,
+    out: str | None,
+    writer: CheckpointWriter | None,
+    extra: dict[str, Any],
+    threads: int,
+    stop: BaseException,
+) -> str:
+    """Save the checkpoint of the last completed epoch and the partial record (to ``out``,
+    when given); return the one line that says what was saved where (and what could not be)."""
+    what = stop_text(stop)
+    if trainer.state is None:
+        return f"{what} before the first evaluation; nothing to save"
+    state = trainer.state
+    parts = [f"{what} after epoch {state.epoch}"]
+    directory, _, text = keep_checkpoint(writer, config, state, extra)
+    parts.append(text)
+    trainer.history = state.history
+    trainer.history.events["interrupted_after_epoch"] = state.epoch
+    if out:
+        run_environment = environment(config, threads, extra.get("data"))
+        record = run_record(config, trainer.history, run_environment)
+        failure = write_record(out, record, "partial results")
+        parts.append(failure or f"partial results in {out}")
+    if directory is not None:
+        parts.append(f"continue with: fastnn train --resume {directory}")
+    return "; ".join(parts)
+
+
+def save_model(
+    trainer: Trainer,
+    config: Config,
+    path: str,
+    writer: CheckpointWriter | None,
+    extra: dict[str, Any],
+) -> str | None:
+    """Write the trained model to ``path``; when that fails, keep a checkpoint to write it
+    from and return the one-line reason (with how to get the model back, if it can be)."""
+    try:
+        trainer.save(path)
+    except OSError as exc:
+        state = trainer.state
+        directory, epoch, text = keep_checkpoint(writer, config, state, extra)
+        hint = (
+            f"{text}: `fastnn train --resume {directory} --save-model {path}` "
+            "writes the network from it"
+            if epoch == state.epoch
+            else f"{text}; the trained network is lost"
+        )
+        return f"could not write {path} ({os_reason(exc)}); {hint}"
+    return None
+
+
+# ---- one point of a sweep ----
+
+
+def resumable_state(
+    directory: str | Path, config: Config, data_path: str | None
+) -> TrainState | None:
+    """The `TrainState` checkpointed in ``directory`` when a run of ``config`` on
+    ``data_path`` can continue from it; None when there is none, or it is unreadable, of
+    another config or of other data."""
+    from .checkpoint import FILENAME, check_compatible, load_checkpoint
+
+    if not (Path(directory) / FILENAME).is_file():
+        return None
+    try:
+        saved, state = load_checkpoint(directory)
+        check_compatible(saved, config, state, directory)
+    except CheckpointError:
+        return None
+    if state.extra.get("data", "") != data_marker(data_path):
+        return None
+    return state
+
+
+def run_point(
+    name: str,
+    config: dict[str, Any],
+    data_path: str | None,
+    threads: int | None = None,
+    checkpoint_dir: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Train one point of a sweep (in any process); return its name and run record.
+
+    ``threads`` None: ``FASTNN_THREADS`` of this process, else its usable CPUs.
+    ``checkpoint_dir``: write a checkpoint there after every epoch, and continue from the one
+    there when it is of this config and data (the history is the same as without a stop).
+    """
+    from .train import Trainer
+
+    used = default_threads() if threads is None else threads
+    data = read_data_once(data_path)
+    cfg = sized_for(Config.from_dict(config), data)
+    resume, on_epoch = None, None
+    if checkpoint_dir is not None:
+        from .checkpoint import CheckpointWriter
+
+        resume = resumable_state(checkpoint_dir, cfg, data_path)
+        writer = CheckpointWriter(checkpoint_dir, cfg, {"data": data_marker(data_path)})
+
+        def on_epoch(trainer: Trainer, epoch: int) -> None:
+            if writer.due(epoch):
+                writer.save(trainer.state)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # divergence is recorded in the history's events
+        history = Trainer(cfg, on_epoch=on_epoch, threads=used).fit(*data, resume=resume)
+    return name, run_record(cfg, history, {"threads": used, "data": data_marker(data_path)})
+
+
+# ---- the folder of a sweep's run files ----
+
+
+def finished_record(path: Path, config: Config, data: str | None) -> dict[str, Any] | None:
+    """The record in run file ``path`` when it is a finished run of ``config`` on ``data``
+    (a later sweep keeps it), else None."""
+    try:
+        record = json.loads(path.read_text())
+        history = History.from_dict(record["history"])
+        history.summary()
+        same = record["config"] == json.loads(json.dumps(config.to_dict()))
+        env = record.get("environment") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    events = history.events
+    finished = len(history.test_acc) == config.epochs + 1 or any(
+        key in events for key in ("stopped_early_at", "stopped_on_divergence_at")
+    )
+    if not same or "data" not in env or env["data"] != data:
+        return None
+    if "interrupted_after_epoch" in events or not finished:
+        return None
+    return record
+
+
+class SweepFolder:
+    """The folder of a sweep: one run file per point (``NAME.json``), and, when its runs
+    checkpoint (local runs), a checkpoint folder per running point under `SWEEP_CHECKPOINTS`.
+
+    A point whose run file is a finished run of its config and data is kept; a stopped sweep
+    run again continues the others from their checkpoints.
+    """
+
+    def __init__(self, folder: Path, data_path: str | None, checkpointing: bool) -> None:
+        self.folder = folder
+        self.data = data_marker(data_path)
+        self.checkpoints = folder / SWEEP_CHECKPOINTS if checkpointing else None
+
+    def run_file(self, name: str) -> Path:
+        """The run file of point ``name``."""
+        return self.folder / f"{name}.json"
+
+    def kept_records(
+        self, points: Iterable[Any], data: Data, redo: bool
+    ) -> dict[str, dict[str, Any]]:
+        """The records of the points (each with ``name`` and ``config``) whose run file is a
+        finished run of them on ``data``, by name. ``redo``: none, and no point continues from
+        a checkpoint either."""
+        records: dict[str, dict[str, Any]] = {}
+        for point in points:
+            if redo:  # train afresh, not from a checkpoint either
+                if self.checkpoints is not None:
+                    shutil.rmtree(self.checkpoints / point.name, ignore_errors=True)
+                continue
+            kept = finished_record(self.run_file(point.name), sized_for(point.config, data),
+                                   self.data)
+            if kept is not None:
+                records[point.name] = kept
+        return records
+
+    def save(self, name: str, record: dict[str, Any]) -> str | None:
+        """Complete the environment of a finished point's record (what its process did not
+        say), write its run file and drop its checkpoint. When the file cannot be written,
+        the record goes on stdout (one line of JSON) and the reason is returned."""
+        config = Config.from_dict(record["config"])
+        record["environment"] = {
+            **environment(config, data=self.data),
+            **record.get("environment", {}),
+        }
+        failure = write_record(self.run_file(name), record, "results")
+        if failure is None and self.checkpoints is not None:
+            shutil.rmtree(self.checkpoints / name, ignore_errors=True)
+        return failure
+
+    def remove_partial_checkpoints(self, names: Iterable[str]) -> None:
+        """Remove the temporary files of checkpoints whose writer was killed mid-write."""
+        from .checkpoint import FILENAME
+
+        if self.checkpoints is not None:
+            for name in names:
+                remove_partial_files(self.checkpoints / name / FILENAME)
+
+    def tidy(self) -> None:
+        """Remove the checkpoint folder when it is empty (a run whose file is missing keeps
+        its own)."""
+        if self.checkpoints is not None:
+            try:
+                self.checkpoints.rmdir()
+            except OSError:
+                pass
+
