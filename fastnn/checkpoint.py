@@ -47,6 +47,9 @@ def save_checkpoint(
         "history": state.history.to_dict(),
         "best_val_loss": state.best_val_loss,
         "epochs_without_gain": state.epochs_without_gain,
+        "best_train_loss": state.best_train_loss,
+        "epochs_without_train_gain": state.epochs_without_train_gain,
+        "plateau": state.plateau,
         "extra": {**state.extra, **(extra or {})},
     }
     arrays = dict(state.arrays)
@@ -152,6 +155,9 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:
             best_val_loss=None if best_val_loss is None else float(best_val_loss),
             epochs_without_gain=int(header.get("epochs_without_gain", 0)),
             extra=dict(header.get("extra") or {}),
+            best_train_loss=_optional_float(header.get("best_train_loss")),
+            epochs_without_train_gain=int(header.get("epochs_without_train_gain", 0)),
+            plateau=_plateau(header.get("plateau")),
         )
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(
@@ -187,3 +193,19 @@ def check_compatible(saved: Config, wanted: Config, state: TrainState, where: An
         if name not in state.arrays or state.arrays[name].shape != value.shape:
             got = state.arrays[name].shape if name in state.arrays else "missing"
             raise CheckpointError(f"{where}: array {name} is {got}, expected {value.shape}")
+
+
+def _optional_float(value: Any) -> float | None:
+    """None, or a number of the header as a float (ValueError for anything else)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number or null; got {value!r}")
+    return float(value)
+
+
+def _plateau(value: Any) -> dict[str, Any] | None:
+    """The plateau schedule's state of a header, checked (None: not started)."""
+    from .schedules import Plateau
+
+    return None if value is None else Plateau.from_dict(value).to_dict()

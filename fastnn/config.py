@@ -51,6 +51,24 @@ BN_EVALS = ("batch", "running")
 DROPOUT_MODES = ("article", "inverted")
 DTYPES = ("float32", "float64")
 WEIGHT_DECAYS = ("l1", "l2")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "exponential", "cosine", "plateau")
+PLATEAU_LOSSES = ("train", "validation")
+#: which optimiser uses which of its hyper-parameters
+OPTIMIZER_OPTIONS = {
+    "momentum": ("momentum", "nesterov"),
+    "beta1": ("adam", "adamw"),
+    "beta2": ("adam", "adamw"),
+    "eps": ("adam", "adamw"),
+}
+#: which learning-rate schedule uses which of its options
+SCHEDULE_OPTIONS = {
+    "lr_step_size": ("step",),
+    "lr_gamma": ("step", "exponential", "plateau"),
+    "lr_min": ("cosine", "plateau"),
+    "lr_patience": ("plateau",),
+    "plateau_loss": ("plateau",),
+}
 
 #: parameters each initialiser / activation accepts ("var" is the article's alias of "std").
 INIT_PARAMS = {
@@ -524,7 +542,69 @@ class Config:
         metavar="none|0",
         learn="data_norm_params.axis",
     )
-    eta: float = _option(0.1, Number(0.0, low_open=True), "SGD learning rate", "--eta", learn="eta")
+    eta: float = _option(
+        0.1, Number(0.0, low_open=True), "learning rate (the schedule's peak)", "--eta", learn="eta"
+    )
+    optimizer: str = _option(
+        "sgd",
+        Choice(OPTIMIZERS),
+        "update rule: sgd (the article's), momentum, nesterov, adam, adamw (decoupled decay)",
+        "--optimizer",
+    )
+    momentum: float = _option(
+        0.9,
+        Number(0.0, 1.0, high_open=True),
+        "velocity coefficient of the momentum and nesterov optimisers",
+        "--momentum",
+    )
+    beta1: float = _option(
+        0.9, Number(0.0, 1.0, high_open=True), "adam/adamw: decay of the first moment", "--beta1"
+    )
+    beta2: float = _option(
+        0.999,
+        Number(0.0, 1.0, high_open=True),
+        "adam/adamw: decay of the second moment",
+        "--beta2",
+    )
+    eps: float = _option(
+        1e-8, Number(0.0, low_open=True), "adam/adamw: added to the root of the second moment",
+        "--eps",
+    )
+    lr_schedule: str = _option(
+        "constant",
+        Choice(LR_SCHEDULES),
+        "learning rate over the run: constant, step (x lr_gamma every lr_step_size epochs), "
+        "exponential (x lr_gamma each epoch), cosine (to lr_min at the last epoch), plateau "
+        "(x lr_gamma after lr_patience epochs without a lower loss)",
+        "--lr-schedule",
+    )
+    warmup: int = _option(
+        0, Integer(0), "epochs of linear warm-up (step by step) before the schedule", "--warmup",
+        metavar="EPOCHS",
+    )
+    lr_step_size: int = _option(
+        10, Integer(1), "step schedule: epochs between two decays", "--lr-step-size",
+        metavar="EPOCHS",
+    )
+    lr_gamma: float = _option(
+        0.1,
+        Number(0.0, 1.0, low_open=True, high_open=True),
+        "step, exponential and plateau schedules: the factor of each decay",
+        "--lr-gamma",
+    )
+    lr_min: float = _option(
+        0.0, Number(0.0), "cosine and plateau schedules: the lowest learning rate", "--lr-min"
+    )
+    lr_patience: int = _option(
+        5, Integer(1), "plateau schedule: epochs without a lower loss before a decay",
+        "--lr-patience", metavar="EPOCHS",
+    )
+    plateau_loss: str = _option(
+        "train",
+        Choice(PLATEAU_LOSSES),
+        "plateau schedule: the loss it watches (validation needs early_stopping's split)",
+        "--plateau-loss",
+    )
     batch_size: int = _option(
         100, Integer(1), "mini-batch size", "--batch-size", learn="batch_size"
     )
@@ -625,6 +705,20 @@ class Config:
         "share of the training data held out for early stopping's validation loss",
         "--validation-fraction",
     )
+    tol: float = _option(
+        0.0,
+        Number(0.0),
+        "a loss counts as lower only when it drops by more than this (early stopping, "
+        "n_iter_no_change, plateau)",
+        "--tol",
+    )
+    n_iter_no_change: int | None = _option(
+        None,
+        Integer(1, optional=True),
+        "stop after this many epochs without a lower training loss (converged)",
+        "--n-iter-no-change",
+        metavar="EPOCHS",
+    )
     stop_on_divergence: bool = _option(
         False,
         YesNo(),
@@ -652,6 +746,19 @@ class Config:
                         f"{label(name)} needs batch norm: set {label('batch_norm')} "
                         "to n, bn or node"
                     )
+        self._check_used_by("optimizer", OPTIMIZER_OPTIONS)
+        self._check_used_by("lr_schedule", SCHEDULE_OPTIONS)
+        if self.lr_schedule == "plateau" and self.plateau_loss == "validation" and (
+            self.early_stopping is None
+        ):
+            raise ConfigError(
+                f"{label('plateau_loss')} validation needs a validation split: set "
+                f"{label('early_stopping')} too"
+            )
+        if self.lr_schedule in ("cosine", "plateau") and self.lr_min > self.eta:
+            raise ConfigError(
+                f"{label('lr_min')} must be <= {label('eta')}; got {self.lr_min!r} > {self.eta!r}"
+            )
         if self.early_stopping is None and self.validation_fraction != _DEFAULTS[
             "validation_fraction"
         ]:
@@ -660,6 +767,16 @@ class Config:
                 f"{label('early_stopping')} too, or leave {label('validation_fraction')} at "
                 f"{_DEFAULTS['validation_fraction']}; got {self.validation_fraction!r}"
             )
+
+    def _check_used_by(self, owner: str, users: dict[str, tuple[str, ...]]) -> None:
+        """An option set away from its default must be one that ``owner``'s value uses."""
+        for name, owners in users.items():
+            if getattr(self, name) != _DEFAULTS[name] and getattr(self, owner) not in owners:
+                raise ConfigError(
+                    f"{label(name)} is used only by {label(owner)} {' or '.join(owners)}; "
+                    f"got {label(owner)} {getattr(self, owner)} (leave {label(name)} at "
+                    f"{OPTIONS[name].rule.format(_DEFAULTS[name])})"
+                )
 
     def _check_param_names(self, name: str) -> None:
         rule: Params = OPTIONS[name].rule  # type: ignore[assignment]

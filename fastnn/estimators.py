@@ -255,7 +255,7 @@ class _MLPBase:
 
         check_is_fitted(self)
         x = self._validate(x, reset=False)
-        outputs = self._network().predict(self._normalizer.transform(x))
+        outputs = self._network().infer(self._normalizer.transform(x))
         return np.asarray(outputs, dtype=np.float64)
 
 

@@ -35,10 +35,13 @@ class Model:
 
     # ---- predicting on raw inputs ----
     def outputs(self, x: Any) -> np.ndarray:
-        """The network's outputs (softmax probabilities or identity values) for raw inputs."""
+        """The network's outputs (softmax probabilities or identity values) for raw inputs,
+        each row's independent of the others (`Network.forward_inference`)."""
         net = self.network
         inputs = self.normalizer.transform(as_inputs(x, net.sizes[0], "x"))
-        return np.asarray(net.ops.to_numpy(net.forward_eval(net.ops.asarray(inputs, net.dtype))))
+        return np.asarray(
+            net.ops.to_numpy(net.forward_inference(net.ops.asarray(inputs, net.dtype)))
+        )
 
     def predict_proba(self, x: Any) -> np.ndarray:
         """Class probabilities of raw inputs (softmax networks)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 
 from . import rng
 from .backends import get_backend, steps
+from .backends.optimizers import OptimizerState
 from .backends.workspace import Workspace
 from .config import Config
 from .errors import ConfigError, DataError
@@ -21,6 +23,8 @@ from .preprocessing import labels_and_one_hot
 
 Array = Any
 FORMAT_VERSION = 1
+#: state-array names of the population statistics: population_mean1, population_var1, ...
+POPULATION_PREFIX = "population_"
 
 
 class Network:
@@ -45,6 +49,13 @@ class Network:
         self._params: dict[str, Array] = {}
         self.params = params if params is not None else self.initial_params()
         self._reset_running()
+        #: the optimiser's per-parameter state and update count (empty for plain sgd)
+        self.optimizer = OptimizerState.zeros(
+            self.plan.optimizer.slots, self.param_shapes(), self.ops, self.dtype
+        )
+        #: per hidden layer the (mean, var) that inference normalises with (batch norm with
+        #: bn_eval "batch": the training set's statistics, set after fitting; see `predict`)
+        self.population: dict[int, tuple[Array, Array]] = {}
 
     # ---- parameters ----
     def initial_params(self) -> dict[str, np.ndarray]:
@@ -175,17 +186,63 @@ class Network:
         loss, grads = steps.loss_and_grads(self.ops, self.plan, self._params, x, t, multipliers)
         return self.ops.to_float(loss), grads
 
-    def train_step(self, x: Array, t: Array, epoch: int, step: int) -> None:
-        """One SGD step on a batch already on the backend, with the masks of (epoch, step)."""
-        steps.train_step(self.ops, self.plan, self._params, self.running, x, t, epoch, step)
+    def train_step(self, x: Array, t: Array, epoch: int, step: int,
+                   rate_factor: float = 1.0) -> None:
+        """One training step on a batch already on the backend, with the masks of (epoch,
+        step), by the configured optimiser (its state: ``self.optimizer``)."""
+        steps.train_step(self.ops, self.plan, self._params, self.running, x, t, epoch, step,
+                         self.optimizer, rate_factor)
 
     def forward_eval(self, x: Array) -> Array:
         """Output y in evaluation mode (article: batch norm uses the statistics of x itself)."""
         return steps.forward_eval(self.ops, self.plan, self._params, self.running, x)
 
+    def inference_statistics(self) -> dict[int, tuple[Array, Array]] | None:
+        """What batch norm normalises with at inference: the population statistics
+        (`fit_population`), else the running averages (bn_eval "running"); None when the
+        network has neither (no batch norm, or never fitted)."""
+        if self.plan.batch_norm == "off":
+            return None
+        if self.population:
+            return self.population
+        return self.running if self.plan.tracks_running else None
+
+    def fit_population(self, x: Array) -> None:
+        """Set the population statistics inference normalises with: each hidden layer's mean
+        and variance over all of ``x`` (the normalised training set) in evaluation mode, the
+        lower layers normalised with theirs (exactly what the article's evaluation of the
+        training set computes). With bn_eval "running" the running averages serve instead."""
+        if self.plan.batch_norm == "off" or self.plan.tracks_running:
+            return
+        _, _, caches = steps.forward(self.ops, self.plan, self._params, {}, x,
+                                     steps.eval_multipliers(self.plan), batch_stats=True)
+        self.population = {k: (self.ops.asarray(cache.mean, self.dtype),
+                               self.ops.asarray(cache.var, self.dtype))
+                           for k, cache in enumerate(caches, start=1)}
+
+    def forward_inference(self, x: Array) -> Array:
+        """Outputs y with each row's answer independent of the other rows: batch norm uses
+        `inference_statistics`. A batch-norm network without them (never fitted, or loaded
+        from an older file) falls back to the batch's own statistics, with a warning."""
+        stats = self.inference_statistics()
+        if stats is None:
+            if self.plan.batch_norm != "off":
+                warnings.warn(
+                    "this batch-norm network has no population statistics (not fitted, or "
+                    "saved by an older fastnn): each prediction depends on the other rows of "
+                    "its batch", RuntimeWarning, stacklevel=2)
+            return self.forward_eval(x)
+        return steps.forward_inference(self.ops, self.plan, self._params, stats, x)
+
     def predict(self, x: Any) -> Any:
-        """Outputs (host array) for already-normalised inputs, in evaluation mode."""
+        """Outputs (host array) for already-normalised inputs in the article's evaluation mode
+        (batch norm: the statistics of x itself); `infer` answers each row on its own."""
         return self.ops.to_numpy(self.forward_eval(self._inputs(x, "x")))
+
+    def infer(self, x: Any) -> Any:
+        """Outputs (host array) for already-normalised inputs, each row's independent of the
+        others (`forward_inference`)."""
+        return self.ops.to_numpy(self.forward_inference(self._inputs(x, "x")))
 
     def _inputs(self, x: Any, what: str) -> Array:
         """Already-normalised (N, n_inputs) float inputs on the backend, or a `DataError`."""
@@ -233,43 +290,73 @@ class Network:
         return float((predicted == labels).mean()), data_loss + self.penalty(), predicted
 
     def train_epoch(
-        self, x: Array, t: Array, order: Any, epoch: int, workspace: Workspace | None = None
+        self, x: Array, t: Array, order: Any, epoch: int, workspace: Workspace | None = None,
+        rate_factors: Any = None,
     ) -> None:
-        """One epoch of SGD over the rows of x in ``order`` on the backend (in place)."""
+        """One epoch over the rows of x in ``order`` on the backend (in place), at the plan's
+        rates times ``rate_factors`` (one per step; None: 1)."""
         if workspace is None:
             workspace = self.ops.workspace()
             with self.ops.activate(workspace):
-                self.train_epoch(x, t, order, epoch, workspace)
+                self.train_epoch(x, t, order, epoch, workspace, rate_factors)
+            return
+        if self.plan.optimizer.kind == "sgd" and rate_factors is None:
+            self.ops.train_epoch(self.plan, self._params, self.running, x, t, order, epoch,
+                                 workspace)
             return
         self.ops.train_epoch(
-            self.plan, self._params, self.running, x, t, order, epoch, workspace
+            self.plan, self._params, self.running, x, t, order, epoch, workspace,
+            self.optimizer, rate_factors,
         )
 
     def copy(self) -> Network:
-        """A network of the same config with copies of the parameters and running statistics."""
+        """A network of the same config with copies of the parameters, running and population
+        statistics and optimiser state."""
         twin = Network(self.config, params=self._params)  # ParamDict copies every array
         for k, (mean, var) in self.running.items():
             twin.running[k] = (self.ops.asarray(mean, self.dtype),
                                self.ops.asarray(var, self.dtype))
+        twin.population = {k: (self.ops.asarray(mean, self.dtype),
+                               self.ops.asarray(var, self.dtype))
+                           for k, (mean, var) in self.population.items()}
+        twin.optimizer = self.optimizer.copy(self.ops, self.dtype)
         return twin
 
     # ---- save and load (.npz, no pickle) ----
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        """Host arrays of the parameters and the running batch-norm statistics."""
+    def state_arrays(self, optimizer: bool = True) -> dict[str, np.ndarray]:
+        """Host arrays of the parameters, the running and population batch-norm statistics
+        and (``optimizer``) the optimiser's state."""
         arrays = self.numpy_params()
         for k, (mean, var) in self.running.items():
             arrays[f"running_mean{k}"] = np.array(self.ops.to_numpy(mean))
             arrays[f"running_var{k}"] = np.array(self.ops.to_numpy(var))
+        for k, (mean, var) in self.population.items():
+            arrays[f"{POPULATION_PREFIX}mean{k}"] = np.array(self.ops.to_numpy(mean))
+            arrays[f"{POPULATION_PREFIX}var{k}"] = np.array(self.ops.to_numpy(var))
+        if optimizer:
+            arrays.update(self.optimizer.arrays(self.plan.optimizer.slots, self.ops))
         return arrays
 
     def load_state_arrays(self, arrays: Mapping[str, Any]) -> None:
-        """Inverse of `state_arrays`."""
+        """Inverse of `state_arrays` (optimiser state and population statistics the arrays
+        lack start afresh: zeros, none)."""
         self.params = {name: arrays[name] for name in self.param_shapes() if name in arrays}
         for k in list(self.running):
             self.running[k] = (
                 self.ops.asarray(arrays[f"running_mean{k}"], self.dtype),
                 self.ops.asarray(arrays[f"running_var{k}"], self.dtype),
             )
+        self.population = {}
+        if self.plan.batch_norm != "off" and f"{POPULATION_PREFIX}mean1" in arrays:
+            shapes = {k: (self.sizes[k],) for k in range(1, self.n_layers)}
+            for k, shape in shapes.items():
+                mean = self.ops.asarray(arrays[f"{POPULATION_PREFIX}mean{k}"], self.dtype)
+                var = self.ops.asarray(arrays[f"{POPULATION_PREFIX}var{k}"], self.dtype)
+                if tuple(mean.shape) != shape or tuple(var.shape) != shape:
+                    raise DataError(f"population statistics of layer {k} must have shape "
+                                    f"{shape}; got {tuple(mean.shape)}, {tuple(var.shape)}")
+                self.population[k] = (mean, var)
+        self.optimizer.load(self.plan.optimizer.slots, arrays, self.ops, self.dtype)
 
     def save(
         self, path: str | Path, extra: Mapping[str, Any] | None = None,
@@ -285,7 +372,7 @@ class Network:
             **(extra or {}),
         }
         arrays = {**{name: np.asarray(value) for name, value in (extra_arrays or {}).items()},
-                  **self.state_arrays()}
+                  **self.state_arrays(optimizer=False)}
         write_atomically(
             path, lambda handle: np.savez(handle, __meta__=np.array(json.dumps(meta)), **arrays)
         )

@@ -42,6 +42,64 @@ class DropoutSpec:
         return self.keep < 1.0
 
 
+#: the arrays each parameter keeps between steps, by optimiser
+OPTIMIZER_SLOTS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "momentum": ("velocity",),
+    "nesterov": ("velocity",),
+    "adam": ("m", "v"),
+    "adamw": ("m", "v"),
+}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The update rule every parameter follows (each one's state lives in the fit's
+    `OptimizerState`, beside the parameters).
+
+    ``sgd``: p -= rate * g. ``momentum``: v = momentum * v + g; p -= rate * v. ``nesterov``:
+    v = momentum * v + g; p -= rate * (g + momentum * v). ``adam``: m = beta1 m + (1 - beta1) g,
+    v = beta2 v + (1 - beta2) g^2, p -= rate * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t))
+    + eps) at update t = 1, 2, .... ``adamw``: adam, with the weight-decay gradient applied to
+    p beside the step (p -= rate * decay gradient) instead of being added to g.
+    """
+
+    kind: str = "sgd"
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The names of the arrays each parameter keeps (none for sgd)."""
+        return OPTIMIZER_SLOTS[self.kind]
+
+    @property
+    def decoupled(self) -> bool:
+        """True when weight decay is applied to p directly, not added to the gradient."""
+        return self.kind == "adamw"
+
+    @property
+    def adaptive(self) -> bool:
+        """True for the Adam family (bias-corrected first and second moments)."""
+        return self.kind in ("adam", "adamw")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """How the learning rate moves over a run (`fastnn.schedules` computes each step's rate)."""
+
+    kind: str = "constant"  # constant | step | exponential | cosine | plateau
+    warmup_epochs: int = 0
+    step_size: int = 10
+    gamma: float = 0.1
+    min_rate: float = 0.0
+    patience: int = 5
+    plateau_loss: str = "train"
+    epochs: int = 50  # the run's length (cosine reaches min_rate at its end)
+
+
 @dataclass(frozen=True)
 class Plan:
     """One fit's step and evaluation, as data every backend executes the same way."""
@@ -61,6 +119,8 @@ class Plan:
     bn_eval: str  # batch: evaluate with the evaluated set's statistics; running: averages
     bn_momentum: float
     batch_size: int
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
 
     @classmethod
     def from_config(cls, config: Config) -> Plan:
@@ -93,6 +153,13 @@ class Plan:
             bn_eval=config.bn_eval,
             bn_momentum=config.bn_momentum,
             batch_size=config.batch_size,
+            optimizer=OptimizerSpec(
+                config.optimizer, config.momentum, config.beta1, config.beta2, config.eps
+            ),
+            schedule=ScheduleSpec(
+                config.lr_schedule, config.warmup, config.lr_step_size, config.lr_gamma,
+                config.lr_min, config.lr_patience, config.plateau_loss, config.epochs,
+            ),
         )
 
     # ---- layers and parameters ----
@@ -124,8 +191,15 @@ class Plan:
         return shapes
 
     def rate(self, name: str) -> float:
-        """The SGD rate of a parameter: bn_rate for gamma/beta, eta otherwise."""
+        """The base rate of a parameter: bn_rate for gamma/beta, eta otherwise (a schedule
+        multiplies both by the same factor at each step)."""
         return self.bn_rate if name.startswith(("gamma", "beta")) else self.eta
+
+    @property
+    def plain_sgd(self) -> bool:
+        """True for the article's update: sgd at a constant rate (no optimiser state)."""
+        return (self.optimizer.kind == "sgd" and self.schedule.kind == "constant"
+                and self.schedule.warmup_epochs == 0)
 
     # ---- dropout ----
     def mask_key(self, epoch: int, step: int, layer: int) -> int:

@@ -22,6 +22,7 @@ from .history import History
 from .model import Model
 from .network import Network
 from .preprocessing import Normalizer, as_inputs, labels_and_one_hot
+from .schedules import Plateau, epoch_factors
 from .threads import check_threads
 
 Array = Any
@@ -55,11 +56,18 @@ class TrainState:
     best_val_loss: float | None = None
     epochs_without_gain: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: convergence (n_iter_no_change): the lowest training loss and the epochs since it
+    best_train_loss: float | None = None
+    epochs_without_train_gain: int = 0
+    #: the plateau schedule's state (`fastnn.schedules.Plateau.to_dict`); None: not started
+    plateau: dict[str, Any] | None = None
 
 
 EpochCallback = Callable[["Trainer", int], None]
 #: history events that end a run before its last epoch
-STOP_EVENTS = ("stopped_early_at", "stopped_on_divergence_at", "stopped_by_callback_at")
+STOP_EVENTS = (
+    "stopped_early_at", "stopped_on_divergence_at", "stopped_by_callback_at", "converged_at",
+)
 
 
 class Trainer:
@@ -119,22 +127,26 @@ class Trainer:
             xs[0] = xs[0][train_idx]
             ts[0] = (ts[0][0][train_idx], ts[0][1][train_idx])
         self.normalizer = Normalizer(cfg.normalize, cfg.normalize_axis).fit(xs[0])
-        train = self._split(xs[0], ts[0])
-        test = self._split(xs[1], ts[1]) if len(xs) > 1 else None
-        val = self._split(*val_parts) if val_parts else None
+        ops = self._ops()
+        train = self._split(ops, xs[0], ts[0])
+        test = self._split(ops, xs[1], ts[1]) if len(xs) > 1 else None
+        val = self._split(ops, *val_parts) if val_parts else None
         if workspace is not None:
-            ops = self._network_ops()
             for split in (train, test, val):
                 if split is not None:
                     ops.prepare_inputs(split.x, workspace)
         return train, test, val
 
-    def _split(self, x: np.ndarray, target: tuple[np.ndarray, np.ndarray]) -> Split:
-        ops, dtype = self._network_ops(), self.config.dtype
+    def _split(self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray]) -> Split:
+        dtype = self.config.dtype
         x = self.normalizer.transform(x)
         return Split(ops.asarray(x, dtype), ops.asarray(target[1], dtype), target[0])
 
-    def _network_ops(self) -> Any:
+    def _ops(self) -> Any:
+        """The ops the splits live on: the network's (a fit builds it first), else those of
+        the configured backend."""
+        if self.network is not None:
+            return self.network.ops
         from .backends import get_backend
 
         return get_backend(self.config.backend)
@@ -202,6 +214,7 @@ class Trainer:
         if self.state.best_arrays is not None:  # early stopping: keep the best validation epoch
             net.load_state_arrays(self.state.best_arrays)
             history.events["restored_best_epoch"] = history.events.get("best_val_epoch")
+        net.fit_population(train.x)
 
     def _stopped(self) -> bool:
         events = self.history.events
@@ -233,7 +246,7 @@ class Trainer:
         for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
             start = time.perf_counter()
             net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
-                            workspace)
+                            workspace, self.rate_factors(epoch, train.size))
             self._evaluate(net, workspace, train, test, val, None, start)
             self._call_back(epoch)
             self._after_epoch(net, epoch)
@@ -271,8 +284,13 @@ class Trainer:
 
         try:
             for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
+                if pending is not None and self.config.lr_schedule == "plateau":
+                    if finish(*pending):  # the factor of this epoch needs the last one's loss
+                        pending = None
+                        break
+                    pending = None
                 net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
-                                workspace)
+                                workspace, self.rate_factors(epoch, train.size))
                 if pending is not None and finish(*pending):
                     net.load_state_arrays(pending[1].state_arrays())  # undo this epoch
                     pending = None
@@ -293,12 +311,26 @@ class Trainer:
         inputs = self.normalizer.transform(as_inputs(x, self.config.n_inputs, "x"))
         return self.network.ops.asarray(inputs, self.config.dtype)
 
-    def predict(self, x: Any) -> np.ndarray:
+    def outputs(self, x: Any) -> np.ndarray:
         """The fitted network's outputs (class probabilities, or regression values) for raw
-        inputs, normalised as the training set was."""
+        inputs, normalised as the training set was; each row's independent of the others
+        (batch norm uses the population statistics, `Network.forward_inference`)."""
         inputs = self._raw_inputs(x)
         net = self.network
-        return np.asarray(net.ops.to_numpy(net.forward_eval(inputs)))
+        return np.asarray(net.ops.to_numpy(net.forward_inference(inputs)))
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """Class probabilities of raw inputs (a classifier: softmax output)."""
+        if self.config.output != "softmax_cross_entropy":
+            raise DataError("predict_proba needs a classifier (output softmax_cross_entropy)")
+        return self.outputs(x)
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Predicted class indices (0..k-1) of raw inputs, or regression values."""
+        outputs = self.outputs(x)
+        if self.config.output != "softmax_cross_entropy":
+            return outputs
+        return outputs.argmax(axis=1)
 
     def evaluate(self, x: Any, t: Any) -> tuple[float, float]:
         """(accuracy, loss with the weight-decay penalty) of raw inputs and their targets
@@ -322,6 +354,14 @@ class Trainer:
         """Save the fitted model (network, input normaliser, class labels) to one .npz file;
         ``fastnn.Model.load(path).predict(raw_x)`` predicts as this trainer does."""
         self.model(classes).save(path)
+
+    def rate_factors(self, epoch: int, n: int) -> np.ndarray | None:
+        """The schedule's rate factor of each step of ``epoch`` over ``n`` training rows (None:
+        a constant rate)."""
+        cfg = self.config
+        plateau = Plateau.from_dict(self.state.plateau) if self.state.plateau else Plateau()
+        n_steps = -(-n // cfg.batch_size)
+        return epoch_factors(self.network.plan.schedule, epoch, n_steps, cfg.eta, plateau.factor)
 
     def epoch_order(self, epoch: int, n: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the training rows (its own random stream)."""
@@ -404,22 +444,42 @@ class Trainer:
         warnings.warn(message, DivergenceWarning, stacklevel=_caller_outside_fastnn())
 
     def _after_epoch(self, net: Network, epoch: int) -> None:
-        cfg, state = self.config, self.state
+        """The decisions after an epoch's figures: early stopping (validation loss),
+        convergence (n_iter_no_change on the training loss), the plateau schedule's factor."""
+        cfg, state, history = self.config, self.state, self.history
         best_arrays, best_loss, waited = (
             state.best_arrays,
             state.best_val_loss,
             state.epochs_without_gain,
         )
         if cfg.early_stopping is not None:
-            loss = self.history.val_loss[-1]
-            if best_loss is None or loss < best_loss:
+            loss = history.val_loss[-1]
+            if best_loss is None or loss < best_loss - cfg.tol:
                 best_loss, waited, best_arrays = loss, 0, net.state_arrays()
-                self.history.events["best_val_epoch"] = epoch
+                history.events["best_val_epoch"] = epoch
             else:
                 waited += 1
                 if waited >= cfg.early_stopping:
-                    self.history.events["stopped_early_at"] = epoch
+                    history.events["stopped_early_at"] = epoch
+        best_train, train_waited = state.best_train_loss, state.epochs_without_train_gain
+        if cfg.n_iter_no_change is not None:
+            loss = history.train_loss[-1]
+            if best_train is None or loss < best_train - cfg.tol:
+                best_train, train_waited = loss, 0
+            else:
+                train_waited += 1
+                if train_waited >= cfg.n_iter_no_change:
+                    history.events["converged_at"] = epoch
+        plateau = state.plateau
+        if cfg.lr_schedule == "plateau":
+            watcher = Plateau.from_dict(plateau) if plateau else Plateau()
+            watched = history.val_loss if cfg.plateau_loss == "validation" else history.train_loss
+            watcher.observe(net.plan.schedule, watched[-1], cfg.tol, cfg.eta)
+            plateau = watcher.to_dict()
         self.state = self._snapshot(epoch, best_arrays, best_loss, waited, net)
+        self.state.best_train_loss = best_train
+        self.state.epochs_without_train_gain = train_waited
+        self.state.plateau = plateau
 
     def _snapshot(
         self, epoch: int, best_arrays: dict | None, best_loss: float | None = None, waited: int = 0,

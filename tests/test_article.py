@@ -398,7 +398,8 @@ def test_fit_without_a_test_set_then_predict_and_evaluate_raw_inputs() -> None:
     assert format_table([("run", history.summary())]).splitlines()[2].split()[2] == "-"
     accuracy, loss = trainer.evaluate(x_test, t_test)  # raw inputs, integer labels
     assert (accuracy, loss) == (full.test_acc[-1], full.test_loss[-1])
-    outputs = trainer.predict(x_test)
+    outputs = trainer.predict_proba(x_test)
+    np.testing.assert_array_equal(trainer.predict(x_test), outputs.argmax(1))
     assert outputs.shape == (len(x_test), 3)
     np.testing.assert_allclose(outputs.sum(axis=1), 1.0, rtol=1e-12)
     assert ((outputs.argmax(1) == t_test).mean()) == accuracy

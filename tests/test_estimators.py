@@ -109,7 +109,7 @@ def test_classifier_string_labels_and_same_run_as_trainer() -> None:
     history = trainer.fit(x, codes)
     assert clf.history_.train_loss == history.train_loss
     proba = clf.predict_proba(x)
-    np.testing.assert_array_equal(proba, trainer.predict(x))
+    np.testing.assert_array_equal(proba, trainer.predict_proba(x))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     np.testing.assert_allclose(clf.predict_log_proba(x), np.log(proba))
     predicted = clf.predict(x)

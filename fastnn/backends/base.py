@@ -21,10 +21,11 @@ from ..functions import ACTIVATIONS
 from ..plan import DropoutSpec, HiddenSpec
 from ..threads import blas_threads
 from . import steps
+from .optimizers import OptimizerState
 from .workspace import Workspace
 
 if TYPE_CHECKING:
-    from ..plan import Plan
+    from ..plan import OptimizerSpec, Plan
 
 Array = Any
 
@@ -230,6 +231,41 @@ class Ops:
             grad = grad + self.weight_decay(param, decay, lam)[1]
         param -= rate * grad
 
+    def optimizer_update(
+        self, param: Array, grad: Array, slots: tuple[Array, ...], rate: float,
+        spec: OptimizerSpec, step: int, decay: str | None = None, lam: float = 0.0,
+    ) -> None:
+        """In place: update ``step`` (1, 2, ...) of ``param`` by the rule of ``spec`` (see
+        `fastnn.plan.OptimizerSpec`), its ``slots`` (velocity, or m and v) updated with it.
+
+        Weight decay's gradient is added to ``grad`` (coupled), except for adamw, where
+        ``rate`` times it is taken from ``param`` beside the step (decoupled); both use the
+        parameter's value before this update. Rate 0: nothing changes.
+        """
+        if not rate:
+            return
+        xp = self.xp
+        decay_grad = None if decay is None else self.weight_decay(param, decay, lam)[1]
+        if decay_grad is not None and not spec.decoupled:
+            grad = grad + decay_grad
+        if spec.kind == "sgd":
+            param -= rate * grad
+        elif spec.kind in ("momentum", "nesterov"):
+            (velocity,) = slots
+            velocity[...] = spec.momentum * velocity + grad
+            nesterov = spec.kind == "nesterov"
+            param -= rate * (grad + spec.momentum * velocity if nesterov else velocity)
+        else:
+            first, second = slots
+            first[...] = spec.beta1 * first + (1 - spec.beta1) * grad
+            second[...] = spec.beta2 * second + (1 - spec.beta2) * (grad * grad)
+            first_hat = first / (1 - spec.beta1**step)
+            second_hat = second / (1 - spec.beta2**step)
+            direction = first_hat / (xp.sqrt(second_hat) + spec.eps)
+            if decay_grad is not None and spec.decoupled:
+                direction = direction + decay_grad
+            param -= rate * direction
+
     def update_running(
         self, running: tuple[Array, Array], cache: HiddenCache, momentum: float
     ) -> None:
@@ -292,20 +328,31 @@ class Ops:
         t = numpy.eye(plan.sizes[-1], dtype=dtype)[numpy.arange(rows) % plan.sizes[-1]]
         x, t = self.asarray(x), self.asarray(t)
         workspace = self.workspace(threads=1)
+        training = (plan, params, running, x, t, numpy.arange(rows), 0, workspace)
+        if not plan.plain_sgd:  # the optimiser's state and a scheduled rate
+            state = OptimizerState.zeros(plan.optimizer.slots, plan.param_shapes(), self, dtype)
+            training = (*training, state, numpy.ones(1))
         with numpy.errstate(all="ignore"):
-            self.train_epoch(plan, params, running, x, t, numpy.arange(rows), 0, workspace)
+            self.train_epoch(*training)
             self.evaluate(plan, params, running, x, t, workspace)
 
     def train_epoch(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,
+        optimizer: OptimizerState | None = None, rate_factors: Any = None,
     ) -> None:
-        """One epoch of mini-batch SGD over the rows of x in ``order`` (a host index array).
+        """One epoch of mini-batch training over the rows of x in ``order`` (a host index
+        array).
 
         Step s trains on ``order[s*B:(s+1)*B]`` (a short last batch when B does not divide N)
-        with the dropout masks of (epoch, s); parameters and running statistics change in place.
+        with the dropout masks of (epoch, s), at the plan's rates times ``rate_factors[s]``
+        (a host float64 array of one factor per step from the schedule; None: 1); parameters,
+        running statistics and ``optimizer``'s state (needed by every optimiser but plain sgd)
+        change in place.
         """
         batch_size = plan.batch_size
         for step, start in enumerate(range(0, len(order), batch_size)):
             index = self.asarray(order[start : start + batch_size])
-            steps.train_step(self, plan, params, running, x[index], t[index], epoch, step)
+            factor = 1.0 if rate_factors is None else float(rate_factors[step])
+            steps.train_step(self, plan, params, running, x[index], t[index], epoch, step,
+                             optimizer, factor)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..plan import Plan
     from .base import HiddenCache, Ops
+    from .optimizers import OptimizerState
 
 Array = Any
 
@@ -87,27 +88,52 @@ def loss_and_grads(
 
 def train_step(
     ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array,
-    t: Array, epoch: int, step: int,
+    t: Array, epoch: int, step: int, optimizer: OptimizerState | None = None,
+    rate_factor: float = 1.0,
 ) -> None:
-    """One SGD step on a batch already on the backend, with the masks of (epoch, step).
+    """One training step on a batch already on the backend, with the masks of (epoch, step),
+    at the plan's rates times ``rate_factor`` (the schedule's), by the plan's optimiser
+    (``optimizer`` holds its state; plain sgd needs none).
 
     Each layer is updated as soon as its gradients exist (nothing later reads its old values):
-    the same arithmetic as computing every gradient first.
+    the same arithmetic as computing every gradient first. SGD fuses the update into the
+    weight-gradient op (`Ops.affine_backward_update`); the other optimisers update each
+    parameter with `Ops.optimizer_update` at update number ``optimizer.steps``.
     """
+    rate, bn_rate = plan.eta * rate_factor, plan.bn_rate * rate_factor
+    spec = plan.optimizer
+    if spec.kind != "sgd":
+        if optimizer is None:
+            raise ValueError(f"optimizer {spec.kind} needs its state (an OptimizerState)")
+        optimizer.steps += 1
+
+    def update(name: str, grad: Array, rate: float, decay: bool = False) -> None:
+        param = params[name]
+        if spec.kind == "sgd":
+            ops.sgd_update(param, grad, rate, plan.decay if decay else None, plan.lam)
+        else:
+            ops.optimizer_update(param, grad, optimizer.slots[name], rate, spec, optimizer.steps,
+                                 plan.decay if decay else None, plan.lam)
+
     multipliers = step_multipliers(ops, plan, epoch, step, x.shape[0])
     u, inputs, caches = forward(ops, plan, params, running, x, multipliers, batch_stats=True)
     du = ops.output_grad(u, t, plan.output)
     for k in range(plan.n_layers, 0, -1):
-        dz = ops.affine_backward_update(
-            inputs[k - 1], params[f"W{k}"], params[f"b{k}"], du, plan.eta, plan.decay, plan.lam,
-            need_dx=k > 1,
-        )
+        if spec.kind == "sgd":
+            dz = ops.affine_backward_update(
+                inputs[k - 1], params[f"W{k}"], params[f"b{k}"], du, rate, plan.decay, plan.lam,
+                need_dx=k > 1,
+            )
+        else:
+            dw, db, dz = ops.affine_backward(inputs[k - 1], params[f"W{k}"], du, need_dx=k > 1)
+            update(f"W{k}", dw, rate, decay=True)
+            update(f"b{k}", db, rate)
         if k > 1:
             gamma = params.get(f"gamma{k - 1}")
             du, dgamma, dbeta = ops.hidden_backward(dz, caches[k - 2], plan.hidden[k - 2], gamma)
             if dgamma is not None:
-                ops.sgd_update(gamma, dgamma, plan.bn_rate)
-                ops.sgd_update(params[f"beta{k - 1}"], dbeta, plan.bn_rate)
+                update(f"gamma{k - 1}", dgamma, bn_rate)
+                update(f"beta{k - 1}", dbeta, bn_rate)
     if plan.tracks_running:
         for k, cache in enumerate(caches, start=1):
             ops.update_running(running[k], cache, plan.bn_momentum)
@@ -119,4 +145,13 @@ def forward_eval(
     """Outputs y of a whole set in evaluation mode (article batch norm: the set's statistics)."""
     batch_stats = plan.bn_eval == "batch" or not running
     u, _, _ = forward(ops, plan, params, running, x, eval_multipliers(plan), batch_stats)
+    return ops.output_forward(u, plan.output)
+
+
+def forward_inference(
+    ops: Ops, plan: Plan, params: Mapping[str, Array], statistics: Mapping[int, Any], x: Array
+) -> Array:
+    """Outputs y in evaluation mode with batch norm normalising by the given per-layer
+    (mean, var), so each row's output depends on that row alone."""
+    u, _, _ = forward(ops, plan, params, statistics, x, eval_multipliers(plan), batch_stats=False)
     return ops.output_forward(u, plan.output)
