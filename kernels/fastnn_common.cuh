@@ -7,7 +7,8 @@
 // Only builtin types and CUDA builtins are used: the files compile under NVRTC without any
 // header, and under g++ with fastnn/cuda/cpu_shim.h force-included.
 //
-// Codes shared with fastnn.cuda (keep the two in step):
+// Codes, the enums below: fastnn/backends/codes.py holds the same table (a test holds
+// every enum here to it):
 //   activation: 0 sigmoid, 1 tanh, 2 relu, 3 leaky_relu, 4 identity, 5 softplus, 6 softsign,
 //               7 step
 //   batch norm: 0 off, 1 "n" (normalise only), 2 "bn" (one scalar gamma/beta), 3 "node"
@@ -17,6 +18,7 @@
 //   statistics: 0 the batch's own (computed in the kernel), 1 given (mean, var)
 //   output:     0 softmax + cross-entropy, 1 identity + MSE
 //   decay:      0 none, 1 L1 (lam * sign(W)), 2 L2 (lam * W)
+//   transform:  0 x, 1 |x|, 2 x^2 (what sum_reduce adds up)
 #ifndef FASTNN_COMMON_CUH
 #define FASTNN_COMMON_CUH
 
@@ -31,6 +33,7 @@ enum { DROP_NONE = 0, DROP_ARTICLE = 1, DROP_ARTICLE_EVAL = 2, DROP_INVERTED = 3
 enum { STATS_BATCH = 0, STATS_GIVEN = 1 };
 enum { OUT_SOFTMAX_CE = 0, OUT_IDENTITY_MSE = 1 };
 enum { DECAY_NONE = 0, DECAY_L1 = 1, DECAY_L2 = 2 };
+enum { TRANSFORM_IDENTITY = 0, TRANSFORM_ABS = 1, TRANSFORM_SQUARE = 2 };
 
 // the largest block any kernel accepts (the CUDA limit); sizes the __shared__ scratch arrays
 #define FASTNN_MAX_THREADS 1024

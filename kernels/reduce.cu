@@ -3,8 +3,9 @@
 //
 // sum_reduce_{f32,f64}(const T* x, long long count, int transform, T scale, T divisor,
 //                      T* out, int accumulate)
-//   r = scale * (sum over i < count of f(x[i])) / divisor, f: x (transform 0), |x| (1),
-//   x^2 (2); out[0] = r, or out[0] += r when accumulate is 1.
+//   r = scale * (sum over i < count of f(x[i])) / divisor, f: x (transform 0,
+//   TRANSFORM_IDENTITY), |x| (1, TRANSFORM_ABS), x^2 (2, TRANSFORM_SQUARE); out[0] = r, or
+//   out[0] += r when accumulate is 1.
 //   "bn" dgamma: sum_reduce(dgamma_nodes, d, 0, 1, d, dgamma, 0)     (sum / d)
 //   L1 penalty:  sum_reduce(W, size, 1, lam, 1, penalty, 0)          (lam * sum |W|)
 //   L2 penalty:  sum_reduce(W, size, 2, T(0.5 * lam), 1, penalty, 0) (0.5 lam sum W^2)
@@ -25,7 +26,9 @@ __device__ __forceinline__ void sum_reduce_impl(const T* x, long long count, int
     T total = T(0);
     for (long long i = threadIdx.x; i < count; i += blockDim.x) {
         const T value = x[i];
-        total += transform == 1 ? f_abs(value) : (transform == 2 ? value * value : value);
+        total += transform == TRANSFORM_ABS      ? f_abs(value)
+                 : transform == TRANSFORM_SQUARE ? value * value
+                                                 : value;
     }
     total = block_sum(total, scratch);
     if (threadIdx.x == 0) {
