@@ -52,7 +52,7 @@ DRY_ROWS, DRY_HIDDEN = (120, 40), (16, 8)
 def use_cpu_shim() -> str:
     """Serve backend "cupy" with the kernel path on the CPU shim (``--dry-run``)."""
     import fastnn.backends as backends
-    from fastnn.backends.cuda_ops import KernelOps, shim_device
+    from fastnn.backends.cuda import KernelOps, shim_device
 
     # the registry keeps one instance per name; this one stands in for the GPU's
     backends._INSTANCES["cupy"] = KernelOps(shim_device(guard_bytes=0))

@@ -1,11 +1,11 @@
-"""The kernel path (`fastnn.backends.cuda_ops.KernelOps`) against the NumPy reference.
+"""The kernel path (`fastnn.backends.cuda.KernelOps`) against the NumPy reference.
 
 The GPU backend's code, launch for launch, runs here on the CPU: NumPy arrays and the CPU
-shim's modules (`cuda_ops.shim_device`). The same tests run through CuPy on a GPU (the "cupy"
-engine: skipped without one, a failure when FASTNN_REQUIRE_BACKENDS names cupy). Whole runs
-(3 epochs, a short last batch, evaluations of the training and a test set after every epoch)
-are compared with the reference in float64 and float32; the op-by-op checks are those of
-`test_backend_parity`, given the shim engine.
+shim's modules (`fastnn.backends.cuda.shim_device`). The same tests run through CuPy on a GPU
+(the "cupy" engine: skipped without one, a failure when FASTNN_REQUIRE_BACKENDS names cupy).
+Whole runs (3 epochs, a short last batch, evaluations of the training and a test set after
+every epoch) are compared with the reference in float64 and float32; the op-by-op checks are
+those of `test_backend_parity`, given the shim engine.
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from parity import assert_all_close, assert_close, backend_or_skip, host, requir
 import fastnn.backends as backends
 from fastnn import Config, Network, Trainer, rng
 from fastnn.backends import HiddenSpec, get_backend
-from fastnn.backends.cuda_ops import KERNEL_FILES, KernelDevice, KernelOps, shim_device
+from fastnn.backends.cuda import (
+    KERNEL_FILES,
+    ArgumentError,
+    KernelDevice,
+    KernelOps,
+    Launches,
+    StepValue,
+    shim_device,
+)
+from fastnn.backends.cuda.launches import kernel_layout
 from fastnn.cuda import shim
 from fastnn.errors import BackendUnavailable
 from fastnn.plan import Plan
@@ -283,6 +292,85 @@ def test_every_kernel_is_wired(shim_ops: KernelOps) -> None:
     assert recorder.launches["bernoulli_mask_f64"] == 1
 
 
+# ---- launches by parameter name ----
+
+
+def _named_launches() -> tuple[Launches, list[tuple[Any, ...]]]:
+    """Launches whose functions record (kernel stem, grid, block, args) instead of running."""
+    calls: list[tuple[Any, ...]] = []
+
+    def function(stem: str, dtype: Any) -> Callable[..., None]:
+        return lambda grid, block, args: calls.append((stem, grid, block, args))
+
+    return Launches(function), calls
+
+
+def _hidden_forward_args(dtype: str) -> dict[str, Any]:
+    u = np.zeros((4, 3), dtype)
+    return dict(u=u, n=4, d=3, act=2, alpha=0.5, bn=0, gamma=None, beta=None, stats=0,
+                mean=None, var=None, std_dev=None, drop=1, key=StepValue("k"), keep_count=2,
+                keep=0.6, mask_out=None, y_out=None, u_hat_out=None, z=np.zeros((4, 3), dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_launch_fills_its_arguments_by_name_with_their_c_types(dtype: str) -> None:
+    launches, calls = _named_launches()
+    arguments = _hidden_forward_args(dtype)
+    launch = launches("hidden_forward", dtype, (1, 1, 1), (32, 8, 1), **arguments)
+    launch.run({"k": 7})
+    launch.run({"k": 2**64 - 1})
+    (stem, grid, block, first), (_, _, _, second) = calls
+    assert stem == "hidden_forward" and grid == (1, 1, 1) and block == (32, 8, 1)
+    names = [p.name for p in kernel_layout("hidden_forward", np.dtype(dtype)).params]
+    assert len(first) == len(names) == 20
+    by_name = dict(zip(names, first, strict=True))
+    assert by_name["u"] is arguments["u"] and by_name["gamma"] is None
+    for name in ("n", "d", "act", "bn", "stats", "drop", "keep_count"):
+        assert type(by_name[name]) is np.int32, name
+    assert type(by_name["alpha"]) is np.dtype(dtype).type and by_name["alpha"] == np.dtype(
+        dtype).type(0.5)
+    assert type(by_name["keep"]) is np.float64
+    assert type(by_name["key"]) is np.uint64 and by_name["key"] == 7
+    assert dict(zip(names, second, strict=True))["key"] == np.uint64(2**64 - 1)
+    assert [a for n, a in zip(names, first, strict=True) if n != "key"] == [
+        a for n, a in zip(names, second, strict=True) if n != "key"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(keep_count=None), r"kernel hidden_forward_f64 argument keep_count .*needs an integer"),
+    (dict(n=2.0), r"hidden_forward_f64 argument n \(int n\): needs an integer; got float"),
+    (dict(n=2**31), r"argument n .*out of the range of int32"),
+    (dict(alpha=np.zeros(1)), r"argument alpha .*needs a number"),
+    (dict(u=1.0), r"argument u .*needs an array or None"),
+    (dict(u=np.zeros((4, 3), np.float32)), r"argument u .*needs a float64 array; got float32"),
+    (dict(z=StepValue("z")), r"argument z .*cannot change per step"),
+    (dict(extra=1), r"kernel hidden_forward_f64: no parameter extra in hidden_forward_f64\("),
+])
+def test_a_launch_names_the_kernel_and_the_argument_it_rejects(change: dict[str, Any],
+                                                                message: str) -> None:
+    launches, calls = _named_launches()
+    arguments = {**_hidden_forward_args("float64"), **change}
+    with pytest.raises(ArgumentError, match=message):
+        launches("hidden_forward", "float64", (1, 1, 1), (32, 8, 1), **arguments)
+    assert not calls
+
+
+def test_a_launch_names_missing_arguments_and_per_step_values() -> None:
+    launches, calls = _named_launches()
+    arguments = _hidden_forward_args("float64")
+    del arguments["keep"], arguments["z"]
+    with pytest.raises(ArgumentError, match=r"hidden_forward_f64: missing argument keep, z of"):
+        launches("hidden_forward", "float64", (1, 1, 1), (32, 8, 1), **arguments)
+    with pytest.raises(ArgumentError, match=r"no kernel 'hidden_forwards'"):
+        launches("hidden_forwards", "float64", (1, 1, 1), (32, 8, 1))
+    launch = launches("hidden_forward", "float64", (1, 1, 1), (32, 8, 1),
+                      **_hidden_forward_args("float64"))
+    with pytest.raises(ArgumentError, match=r"hidden_forward_f64: no value for its per-step "
+                                            r"argument key"):
+        launch.run({})
+    assert not calls
+
+
 def test_kernels_load_lazily() -> None:
     _shim_or_skip()
     ops, recorder = recorded(KernelOps(shim_device()))
@@ -380,7 +468,7 @@ def test_what_the_kernels_do_not_take_falls_back_to_the_reference(shim_ops: Kern
 # ---- the registered backend where there is no GPU ----
 
 
-def test_cupy_backend_says_what_to_install() -> None:
+def test_cupy_says_what_to_install() -> None:
     try:
         import cupy  # noqa: F401
     except ImportError:
@@ -404,9 +492,9 @@ def test_cupy_without_a_device_says_what_it_needs(monkeypatch: pytest.MonkeyPatc
                                  asnumpy=np.asarray, RawModule=None)
     monkeypatch.setitem(sys.modules, "cupy", fake)
     # the backend module is imported afresh against the stand-in, and forgotten afterwards
-    monkeypatch.setitem(sys.modules, "fastnn.backends.cupy_backend", None)
-    del sys.modules["fastnn.backends.cupy_backend"]
-    monkeypatch.setattr(backends, "cupy_backend", None, raising=False)
+    monkeypatch.setitem(sys.modules, "fastnn.backends.cuda.cupy_device", None)
+    del sys.modules["fastnn.backends.cuda.cupy_device"]
+    monkeypatch.setattr(backends.cuda, "cupy_device", None, raising=False)
     monkeypatch.delitem(backends._INSTANCES, "cupy", raising=False)
     with pytest.raises(BackendUnavailable, match=r"no usable CUDA device \(cudaErrorNoDevice.*"
                                                  r"pip install cupy-cuda12x"):

@@ -19,16 +19,18 @@ import numpy as np
 import pytest
 
 from fastnn import config, rng
-from fastnn.backends import get_backend
-from fastnn.cuda import (
+from fastnn.backends import codes, get_backend
+from fastnn.backends.codes import (
     ACTIVATION_CODES,
     BATCH_NORM_CODES,
-    COLUMN_BLOCK,
     DECAY_CODES,
     DROPOUT_CODES,
     OUTPUT_CODES,
     STATS_CODES,
     TRANSFORM_CODES,
+)
+from fastnn.cuda import (
+    COLUMN_BLOCK,
     kernel_dir,
     kernel_files,
     kernel_signatures,
@@ -765,13 +767,35 @@ def test_training_step_composes(run: Runner, bn: str, drop: str, output: str, dt
 # ---- the sources and their codes ----
 
 
+#: the header's name of a code whose name is not PREFIX_<its key in upper case>
+C_NAMES: dict[tuple[str, str | None], str] = {
+    ("BN", "bn"): "BN_SCALAR",
+    ("OUT", "softmax_cross_entropy"): "OUT_SOFTMAX_CE",
+}
+
+
 def _header_enums() -> dict[str, int]:
-    text = (kernel_dir() / "fastnn_common.cuh").read_text()
-    return {name: int(value) for name, value in re.findall(r"\b([A-Z][A-Z0-9_]+) = (\d+)", text)}
+    """Every constant of every ``enum { ... }`` in fastnn_common.cuh."""
+    text = re.sub(r"//[^\n]*", " ", (kernel_dir() / "fastnn_common.cuh").read_text())
+    enums: dict[str, int] = {}
+    for body in re.findall(r"\benum\b[^{;]*\{([^}]*)\}", text):
+        for item in body.split(","):
+            name, value = (part.strip() for part in item.split("="))
+            assert name not in enums, name
+            enums[name] = int(value)
+    return enums
 
 
 def test_codes_match_the_kernel_header() -> None:
+    """Every enum of the header is a code of fastnn.backends.codes, and every code of its
+    tables an enum of the header: the same names, the same values."""
     enums = _header_enums()
+    assert set(codes.TABLES) == {name.split("_")[0] for name in enums}, sorted(enums)
+    for prefix, table in codes.TABLES.items():
+        in_header = {k: v for k, v in enums.items() if k.split("_")[0] == prefix}
+        expected = {C_NAMES.get((prefix, key), f"{prefix}_{str(key).upper()}"): code
+                    for key, code in table.items()}
+        assert in_header == expected, prefix
     tables = {
         "ACT_": ACTIVATION_CODES, "BN_": BATCH_NORM_CODES, "DROP_": DROPOUT_CODES,
         "STATS_": STATS_CODES, "OUT_": OUTPUT_CODES, "DECAY_": DECAY_CODES,

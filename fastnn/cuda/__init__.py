@@ -59,7 +59,9 @@ gemm.cu
         (ceil(N/16), ceil(M/16)), (16, 16)
 
 (``u64`` is ``unsigned long long``; "1-D": any 1-D launch, grid-stride loops.) The codes of
-``act``, ``bn``, ``stats``, ``drop``, ``output``, ``decay`` and ``transform`` are below.
+``act``, ``bn``, ``stats``, ``drop``, ``output``, ``decay`` and ``transform`` are the tables of
+`fastnn.backends.codes` (the enums of ``fastnn_common.cuh``). The GPU backend fills each
+launch's arguments by these parameter names (`fastnn.backends.cuda.launches`).
 The "bn" variant's scalar dgamma/dbeta is hidden_backward's node sums through sum_reduce
 (divisor d). The mask key is a launch argument: a step captured as a CUDA graph needs its
 kernel nodes' key updated before each replay.
@@ -77,6 +79,7 @@ Checking without a GPU:
 from __future__ import annotations
 
 from .sources import (
+    C_TYPES,
     CUPY_ADDED_OPTIONS,
     RAWMODULE_OPTIONS,
     kernel_dir,
@@ -87,35 +90,6 @@ from .sources import (
     read_source,
 )
 
-#: ``act``: the activation (fastnn.functions.ACTIVATIONS)
-ACTIVATION_CODES: dict[str, int] = {
-    "sigmoid": 0,
-    "tanh": 1,
-    "relu": 2,
-    "leaky_relu": 3,
-    "identity": 4,
-    "softplus": 5,
-    "softsign": 6,
-    "step": 7,
-}
-#: ``bn``: the batch-norm variant (HiddenSpec.batch_norm)
-BATCH_NORM_CODES: dict[str, int] = {"off": 0, "n": 1, "bn": 2, "node": 3}
-#: ``stats``: normalise with the batch's own statistics, or with given (mean, var)
-STATS_CODES: dict[str, int] = {"batch": 0, "given": 1}
-#: ``drop``: what a layer's nodes are multiplied by
-DROPOUT_CODES: dict[str, int] = {
-    "none": 0,
-    "article": 1,  # training: the (d,) 0/1 mask of exactly keep_count ones
-    "article_eval": 2,  # evaluation: times keep
-    "inverted": 3,  # training: per-element Bernoulli(keep) mask times 1/keep
-}
-#: ``output``: the output function and loss pair (Config.output)
-OUTPUT_CODES: dict[str, int] = {"softmax_cross_entropy": 0, "identity_mse": 1}
-#: ``decay``: the weight decay folded into sgd_weight (Config.weight_decay kind)
-DECAY_CODES: dict[str | None, int] = {None: 0, "l1": 1, "l2": 2}
-#: ``transform`` of sum_reduce: x, |x|, x^2
-TRANSFORM_CODES: dict[str, int] = {"identity": 0, "abs": 1, "square": 2}
-
 #: the launch shapes the kernels are written for (see each file's opening comment)
 COLUMN_BLOCK = (32, 8, 1)  # hidden_forward, hidden_backward, col_partial_sums
 LINEAR_BLOCK = (256, 1, 1)  # masks, eval_output, col_stats_finalize, sgd, sum_reduce, running
@@ -123,19 +97,13 @@ OUTPUT_BLOCK = (128, 1, 1)  # output_loss_grad
 GEMM_TILE = 16  # gemm: block (16, 16, 1)
 
 __all__ = [
-    "ACTIVATION_CODES",
-    "BATCH_NORM_CODES",
     "COLUMN_BLOCK",
+    "C_TYPES",
     "CUPY_ADDED_OPTIONS",
-    "DECAY_CODES",
-    "DROPOUT_CODES",
     "GEMM_TILE",
     "LINEAR_BLOCK",
     "OUTPUT_BLOCK",
-    "OUTPUT_CODES",
     "RAWMODULE_OPTIONS",
-    "STATS_CODES",
-    "TRANSFORM_CODES",
     "kernel_dir",
     "kernel_files",
     "kernel_names",

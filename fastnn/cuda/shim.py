@@ -29,29 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .sources import Signature, kernel_signatures
-
-#: C type -> NumPy dtype of the scalars and pointees the shim accepts (x86-64 / aarch64 Linux)
-C_TYPES: dict[str, np.dtype] = {
-    name: np.dtype(dtype)
-    for name, dtype in {
-        "float": np.float32,
-        "double": np.float64,
-        "char": np.int8,
-        "signed char": np.int8,
-        "unsigned char": np.uint8,
-        "short": np.int16,
-        "unsigned short": np.uint16,
-        "int": np.int32,
-        "unsigned int": np.uint32,
-        "long": np.int64,
-        "unsigned long": np.uint64,
-        "long long": np.int64,
-        "unsigned long long": np.uint64,
-        "size_t": np.uint64,
-        "bool": np.bool_,
-    }.items()
-}
+from .sources import C_TYPES, Signature, kernel_signatures
 
 HEADER = Path(__file__).resolve().parent / "cpu_shim.h"
 _CANARY = 0xFF

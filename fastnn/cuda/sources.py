@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 #: the options the CuPy backend passes to ``cupy.RawModule`` (``--std`` given, so CuPy adds none)
 RAWMODULE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 
@@ -19,6 +21,29 @@ RAWMODULE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 #: include paths): see cupy/cuda/compiler.py, ``_compile_with_cache_cuda`` and
 #: ``compile_using_nvrtc``
 CUPY_ADDED_OPTIONS: tuple[str, ...] = ("-ftz=true", "--device-as-default-execution-space")
+
+#: C type -> NumPy dtype of a kernel's scalars and pointees (x86-64 / aarch64 Linux, and CUDA
+#: on them): what a launch casts a scalar to, and what the CPU shim checks
+C_TYPES: dict[str, np.dtype] = {
+    name: np.dtype(dtype)
+    for name, dtype in {
+        "float": np.float32,
+        "double": np.float64,
+        "char": np.int8,
+        "signed char": np.int8,
+        "unsigned char": np.uint8,
+        "short": np.int16,
+        "unsigned short": np.uint16,
+        "int": np.int32,
+        "unsigned int": np.uint32,
+        "long": np.int64,
+        "unsigned long": np.uint64,
+        "long long": np.int64,
+        "unsigned long long": np.uint64,
+        "size_t": np.uint64,
+        "bool": np.bool_,
+    }.items()
+}
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # .../fastnn
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$')

@@ -1,10 +1,9 @@
-"""The CuPy backend: the kernel path (`cuda_ops.KernelOps`) on a GPU, CuPy arrays and
-``cupy.RawModule``.
+"""The CuPy backend: the kernel path (`KernelOps`) on a GPU, CuPy arrays and ``cupy.RawModule``.
 
 The CUDA C kernels (``kernels/*.cu``) are compiled by NVRTC through CuPy on first use (CuPy
 caches them on disk), in `warm_up` when a `Trainer` runs; ops the kernels do not cover run as
 the reference's CuPy array expressions. The same class runs on the CPU with NumPy arrays and
-the CPU shim (`cuda_ops.shim_device`), which is how it is tested without a GPU.
+the CPU shim (`device.shim_device`), which is how it is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ from typing import Any
 
 import cupy  # an ImportError here is turned into an install hint by the registry
 
-from .cuda_ops import KernelDevice, KernelOps
+from .device import KernelDevice
+from .ops import KernelOps
 
 
 def cupy_device() -> KernelDevice:
@@ -40,7 +40,7 @@ class CupyOps(KernelOps):
 
     def check_available(self) -> None:
         """Fail with an actionable message when no CUDA device can be used."""
-        from ..errors import BackendUnavailable
+        from ...errors import BackendUnavailable
 
         try:
             count = cupy.cuda.runtime.getDeviceCount()
