@@ -24,17 +24,15 @@ from .errors import ConfigError, DataError, FastnnError
 from .fileio import os_reason, write_atomically
 from .runs import (
     SweepFolder,
+    TrainingRun,
     check_checkpoint_dir,
     check_output_file,
     check_output_folder,
-    environment,
     run_record,
-    save_model,
-    save_stopped_run,
     stop_code,
     stop_signals_as_interrupts,
     stop_text,
-    write_record,
+    write_run_file,
 )
 from .threads import THREADS_ENV, check_threads, default_threads, usable_cpus
 
@@ -262,7 +260,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Check every option and output path, then read the data, train, report per epoch and
     write --out/--save-model/checkpoints."""
     from . import checkpoint as ckpt
-    from .datasets import data_marker, read_data, sized_for
     from .train import Trainer
 
     resume_state = None
@@ -287,43 +284,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_checkpoint_dir(args.checkpoint, "--checkpoint")
     elif args.resume:
         check_checkpoint_dir(args.resume, "--resume")
-    checkpoint_dir = args.checkpoint or args.resume
-    saved_extra = resume_state.extra if resume_state else {}
-    every = args.checkpoint_every or saved_extra.get("checkpoint_every") or 1
-    if args.resume and not args.data:
-        args.data = saved_extra.get("data")
-    extra = {"data": data_marker(args.data), "checkpoint_every": every}
-    data = read_data(args.data)
-    if resume_state is None:
-        config = sized_for(config, data)
-    writer = ckpt.CheckpointWriter(checkpoint_dir, config, extra, every) if checkpoint_dir else None
-    bar = _progress_bar(config, args, resume_state)
+    run = TrainingRun.prepare(
+        config, threads, args.data, resume=resume_state,
+        checkpoint_dir=args.checkpoint or args.resume, checkpoint_every=args.checkpoint_every,
+    )
+    bar = _progress_bar(run.config, args, run.resume)
 
     def on_epoch(trainer: Trainer, epoch: int) -> None:
-        if writer is not None and writer.due(epoch):
-            writer.save(trainer.state)
+        run.checkpoint(trainer, epoch)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(test_acc=f"{trainer.history.test_acc[-1]:.4f}")
         elif not args.quiet:
             print(_epoch_line(trainer.history, epoch), flush=True)
 
-    trainer = Trainer(config, on_epoch=on_epoch, threads=threads)
+    trainer = Trainer(run.config, on_epoch=on_epoch, threads=threads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             warnings.showwarning = _show_warning
             warnings.simplefilter("always", _divergence_warning())
-            trainer.fit(*data, resume=resume_state, callbacks=_loggers(args))
+            trainer.fit(*run.data, resume=run.resume, callbacks=_loggers(args))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
         if bar is not None:
             bar.close()
-        print(save_stopped_run(trainer, config, args.out, writer, extra, threads, exc),
-              file=sys.stderr, flush=True)
+        print(run.save_stopped(trainer, args.out, exc), file=sys.stderr, flush=True)
         return stop_code(exc)
     if bar is not None:
         bar.close()
-    return _finish(trainer, config, args, threads, writer, extra)
+    return _finish(trainer, run, args)
 
 
 def _loggers(args: argparse.Namespace) -> list[Any]:
@@ -357,23 +346,16 @@ def _progress_bar(config: Config, args: argparse.Namespace, resume_state: Any) -
     return tqdm(total=config.epochs, initial=done, unit="epoch", desc="training")
 
 
-def _finish(
-    trainer: Any,
-    config: Config,
-    args: argparse.Namespace,
-    threads: int,
-    writer: Any,
-    extra: dict[str, Any],
-) -> int:
+def _finish(trainer: Any, run: TrainingRun, args: argparse.Namespace) -> int:
     """Write --out and --save-model, print the events and the table; `EXIT_UNSAVED` (the
     record on stdout, the reasons on stderr) when an output could not be written."""
     from .history import format_table
 
-    history = trainer.history
-    record = run_record(config, history, environment(config, threads, extra.get("data")))
+    config, history = run.config, trainer.history
+    record = run_record(config, history, run.environment())
     failures = []
     if args.save_model:
-        failure = save_model(trainer, config, args.save_model, writer, extra)
+        failure = run.save_model(trainer, args.save_model)
         if failure:
             failures.append(failure)
     for event in ("stopped_early_at", "stopped_on_divergence_at", "restored_best_epoch"):
@@ -386,7 +368,7 @@ def _finish(
         flush=True,
     )
     if args.out:
-        failure = write_record(args.out, record, "results")
+        failure = write_run_file(args.out, record, "results")
         if failure:
             failures.insert(0, failure)
     for failure in failures:
@@ -622,7 +604,7 @@ def _train_points(
     with ExitStack() as stack:
         client = stack.enter_context(dask_client(args.dask)) if args.dask else None
         loaded = read_data_once(data)  # data errors (and the first-use download) before any run
-        records = folder.kept_records(points, loaded, redo=args.redo)
+        records = folder.kept_runs(points, loaded, redo=args.redo)
         todo = [point for point in points if point.name not in records]
         kept_text = (
             f" ({len(records)} already there, kept; --redo trains them again)" if records else ""

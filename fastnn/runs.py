@@ -3,10 +3,13 @@
 - before training, every output is checked (`check_output_file`, `check_output_folder`,
   `check_checkpoint_dir`), so a run never ends with nowhere to write;
 - the run record (`run_record`: config, history, summary, `environment`), written atomically,
-  or put on stdout when it cannot be (`write_record`);
+  or put on stdout when it cannot be (`write_run_file`);
 - stop signals: SIGTERM and SIGHUP raise `Terminated` where they land, as Ctrl-C raises
   KeyboardInterrupt (`stop_signals_as_interrupts`); a stopped run keeps a checkpoint of its last
-  completed epoch and its partial record (`save_stopped_run`) and exits with `stop_code`;
+  completed epoch and its partial record (`TrainingRun.save_stopped`) and exits with
+  `stop_code`;
+- a training run: its data, config sized for it, the state it continues from and its
+  checkpoints (`TrainingRun`);
 - one point of a sweep, trained in any process, continuing from its own checkpoint
   (`run_point`), and the folder of a sweep's run files: which finished runs are kept, each run's
   file written as it finishes (`SweepFolder`).
@@ -25,12 +28,13 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Config
-from .datasets import Data, data_marker, read_data_once, sized_for
+from .datasets import Data, data_marker, read_data, read_data_once, sized_for
 from .errors import CheckpointError, FastnnError
 from .fileio import check_writable_folder, os_reason, remove_partial_files, write_atomically
 from .history import History
@@ -176,7 +180,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_atomically(path, lambda handle: handle.write(text.encode()))
 
 
-def write_record(path: str | Path, record: dict[str, Any], what: str) -> str | None:
+def write_run_file(path: str | Path, record: dict[str, Any], what: str) -> str | None:
     """Write a run record to ``path``; when that fails, print it on stdout (one line of JSON)
     and return the one-line reason, which calls the record ``what``."""
     try:
@@ -239,83 +243,115 @@ def stop_signals_as_interrupts() -> Iterator[None]:
             signal.signal(signum, before if before is not None else signal.SIG_DFL)
 
 
-# ---- what a stopped or finished training run keeps ----
+# ---- a training run ----
 
 
-def keep_checkpoint(
-    writer: CheckpointWriter | None, config: Config, state: TrainState, extra: dict[str, Any]
-) -> tuple[Path | None, int | None, str]:
-    """Make sure a checkpoint of ``state`` is on disk (in the writer's directory, else
-    `INTERRUPT_DIR`): the directory holding a checkpoint of this run (None: none), the epoch
-    of that checkpoint, and what happened, in words."""
-    from . import checkpoint as ckpt
+@dataclass
+class TrainingRun:
+    """One training run of ``fastnn train``: its config (sized for its data), the data, the
+    state it continues from, its checkpoint writer and what every checkpoint stores beside the
+    state (``extra``: the data marker, how often it checkpoints)."""
 
-    if writer is not None and writer.saved_epoch == state.epoch:
-        return writer.directory, state.epoch, f"checkpoint saved to {writer.directory}"
-    directory = writer.directory if writer is not None else Path(INTERRUPT_DIR)
-    try:
-        ckpt.save_checkpoint(directory, config, state, extra)
-    except OSError as exc:
-        text = f"could not write checkpoint {directory / ckpt.FILENAME} ({os_reason(exc)})"
-        if writer is not None and writer.saved_epoch is not None:
-            kept = writer.saved_epoch
-            return directory, kept, f"{text}; the one there is of epoch {kept}"
-        return None, None, text
-    return directory, state.epoch, f"checkpoint saved to {directory}"
+    config: Config
+    data: Data
+    threads: int
+    resume: TrainState | None
+    writer: CheckpointWriter | None
+    extra: dict[str, Any]
 
+    @classmethod
+    def prepare(
+        cls,
+        config: Config,
+        threads: int,
+        data_path: str | None,
+        *,
+        resume: TrainState | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int | None = None,
+    ) -> TrainingRun:
+        """Read the data (a resumed run's own, unless ``data_path`` names other), size a new
+        run's config for it, and make the writer of checkpoints into ``checkpoint_dir`` (every
+        ``checkpoint_every`` epochs; default: as the resumed run did, else every epoch)."""
+        from .checkpoint import CheckpointWriter
 
-def save_stopped_run(
-    trainer: Trainer,
-    config: Config,
-    out: str | None,
-    writer: CheckpointWriter | None,
-    extra: dict[str, Any],
-    threads: int,
-    stop: BaseException,
-) -> str:
-    """Save the checkpoint of the last completed epoch and the partial record (to ``out``,
-    when given); return the one line that says what was saved where (and what could not be)."""
-    what = stop_text(stop)
-    if trainer.state is None:
-        return f"{what} before the first evaluation; nothing to save"
-    state = trainer.state
-    parts = [f"{what} after epoch {state.epoch}"]
-    directory, _, text = keep_checkpoint(writer, config, state, extra)
-    parts.append(text)
-    trainer.history = state.history
-    trainer.history.events["interrupted_after_epoch"] = state.epoch
-    if out:
-        run_environment = environment(config, threads, extra.get("data"))
-        record = run_record(config, trainer.history, run_environment)
-        failure = write_record(out, record, "partial results")
-        parts.append(failure or f"partial results in {out}")
-    if directory is not None:
-        parts.append(f"continue with: fastnn train --resume {directory}")
-    return "; ".join(parts)
+        saved = resume.extra if resume else {}
+        every = checkpoint_every or saved.get("checkpoint_every") or 1
+        if resume is not None and not data_path:
+            data_path = saved.get("data")
+        extra = {"data": data_marker(data_path), "checkpoint_every": every}
+        data = read_data(data_path)
+        if resume is None:
+            config = sized_for(config, data)
+        writer = CheckpointWriter(checkpoint_dir, config, extra, every) if checkpoint_dir else None
+        return cls(config, data, threads, resume, writer, extra)
 
+    def checkpoint(self, trainer: Trainer, epoch: int) -> None:
+        """After epoch ``epoch``: write the checkpoint when one is due."""
+        if self.writer is not None and self.writer.due(epoch):
+            self.writer.save(trainer.state)
 
-def save_model(
-    trainer: Trainer,
-    config: Config,
-    path: str,
-    writer: CheckpointWriter | None,
-    extra: dict[str, Any],
-) -> str | None:
-    """Write the trained model to ``path``; when that fails, keep a checkpoint to write it
-    from and return the one-line reason (with how to get the model back, if it can be)."""
-    try:
-        trainer.save(path)
-    except OSError as exc:
+    def environment(self) -> dict[str, Any]:
+        """This run's whole environment, for its run record."""
+        return environment(self.config, self.threads, self.extra.get("data"))
+
+    def keep_checkpoint(self, state: TrainState) -> tuple[Path | None, int | None, str]:
+        """Make sure a checkpoint of ``state`` is on disk (in the writer's directory, else
+        `INTERRUPT_DIR`): the directory holding a checkpoint of this run (None: none), the
+        epoch of that checkpoint, and what happened, in words."""
+        from . import checkpoint as ckpt
+
+        writer = self.writer
+        if writer is not None and writer.saved_epoch == state.epoch:
+            return writer.directory, state.epoch, f"checkpoint saved to {writer.directory}"
+        directory = writer.directory if writer is not None else Path(INTERRUPT_DIR)
+        try:
+            ckpt.save_checkpoint(directory, self.config, state, self.extra)
+        except OSError as exc:
+            text = f"could not write checkpoint {directory / ckpt.FILENAME} ({os_reason(exc)})"
+            if writer is not None and writer.saved_epoch is not None:
+                kept = writer.saved_epoch
+                return directory, kept, f"{text}; the one there is of epoch {kept}"
+            return None, None, text
+        return directory, state.epoch, f"checkpoint saved to {directory}"
+
+    def save_stopped(self, trainer: Trainer, out: str | None, stop: BaseException) -> str:
+        """Save the checkpoint of the last completed epoch and the partial record (to ``out``,
+        when given); return the one line that says what was saved where (and what could
+        not be)."""
+        what = stop_text(stop)
+        if trainer.state is None:
+            return f"{what} before the first evaluation; nothing to save"
         state = trainer.state
-        directory, epoch, text = keep_checkpoint(writer, config, state, extra)
-        hint = (
-            f"{text}: `fastnn train --resume {directory} --save-model {path}` "
-            "writes the network from it"
-            if epoch == state.epoch
-            else f"{text}; the trained network is lost"
-        )
-        return f"could not write {path} ({os_reason(exc)}); {hint}"
-    return None
+        parts = [f"{what} after epoch {state.epoch}"]
+        directory, _, text = self.keep_checkpoint(state)
+        parts.append(text)
+        trainer.history = state.history
+        trainer.history.events["interrupted_after_epoch"] = state.epoch
+        if out:
+            record = run_record(self.config, trainer.history, self.environment())
+            failure = write_run_file(out, record, "partial results")
+            parts.append(failure or f"partial results in {out}")
+        if directory is not None:
+            parts.append(f"continue with: fastnn train --resume {directory}")
+        return "; ".join(parts)
+
+    def save_model(self, trainer: Trainer, path: str) -> str | None:
+        """Write the trained model to ``path``; when that fails, keep a checkpoint to write it
+        from and return the one-line reason (with how to get the model back, if it can be)."""
+        try:
+            trainer.save(path)
+        except OSError as exc:
+            state = trainer.state
+            directory, epoch, text = self.keep_checkpoint(state)
+            hint = (
+                f"{text}: `fastnn train --resume {directory} --save-model {path}` "
+                "writes the network from it"
+                if epoch == state.epoch
+                else f"{text}; the trained network is lost"
+            )
+            return f"could not write {path} ({os_reason(exc)}); {hint}"
+        return None
 
 
 # ---- one point of a sweep ----
@@ -379,7 +415,7 @@ def run_point(
 # ---- the folder of a sweep's run files ----
 
 
-def finished_record(path: Path, config: Config, data: str | None) -> dict[str, Any] | None:
+def read_finished_run(path: Path, config: Config, data: str | None) -> dict[str, Any] | None:
     """The record in run file ``path`` when it is a finished run of ``config`` on ``data``
     (a later sweep keeps it), else None."""
     try:
@@ -418,7 +454,7 @@ class SweepFolder:
         """The run file of point ``name``."""
         return self.folder / f"{name}.json"
 
-    def kept_records(
+    def kept_runs(
         self, points: Iterable[Any], data: Data, redo: bool
     ) -> dict[str, dict[str, Any]]:
         """The records of the points (each with ``name`` and ``config``) whose run file is a
@@ -430,7 +466,7 @@ class SweepFolder:
                 if self.checkpoints is not None:
                     shutil.rmtree(self.checkpoints / point.name, ignore_errors=True)
                 continue
-            kept = finished_record(self.run_file(point.name), sized_for(point.config, data),
+            kept = read_finished_run(self.run_file(point.name), sized_for(point.config, data),
                                    self.data)
             if kept is not None:
                 records[point.name] = kept
@@ -445,7 +481,7 @@ class SweepFolder:
             **environment(config, data=self.data),
             **record.get("environment", {}),
         }
-        failure = write_record(self.run_file(name), record, "results")
+        failure = write_run_file(self.run_file(name), record, "results")
         if failure is None and self.checkpoints is not None:
             shutil.rmtree(self.checkpoints / name, ignore_errors=True)
         return failure
