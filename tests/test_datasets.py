@@ -849,3 +849,49 @@ def test_real_mnist() -> None:
     assert int(t_train.min()) == 0 and int(t_test.min()) == 0
     assert len(np.unique(t_train)) == 10
     assert int(x_train.max()) == 255
+
+
+# ---- the data of a run ----
+
+
+def test_datasets_imports_only_errors_and_fileio() -> None:
+    """The layout rule: at run time datasets imports no other part of fastnn (its one import
+    of config is for type hints only), so reading data never pulls in the command or sweeps."""
+    import ast
+    import subprocess
+    import sys
+
+    tree = ast.parse(Path(datasets.__file__).read_text())
+    imported = set()
+    for node in tree.body:  # module level; an ``if TYPE_CHECKING:`` block is not a statement here
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            imported.add(node.module)
+    assert imported == {"errors", "fileio"}
+    probe = (
+        "import sys, fastnn.datasets\n"
+        "print(sorted(m for m in ('fastnn.cli', 'fastnn.sweep', 'fastnn.runs',"
+        " 'fastnn.reproduce') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_data_of_a_run_sizes_the_config_and_names_its_folder(tmp_path: Path) -> None:
+    from fastnn import Config
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    images = np.zeros((6, 3, 2), dtype=np.uint8)
+    for name, array in (
+        ("train-images-idx3-ubyte", images),
+        ("train-labels-idx1-ubyte", np.array([0, 1, 2, 0, 1, 4], dtype=np.uint8)),
+        ("t10k-images-idx3-ubyte", images[:2]),
+        ("t10k-labels-idx1-ubyte", np.array([5, 0], dtype=np.uint8)),
+    ):
+        (folder / name).write_bytes(idx_bytes(array))
+    data = datasets.read_data(str(folder))
+    config = datasets.sized_for(Config(hidden=(4,)), data)
+    assert (config.n_inputs, config.n_outputs) == (6, 6)
+    assert datasets.data_marker(str(folder)) == str(folder.resolve())
+    assert datasets.data_marker(None) is None
