@@ -248,6 +248,27 @@ def test_trainer_fit_through_the_registry(
     assert_all_close("fit", params, params_ref, dtype)
 
 
+@pytest.mark.parametrize(("optimizer", "schedule"), [("adam", "constant"), ("sgd", "step")])
+def test_an_optimiser_or_a_schedule_runs_the_reference_epoch(
+    shim_ops: KernelOps, monkeypatch: pytest.MonkeyPatch, optimizer: str, schedule: str
+) -> None:
+    """Optimiser state or scheduled rates: the reference epoch (its per-op overrides on the
+    kernels where they fit), the same run as numpy's."""
+    monkeypatch.setitem(backends._INSTANCES, "cupy", shim_ops)
+    x, labels = make_blobs(80, 6, 3, seed=3)
+    results = {}
+    for backend in ("cupy", "numpy"):
+        config = run_config("float64", backend=backend, batch_size=16, epochs=2, eta=0.01,
+                            optimizer=optimizer, lr_schedule=schedule)
+        trainer = Trainer(config, threads=1)
+        trainer.fit(x[:60], labels[:60], x[60:], labels[60:])
+        assert trainer.network is not None
+        results[backend] = trainer.network.numpy_params(), trainer.counters
+    (params, counters), (params_ref, _) = results["cupy"], results["numpy"]
+    assert "train_kernels" not in counters
+    assert_all_close("fit", params, params_ref, "float64")
+
+
 # ---- how a step runs: launches only, nothing read back ----
 
 

@@ -27,6 +27,7 @@ from .launches import GRID_Y_MAX, Launch, StepValue, cdiv, linear_grid
 
 if TYPE_CHECKING:
     from ...plan import Plan
+    from ..optimizers import OptimizerState
 
 Array = Any
 
@@ -198,10 +199,16 @@ class KernelTraining(KernelBase):
     def train_epoch(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,
+        optimizer: OptimizerState | None = None, rate_factors: Any = None,
     ) -> None:
         """The reference epoch as kernel launches: per step, the batch gathered on the device
         from the order uploaded once, then the step's fixed launch list with that step's mask
-        keys. Nothing is read back."""
+        keys. Nothing is read back. An optimiser's state or per-step rate factors (the
+        kernels update by plain SGD at the plan's rates): the reference epoch."""
+        if optimizer is not None or rate_factors is not None:
+            super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
+                                optimizer, rate_factors)
+            return
         # a host order as it is; a device one is read once, before the epoch
         host_order = order if isinstance(order, np.ndarray) else np.asarray(self.to_numpy(order))
         fits = (self._plan_fits(plan, params, running, x, t, plan.tracks_running)
