@@ -19,6 +19,10 @@ ACTIVATION_CODES: dict[str, int] = {
     "softsign": 6,
     "step": 7,
 }
+#: each activation's code by name, for the kernels that switch on it
+(ACT_SIGMOID, ACT_TANH, ACT_RELU, ACT_LEAKY_RELU, ACT_IDENTITY, ACT_SOFTPLUS, ACT_SOFTSIGN,
+ ACT_STEP) = (ACTIVATION_CODES[name] for name in (
+    "sigmoid", "tanh", "relu", "leaky_relu", "identity", "softplus", "softsign", "step"))
 
 #: ``bn``: the batch-norm variant (HiddenSpec.batch_norm); BN_SCALAR is the article's "bn"
 BN_OFF, BN_N, BN_SCALAR, BN_NODE = 0, 1, 2, 3
