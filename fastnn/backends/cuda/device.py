@@ -59,8 +59,6 @@ class KernelBase(Ops):
     """The reference ops on a `KernelDevice`, with its kernels at hand: ``launch(stem, dtype,
     grid, block, **arguments)`` builds a launch (`launches.Launches`)."""
 
-    name = "cuda-kernels"
-
     def __init__(self, device: KernelDevice) -> None:
         self.device = device
         self.xp = device.xp
