@@ -164,7 +164,7 @@ def test_unavailable_backend_fails_before_the_data_is_read(monkeypatch, capsys) 
 
     monkeypatch.setitem(sys.modules, "numba", None)
     monkeypatch.delitem(backends._INSTANCES, "numba", raising=False)
-    monkeypatch.delitem(sys.modules, "fastnn.backends.numba_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "fastnn.backends.numba", raising=False)
     monkeypatch.setattr(datasets, "load_mnist", lambda *a, **k: pytest.fail("data read"))
     assert main(["train", "--backend", "numba"]) == 2
     assert "pip install numba scipy" in capsys.readouterr().err

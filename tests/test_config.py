@@ -92,7 +92,7 @@ def test_unknown_backend_and_missing_optional_dependency(monkeypatch) -> None:
         backends.get_backend("cupy")
     monkeypatch.setitem(sys.modules, "numba", None)
     monkeypatch.delitem(backends._INSTANCES, "numba", raising=False)
-    monkeypatch.delitem(sys.modules, "fastnn.backends.numba_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "fastnn.backends.numba", raising=False)
     with pytest.raises(
         BackendUnavailable, match=r"backend 'numba' needs numba: pip install numba scipy"
     ):

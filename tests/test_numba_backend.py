@@ -4,7 +4,9 @@ the kernel cache. (Its parity with the reference op by op and run by run is in
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +17,9 @@ from parity import assert_all_close, assert_close, random_arrays, tolerance
 pytest.importorskip("numba")
 
 from fastnn import Config, Network, Trainer  # noqa: E402
-from fastnn.backends import get_backend  # noqa: E402
-from fastnn.backends import numba_backend as backend_module  # noqa: E402
+from fastnn.backends import HiddenSpec, get_backend  # noqa: E402
+from fastnn.backends.numba import ops as backend_module  # noqa: E402
+from fastnn.backends.numba import training  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity", "softplus", "softsign", "step")
 BATCH_NORMS = ("off", "n", "bn", "node")
@@ -183,8 +186,8 @@ def test_same_seed_gives_bit_identical_params(capsys: pytest.CaptureFixture[str]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gemm_with_both_blas_interfaces(dtype: str) -> None:
     """The kernels' gemm: NumPy's cblas (when found) and SciPy's Fortran BLAS, every layout."""
-    from fastnn.backends.numba_kernels import blas
-    from fastnn.backends.numba_kernels.common import Blas
+    from fastnn.backends.numba.kernels import blas
+    from fastnn.backends.numba.kernels.common import Blas
 
     interfaces = [Blas(blas.BLAS_FORTRAN32, blas._scipy_blas()[dtype == "float64"])]
     found = blas._numpy_openblas()
@@ -371,7 +374,7 @@ def test_sparse_fit_float32_and_bit_identical(monkeypatch: pytest.MonkeyPatch) -
 
 def test_kernel_cache_is_keyed_by_every_kernel_source(tmp_path: Any) -> None:
     """A cached kernel of other sources is dropped (numba checks only the kernel's own file)."""
-    from fastnn.backends.numba_kernels import common
+    from fastnn.backends.numba.kernels import common
 
     (tmp_path / "layers.affine-1.py311.nbi").write_text("stale")
     (tmp_path / "epoch.train_epoch-1.py311.nbc").write_text("stale")
@@ -382,6 +385,87 @@ def test_kernel_cache_is_keyed_by_every_kernel_source(tmp_path: Any) -> None:
     assert (tmp_path / "layers.affine-1.py311.nbi").exists()
     common._drop_stale_entries(tmp_path, common._sources_digest())
     assert not (tmp_path / "layers.affine-1.py311.nbi").exists()
+
+
+def test_kernels_take_the_codes_of_the_one_table(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Any) -> None:
+    """The numba kernels and ops use the very objects of `fastnn.backends.codes` (no copies
+    of a table), and the kernel cache's digest changes with codes.py (numba compiles a
+    code's value in)."""
+    from fastnn.backends import codes
+    from fastnn.backends.numba import evaluation, fit, ops, training
+    from fastnn.backends.numba.kernels import common, epoch, evaluate, layers, sparse
+
+    shared = [name for name in vars(codes) if name.isupper()]
+    for module in (layers, epoch, evaluate, sparse, ops, training, evaluation, fit):
+        for name in shared:
+            if hasattr(module, name):
+                assert getattr(module, name) is getattr(codes, name), (module.__name__, name)
+    assert ops.ACTIVATION_CODES is codes.ACTIVATION_CODES
+    assert fit.OUTPUT_CODES is codes.OUTPUT_CODES
+    assert not [name for name in shared if hasattr(common, name)]
+    assert layers.ACT_LEAKY_RELU is codes.ACT_LEAKY_RELU and not hasattr(layers, "RELU")
+    copy = tmp_path / "codes.py"
+    copy.write_bytes(Path(codes.__file__).read_bytes())
+    monkeypatch.setattr(common, "_CONSTANT_SOURCES", (copy,))
+    digest = common._sources_digest()
+    copy.write_text(copy.read_text().replace('"relu": 2', '"relu": 9'))
+    assert common._sources_digest() != digest
+
+
+def _two_spec_pair(batch_norm: str, specs: tuple[tuple[str, float, str], ...]
+                   ) -> tuple[Network, Network]:
+    """A numba/numpy pair whose plan gives each hidden layer its own (activation, alpha,
+    batch norm)."""
+    ours, ref = _pair(dict(hidden=(7, 5), batch_norm=batch_norm, dropout_input=0.8,
+                           dropout_hidden=0.6, dtype="float64"))
+    hidden = tuple(HiddenSpec(*spec) for spec in specs)
+    for net in (ours, ref):
+        net.plan = dataclasses.replace(net.plan, hidden=hidden)
+        net.specs = list(hidden)
+    return ours, ref
+
+
+@pytest.mark.parametrize("batch_norm", ("off", "bn", "node"))
+def test_each_hidden_layer_keeps_its_own_activation(numba_ops: Any, batch_norm: str) -> None:
+    """A plan whose two hidden layers differ (tanh, then leaky ReLU with alpha 0.2): the
+    compiled epoch and evaluation (not a fallback) equal the reference on it."""
+    ours, ref = _two_spec_pair(batch_norm, (("tanh", 0.01, batch_norm),
+                                            ("leaky_relu", 0.2, batch_norm)))
+    x, t, _ = small_data("float64", 37)
+    order = np.random.default_rng(3).permutation(len(x))
+    space = workspace(numba_ops, x)
+    for epoch in (1, 2):
+        ours.train_epoch(x, t, order, epoch, space)
+        ref.train_epoch(x, t, order, epoch)
+    assert space.counters["train_threads_2"] + space.counters["train_threads_1"] == 2
+    assert_all_close("train_epoch", ours.params, ref.numpy_params(), "float64")
+    before = space.counters["evaluate_dense"] + space.counters["evaluate_sparse"]
+    loss, predicted = evaluation(ours, x, t, space)
+    assert space.counters["evaluate_dense"] + space.counters["evaluate_sparse"] == before + 1
+    ref.params = ours.params
+    loss_ref, predicted_ref = evaluation(ref, x, t)
+    assert_close("evaluate_loss", loss, loss_ref, "float64", "loss")
+    assert np.array_equal(predicted, predicted_ref)
+
+
+def test_hidden_layers_with_other_batch_norms_run_the_reference(numba_ops: Any) -> None:
+    """The compiled epoch and evaluation apply the plan's one batch-norm variant: a plan whose
+    layers differ from it is refused (the reference executor runs, with the same results)."""
+    ours, ref = _two_spec_pair("bn", (("tanh", 0.01, "bn"), ("relu", 0.01, "off")))
+    x, t, _ = small_data("float64", 37)
+    order = np.arange(len(x))
+    space = workspace(numba_ops, x)
+    ours.train_epoch(x, t, order, 1, space)
+    ref.train_epoch(x, t, order, 1)
+    assert not any(name.startswith("train_") for name in space.counters), space.counters
+    assert_all_close("train_epoch", ours.params, ref.numpy_params(), "float64")
+    loss, predicted = evaluation(ours, x, t, space)
+    assert "evaluate_dense" not in space.counters and "evaluate_sparse" not in space.counters
+    ref.params = ours.params
+    loss_ref, predicted_ref = evaluation(ref, x, t)
+    assert_close("evaluate_loss", loss, loss_ref, "float64", "loss")
+    assert np.array_equal(predicted, predicted_ref)
 
 
 class _Terminal:
@@ -430,7 +514,7 @@ def test_vectorised_exp_is_within_an_ulp_or_two(dtype: str) -> None:
     the edges."""
     from numba import njit
 
-    from fastnn.backends.numba_kernels.elementary import exp
+    from fastnn.backends.numba.kernels.elementary import exp
 
     @njit
     def apply(x, out):  # type: ignore[no-untyped-def]
@@ -487,7 +571,7 @@ def test_sparse_products_sum_each_element_in_order(dtype: str, width: int) -> No
     """The forward product (training and evaluation, scaled) and x^T du of the weight update
     give the bits of a plain in-order sum, whatever the width: SIMD chunks, the overlapping
     last chunk and the narrow path all round like it."""
-    from fastnn.backends.numba_kernels import epoch, sparse
+    from fastnn.backends.numba.kernels import sparse
 
     gen = np.random.default_rng(width)
     x = sparse_x(dtype, 11, 30, seed=width)
@@ -511,7 +595,7 @@ def test_sparse_products_sum_each_element_in_order(dtype: str, width: int) -> No
     columns = [[(i, x[i, j]) for i in range(len(x)) if x[i, j] != 0] for j in range(30)]
     gradient = np.array([_summed_in_order(column, du) for column in columns])
     for split in (0, 4):  # every row in one part; rows 0-3 in part 0, the rest in part 1
-        _, parts = epoch.step_buffers((30, width, 3), len(x), 3, np.dtype(dtype),
+        _, parts = training.step_buffers((30, width, 3), len(x), 3, np.dtype(dtype),
                                       np.ones(2), False, True)
         bounds = ((0, len(x)), (len(x), len(x))) if split == 0 else ((0, split),
                                                                       (split, len(x)))
@@ -545,7 +629,7 @@ def test_vector_loads_and_stores_refuse_strided_arrays() -> None:
     from numba import njit
     from numba.core.errors import TypingError
 
-    from fastnn.backends.numba_kernels import simd
+    from fastnn.backends.numba.kernels import simd
 
     @njit
     def copy_chunk(source, target):  # type: ignore[no-untyped-def]
@@ -678,9 +762,9 @@ def test_a_failing_thread_releases_the_other(numba_ops: Any) -> None:
             return meet(threads, barrier)
 
         with pytest.raises(ValueError, match=f"part {failing} failed"):
-            backend_module._run_parts(kernel, sync, 2, ())
-    assert backend_module._run_parts(lambda me, threads, barrier: meet(threads, barrier),
-                                     sync, 2, ()) == 0
+            training.run_parts(kernel, sync, 2, ())
+    assert training.run_parts(lambda me, threads, barrier: meet(threads, barrier),
+                              sync, 2, ()) == 0
 
 
 def test_spin_barrier_orders_memory(numba_ops: Any) -> None:

@@ -20,7 +20,7 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {
     "numpy": _Entry("fastnn.backends.numpy_backend", "NumpyOps", None, None),
-    "numba": _Entry("fastnn.backends.numba_backend", "NumbaOps", "numba", "numba"),
+    "numba": _Entry("fastnn.backends.numba", "NumbaOps", "numba", "numba"),
     "cupy": _Entry("fastnn.backends.cuda.cupy_device", "CupyOps", "cuda12", "cupy"),
 }
 _INSTANCES: dict[str, Ops] = {}

@@ -12,9 +12,8 @@ order of the non-zeros, so how rows or columns are grouped never changes a bit.
 
 from __future__ import annotations
 
-from collections import namedtuple
-
-from .common import DECAY_NONE, jit, jit_inline, jit_nogil
+from ...codes import DECAY_NONE
+from .common import Update, jit, jit_inline, jit_nogil
 from .layers import sgd_weights
 from .simd import lanes, load, load_row, muladd, prefetch, store, zeros
 
@@ -219,13 +218,6 @@ def all_finite(a):
     return finite
 
 
-#: the CSR rows of one part of a training batch (``span``: its first row in the batch and its
-#: row count, set each step), the same rows by column (``col_*``, from `transpose_part`), and
-#: the scratch its share of the weight update gathers one column of the whole batch into
-SparseBatch = namedtuple(
-    "SparseBatch", "span ptr idx val col_ptr col_fill col_row col_val merged_row merged_val acc")
-
-
 @jit
 def transpose_part(batch):
     """The part's rows by column: entries of column j are col_ptr[j] to col_ptr[j + 1] of
@@ -317,6 +309,6 @@ def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
         else:
             finite &= subtract_scaled(w[j], eta, acc)
     if decay != DECAY_NONE:
-        sgd_weights(w[low:high], dw[low:high], eta, decay, lam)
+        sgd_weights(w[low:high], dw[low:high], Update(eta, decay, lam))
         return all_finite(w[low:high])
     return finite

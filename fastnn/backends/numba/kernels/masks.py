@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ... import rng
+from .... import rng
 from .common import jit
 
 _GOLDEN = np.uint64(rng.GOLDEN)

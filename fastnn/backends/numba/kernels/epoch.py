@@ -6,6 +6,9 @@ op by the kernel that the backend's override of that op runs: the mask from its 
 `layers.affine_backward_update_rows`, `layers.hidden_backward`, `layers.layer_parameter_grads`
 + `layers.sgd_vector`, `layers.update_running`. It re-derives nothing: what an op means lives
 in its kernel. With a CSR form of x, layer 1's product and update skip x's zeros (`sparse`).
+Each hidden layer has its own activation code and alpha (`StepPlan.acts`/``alphas``); the
+kernels take their arrays in records (`common`), built once per layer and step outside the
+row loops.
 
 Every step is computed in `PARTS` parts, so that two threads can share it:
 
@@ -25,12 +28,22 @@ bits with one thread or two.
 
 from __future__ import annotations
 
-from collections import namedtuple
-from typing import Any
-
 import numpy as np
 
-from .common import BN_OFF, jit, jit_nogil
+from ...codes import BN_OFF
+from .common import (
+    PARTS,
+    Activation,
+    BatchNorm,
+    ColumnMeans,
+    ForwardValues,
+    GammaBeta,
+    Moments,
+    Normalised,
+    Statistics,
+    jit,
+    jit_nogil,
+)
 from .layers import (
     affine,
     affine_backward_update_rows,
@@ -50,7 +63,6 @@ from .layers import (
 )
 from .masks import fill_article_mask, fill_bernoulli_rows, fold_counter
 from .sparse import (
-    SparseBatch,
     all_finite,
     gather_targets,
     sparse_affine_rows,
@@ -59,58 +71,6 @@ from .sparse import (
     transpose_part,
 )
 from .sync import wait_for_all
-
-PARTS = 2
-
-#: the arrays one epoch's steps share (index k: layer k, 0 the input; ``finite``: per part,
-#: whether its rows of W1 are finite)
-StepBuffers = namedtuple(
-    "StepBuffers",
-    "z u u_hat y du dz mean var std dw multiplier t_batch db dgamma_nodes dbeta_nodes dgamma "
-    "dbeta mean_g mean_gu finite",
-)
-
-
-def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
-                 keep_ratios: np.ndarray, inverted: bool, sparse: bool,
-                 ) -> tuple[StepBuffers, tuple[SparseBatch, ...]]:
-    """The shared buffers of an epoch of batches of up to ``rows`` rows, and each part's
-    `SparseBatch` (of no size when the input is dense)."""
-    n_layers = len(sizes) - 1
-    widest = max(sizes)
-
-    def per_layer(shape: Any, fill: float | None = None) -> tuple[np.ndarray, ...]:
-        made = tuple(np.empty(shape(k), dtype) for k in range(n_layers + 1))
-        if fill is not None:
-            for array in made:
-                array.fill(fill)
-        return made
-
-    multiplier = tuple(
-        np.empty((rows if inverted else 1, sizes[k]), dtype) if keep_ratios[k] < 1.0
-        else np.ones((1, 1), dtype)
-        for k in range(n_layers)
-    )
-    buffers = StepBuffers(
-        *(per_layer(lambda k: (rows, sizes[k])) for _ in range(6)),
-        per_layer(lambda k: sizes[k], 0.0), per_layer(lambda k: sizes[k], 1.0),
-        per_layer(lambda k: sizes[k], 1.0),
-        tuple(np.empty((sizes[k], sizes[k + 1]), dtype) for k in range(n_layers)),
-        multiplier, np.empty((rows, classes), dtype), np.empty(widest, dtype),
-        per_layer(lambda k: sizes[k]), per_layer(lambda k: sizes[k]),
-        np.empty(widest, dtype), np.empty(widest, dtype), per_layer(lambda k: sizes[k]),
-        per_layer(lambda k: sizes[k]), np.ones(PARTS, np.int64),
-    )
-    capacity = rows * sizes[0] if sparse else 0  # one thread keeps every row in part 0's
-    parts = tuple(
-        SparseBatch(np.zeros(2, np.int64), np.zeros(rows + 1, np.int64),
-                    np.empty(capacity, np.int32), np.empty(capacity, dtype),
-                    np.zeros(sizes[0] + 1, np.int64), np.empty(sizes[0], np.int64),
-                    np.empty(capacity, np.int64), np.empty(capacity, dtype),
-                    np.empty(rows, np.int64), np.empty(rows, dtype), np.empty(sizes[1], dtype))
-        for _ in range(PARTS)
-    )
-    return buffers, parts
 
 
 @jit
@@ -161,16 +121,19 @@ def gather_batch(x, t, order, start, masked, multiplier, z0, t_batch):
 
 
 @jit_nogil
-def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr, buffers, parts):
+def train_epoch_part(me, threads, barrier, data, order, layers, plan, blas, buffers, parts):
     """This thread's parts of every SGD step of one epoch over the rows of x in ``order``,
     updating ``layers`` in place.
 
     ``me``: this thread's number of ``threads`` (1: it runs every part; `PARTS`: part ``me``);
-    ``barrier``: the threads' `sync` state; ``layers``: a `Layers` record (gammas/betas/running_*
-    have dummies where a layer has none); ``plan``: a `StepPlan`; ``blas``: a `Blas`; ``csr``: x
-    in CSR form (a `Csr`); ``buffers`` and ``parts``: from `step_buffers`, shared by the
-    threads. Returns how many steps took the sparse first layer (-1: the barrier was abandoned).
+    ``barrier``: the threads' `sync` state; ``data``: a `Data` (x, t and x in CSR form);
+    ``layers``: a `Layers` record (gammas/betas/running_* have dummies where a layer has none);
+    ``plan``: a `StepPlan`; ``blas``: a `Blas`; ``buffers`` (a `StepBuffers`) and ``parts``
+    (one `SparseBatch` per part): from `fastnn.backends.numba.training.step_buffers`, shared by
+    the threads. Returns how many steps took the sparse first layer (-1: the barrier was
+    abandoned).
     """
+    x, t, csr = data.x, data.t, data.csr
     weights, biases, gammas, betas = layers.weights, layers.biases, layers.gammas, layers.betas
     z, u, u_hat, y, du, dz = buffers.z, buffers.u, buffers.u_hat, buffers.y, buffers.du, buffers.dz
     mean, var, std, multiplier = buffers.mean, buffers.var, buffers.std, buffers.multiplier
@@ -181,6 +144,8 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
     dtype = x.dtype
     zero = dtype.type(0.0)
     bn, has_gamma = plan.bn, plan.has_gamma
+    update = plan.update
+    unused = np.ones(1, dtype)  # the forward gamma/beta of a backward that does not recompute
     # this thread's parts; what no BLAS call computes goes by their union (`owned`) in one go
     first, last = (me, me + 1) if threads > 1 else (0, PARTS)
     rows = parts[first]  # the CSR rows of the batch this thread owns (the others' stay empty)
@@ -242,22 +207,26 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
                     affine(blas, z[k - 1][p0:p1], weights[k - 1], biases[k - 1], u[k][p0:p1])
             if k == n_layers:
                 output_grad_rows(u[k][r0:r1], t_batch[r0:r1], plan.output, count, du[k][r0:r1])
-            elif bn == BN_OFF:
-                hidden_forward(u[k][r0:r1], plan.act, plan.alpha, bn, gammas[k - 1],
-                               betas[k - 1], has_gamma, True, mean[k], var[k], std[k], True,
-                               u_hat[k][r0:r1], u_hat[k][r0:r1], rows_of(multiplier[k], r0, r1),
-                               z[k][r0:r1])
+                continue
+            # hidden layer k (its own activation; batch norm as the plan says)
+            activation = Activation(plan.acts[k - 1], plan.alphas[k - 1])
+            norm = BatchNorm(bn, gammas[k - 1], betas[k - 1], has_gamma)
+            stats = Statistics(mean[k], var[k], std[k])
+            if bn == BN_OFF:
+                hidden_forward(u[k][r0:r1], activation, norm, True, stats,
+                               Normalised(True, u_hat[k][r0:r1], u_hat[k][r0:r1]),
+                               rows_of(multiplier[k], r0, r1), z[k][r0:r1])
             else:
                 if not wait_for_all(barrier, threads):
                     return -1
                 c0, c1 = owned(sizes[k], first, last)  # the statistics, by columns
-                batch_statistics_columns(u[k][:n], mean[k], var[k], c0, c1)
-                std_columns(var[k], std[k], c0, c1)
+                batch_statistics_columns(u[k][:n], stats, c0, c1)
+                std_columns(stats, c0, c1)
                 if not wait_for_all(barrier, threads):
                     return -1
-                normalise_activate(u[k][r0:r1], plan.act, plan.alpha, gammas[k - 1],
-                                   betas[k - 1], has_gamma, mean[k], std[k], True,
-                                   u_hat[k][r0:r1], y[k][r0:r1] if has_gamma else u_hat[k][r0:r1],
+                normalised = Normalised(True, u_hat[k][r0:r1],
+                                        y[k][r0:r1] if has_gamma else u_hat[k][r0:r1])
+                normalise_activate(u[k][r0:r1], activation, norm, stats, normalised,
                                    rows_of(multiplier[k], r0, r1), z[k][r0:r1], 0, sizes[k])
         if not wait_for_all(barrier, threads):
             return -1
@@ -277,18 +246,18 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
             if sparse_update:
                 mark_finite(finite, first, last,
                             sparse_weight_update(parts, first, i0, i1, grad, weights[0],
-                                                 plan.eta, plan.decay, plan.lam, buffers.dw[0]))
+                                                 update.rate, update.decay, update.lam,
+                                                 buffers.dw[0]))
             else:
                 for part in range(first, last):  # BLAS: always by parts (same sums)
                     p0, p1 = part_range(sizes[h], part)
-                    affine_backward_update_rows(blas, z[h][:n], weights[h], grad, plan.eta,
-                                                plan.decay, plan.lam, k > 1, dz[h][:n],
-                                                buffers.dw[h], p0, p1)
+                    affine_backward_update_rows(blas, z[h][:n], weights[h], grad, update, k > 1,
+                                                dz[h][:n], buffers.dw[h], p0, p1)
                 if k == 1 and csr.sparse:
                     mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
             j0, j1 = owned(sizes[k], first, last)
             column_sums_range(grad, db, j0, j1)
-            sgd_vector(biases[h][j0:j1], db[j0:j1], plan.eta)
+            sgd_vector(biases[h][j0:j1], db[j0:j1], update.rate)
             if not wait_for_all(barrier, threads):
                 return -1
             if k > 1:  # hidden layer h's backward
@@ -296,39 +265,40 @@ def train_epoch_part(me, threads, barrier, x, t, order, layers, plan, blas, csr,
                 # split, vectorised exp/tanh included); without batch norm that is all
                 activated = y[h] if bn != BN_OFF and has_gamma else (
                     u_hat[h] if bn != BN_OFF else u[h])
-                hidden_backward(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), plan.act,
-                                plan.alpha, BN_OFF, False, u[h][r0:r1], mean[h], std[h],
-                                gammas[h - 1], betas[h - 1], u_hat[h][r0:r1],
-                                activated[r0:r1], gammas[h - 1], has_gamma, du[h][r0:r1],
-                                buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
+                activation = Activation(plan.acts[h - 1], plan.alphas[h - 1])
+                norm = BatchNorm(bn, gammas[h - 1], betas[h - 1], has_gamma)
+                node_sums = GammaBeta(buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
+                # what the forward pass stored, for these rows and for the whole batch
+                own_rows = ForwardValues(False, u[h][r0:r1], mean[h], std[h], unused, unused,
+                                         u_hat[h][r0:r1], activated[r0:r1])
+                hidden_backward(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), activation,
+                                BatchNorm(BN_OFF, norm.gamma, norm.beta, has_gamma), own_rows,
+                                du[h][r0:r1], node_sums)
                 if not wait_for_all(barrier, threads):
                     return -1
                 if bn != BN_OFF:  # batch norm: its sums by columns, its second pass by rows
-                    batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), plan.act,
-                                             plan.alpha, False, u[h][:n], mean[h], std[h],
-                                             gammas[h - 1], betas[h - 1], u_hat[h][:n],
-                                             activated[:n], gammas[h - 1], has_gamma, True,
-                                             du[h][:n], buffers.dgamma_nodes[h],
-                                             buffers.dbeta_nodes[h], buffers.mean_g[h],
-                                             buffers.mean_gu[h], i0, i1)
+                    column_means = ColumnMeans(buffers.mean_g[h], buffers.mean_gu[h])
+                    batch = ForwardValues(False, u[h][:n], mean[h], std[h], unused, unused,
+                                          u_hat[h][:n], activated[:n])
+                    batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n), activation,
+                                             norm, batch, True, du[h][:n], node_sums,
+                                             column_means, i0, i1)
                     if not wait_for_all(barrier, threads):
                         return -1
-                    batch_norm_backward_finish(u[h][r0:r1], mean[h], std[h], gammas[h - 1],
-                                               betas[h - 1], False, u_hat[h][r0:r1],
-                                               gammas[h - 1], has_gamma, du[h][r0:r1],
-                                               buffers.mean_g[h], buffers.mean_gu[h], 0,
+                    batch_norm_backward_finish(norm, own_rows, du[h][r0:r1], column_means, 0,
                                                sizes[h])
                     if not wait_for_all(barrier, threads):
                         return -1
             if k > 1 and has_gamma and plan.bn_rate != zero and first == 0:
                 size = gammas[h - 1].shape[0]
                 dgamma, dbeta = buffers.dgamma[:size], buffers.dbeta[:size]
-                layer_parameter_grads(bn, buffers.dgamma_nodes[h], buffers.dbeta_nodes[h],
-                                      dgamma, dbeta)
+                layer_parameter_grads(bn, GammaBeta(buffers.dgamma_nodes[h],
+                                                    buffers.dbeta_nodes[h]),
+                                      GammaBeta(dgamma, dbeta))
                 sgd_vector(gammas[h - 1], dgamma, plan.bn_rate)
                 sgd_vector(betas[h - 1], dbeta, plan.bn_rate)
         if plan.update_running and bn != BN_OFF and first == 0:
             for k in range(1, n_layers):
-                update_running(layers.running_means[k - 1], layers.running_vars[k - 1],
-                               mean[k], var[k], plan.momentum, plan.momentum_rest)
+                update_running(Moments(layers.running_means[k - 1], layers.running_vars[k - 1]),
+                               Moments(mean[k], var[k]), plan.momentum, plan.momentum_rest)
     return sparse_steps

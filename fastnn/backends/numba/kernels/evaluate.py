@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...codes import BN_OFF, OUTPUT_IDENTITY
 from .blas import gemm
-from .common import BN_OFF, BN_STD_FLOOR, LOG_FLOOR, OUTPUT_IDENTITY, jit, jit_nogil
+from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, jit, jit_nogil
 from .layers import (
     activate_row,
     batch_statistics,
@@ -19,6 +20,7 @@ from .layers import (
     fill_rows,
     normalise_row,
     output_forward,
+    std_columns,
 )
 from .sparse import sparse_block
 
@@ -39,10 +41,14 @@ def argmax_row(row):
 
 
 @jit
-def hidden_eval_rows(u, act, alpha, bn, mean, std, gamma_row, beta_row, has_gamma, scale_row,
-                     u_hat_scratch, y_scratch, z):
-    """z = act(BN(u)) * scale row by row with fixed statistics (z may be u itself)."""
+def hidden_eval_rows(u, activation, bn, has_gamma, layer, u_hat_scratch, y_scratch, z):
+    """z = act(BN(u)) * scale row by row with fixed statistics (z may be u itself).
+
+    ``activation``: an `Activation`; ``layer``: the layer's `EvalLayer` rows."""
     d = u.shape[1]
+    act, alpha = activation.code, activation.alpha
+    mean, std, gamma_row, beta_row = layer.mean, layer.std, layer.gamma, layer.beta
+    scale_row = layer.scale
     u_hat_scratch, y_scratch = u_hat_scratch[:d], y_scratch[:d]
     for i in range(u.shape[0]):
         if bn == BN_OFF:
@@ -54,12 +60,17 @@ def hidden_eval_rows(u, act, alpha, bn, mean, std, gamma_row, beta_row, has_gamm
 
 
 @jit
-def floored_std(var, std):
-    """std = max(sqrt(var), 1e-7) (NaN stays NaN, like np.maximum)."""
-    floor = var.dtype.type(BN_STD_FLOOR)
-    for j in range(var.shape[0]):
-        root = np.sqrt(var[j])
-        std[j] = floor if root < floor else root
+def layer_activation(plan, h):
+    """Hidden layer h + 1's `Activation` (h: its index in the plan's ``acts``/``alphas``)."""
+    return Activation(plan.acts[h], plan.alphas[h])
+
+
+@jit
+def eval_layer(rows, h, d):
+    """Hidden layer h + 1's `EvalLayer`: row h of the `EvalRows` ``rows`` (row h + 1 of the
+    scales), its first d entries."""
+    return EvalLayer(rows.means[h, :d], rows.stds[h, :d], rows.gammas[h, :d],
+                     rows.betas[h, :d], rows.scales[h + 1, :d])
 
 
 @jit
@@ -100,20 +111,21 @@ def input_rows(x, start, n, scale, scratch):
 
 
 @jit_nogil
-def evaluate_block(x, t, start, n, weights, biases, first, full, plan, rows, blas, predicted,
-                   csr):
+def evaluate_block(data, start, n, layers, first, full, plan, rows, blas, predicted):
     """Rows start..start+n from layer ``first`` on: the summed loss terms (float64) of their
     outputs; predicted[start:start+n] receives their classes.
 
-    ``first`` is 1 (from the input x) or L (the output layer): then hidden layer L - 1's
-    pre-activations of these rows are in full[L - 2], and are normalised and activated here
-    (in place). ``plan`` is an `EvalPlan`, ``rows`` the `EvalRows` of `evaluate_setup`, ``csr``
-    x's CSR form (layer 1 then skips x's zeros). Blocks are independent: threads may run them
-    at once (the GIL is released).
+    ``data``: the `Data` (x, t and x's CSR form: layer 1 then skips x's zeros);
+    ``layers``: the `Layers` record. ``first`` is 1 (from the input x) or L (the output
+    layer): then hidden layer L - 1's pre-activations of these rows are in full[L - 2], and
+    are normalised and activated here (in place). ``plan`` is an `EvalPlan`, ``rows`` the
+    `EvalRows` of `evaluate_setup`. Blocks are independent: threads may run them at once (the
+    GIL is released).
     """
-    act, alpha, bn, has_gamma = plan.act, plan.alpha, plan.bn, plan.has_gamma
-    scales, means, stds, gamma_rows, beta_rows = (rows.scales, rows.means, rows.stds,
-                                                  rows.gammas, rows.betas)
+    x, t, csr = data.x, data.t, data.csr
+    weights, biases = layers.weights, layers.biases
+    bn, has_gamma = plan.bn, plan.has_gamma
+    scales = rows.scales
     n_layers = len(weights)
     dtype = x.dtype
     one = dtype.type(1.0)
@@ -125,9 +137,8 @@ def evaluate_block(x, t, start, n, weights, biases, first, full, plan, rows, bla
         sparse_block(csr.indptr, csr.indices, csr.values, start, scales[0, 0], weights[0],
                      biases[0], z)
         if n_layers > 1:
-            hidden_eval_rows(z, act, alpha, bn, means[0, :d], stds[0, :d], gamma_rows[0, :d],
-                             beta_rows[0, :d], has_gamma, scales[1, :d], u_hat_scratch,
-                             y_scratch, z)
+            hidden_eval_rows(z, layer_activation(plan, 0), bn, has_gamma, eval_layer(rows, 0, d),
+                             u_hat_scratch, y_scratch, z)
         first = 2
     elif first == 1:
         z = input_rows(x, start, n, scales[0, 0],
@@ -135,9 +146,8 @@ def evaluate_block(x, t, start, n, weights, biases, first, full, plan, rows, bla
     else:
         h, d = first - 2, weights[first - 2].shape[1]
         z = full[first - 2][start:start + n]
-        hidden_eval_rows(z, act, alpha, bn, means[h, :d], stds[h, :d], gamma_rows[h, :d],
-                         beta_rows[h, :d], has_gamma, scales[first - 1, :d], u_hat_scratch,
-                         y_scratch, z)
+        hidden_eval_rows(z, layer_activation(plan, h), bn, has_gamma, eval_layer(rows, h, d),
+                         u_hat_scratch, y_scratch, z)
     for k in range(first, n_layers + 1):
         d = weights[k - 1].shape[1]
         u = np.empty((n, d), dtype)
@@ -145,9 +155,8 @@ def evaluate_block(x, t, start, n, weights, biases, first, full, plan, rows, bla
         gemm(blas, False, False, one, z, weights[k - 1], one, u)
         if k < n_layers:
             h = k - 1
-            hidden_eval_rows(u, act, alpha, bn, means[h, :d], stds[h, :d], gamma_rows[h, :d],
-                             beta_rows[h, :d], has_gamma, scales[k, :d], u_hat_scratch,
-                             y_scratch, u)
+            hidden_eval_rows(u, layer_activation(plan, h), bn, has_gamma,
+                             eval_layer(rows, h, d), u_hat_scratch, y_scratch, u)
         z = u
     return output_rows(z, t[start:start + n], plan.output, predicted, start)
 
@@ -179,17 +188,18 @@ def evaluate_setup(layers, bn, batch_stats, scales, rows):
         for k in range(n_layers - 1):
             d = weights[k].shape[1]
             means[k, :d] = running_means[k]
-            floored_std(running_vars[k], stds[k, :d])
+            std_columns(Statistics(means[k, :d], running_vars[k], stds[k, :d]), 0, d)
 
 
 @jit_nogil
-def pre_activation_block(x, start, n, k, weights, biases, full, plan, rows, blas, csr):
+def pre_activation_block(data, start, n, k, layers, full, plan, rows, blas):
     """full[k - 1][start:start+n] = hidden layer k's pre-activations of those rows; for k > 1
     full[k - 2]'s rows are first normalised and activated in place (their statistics known).
-    With a CSR form (``csr``) layer 1 skips x's zeros (see `evaluate_block`)."""
-    act, alpha, bn, has_gamma = plan.act, plan.alpha, plan.bn, plan.has_gamma
-    scale_rows, means, stds, gamma_rows, beta_rows = (rows.scales, rows.means, rows.stds,
-                                                      rows.gammas, rows.betas)
+    With a CSR form (``data.csr``) layer 1 skips x's zeros (see `evaluate_block`)."""
+    x, csr = data.x, data.csr
+    weights, biases = layers.weights, layers.biases
+    bn, has_gamma = plan.bn, plan.has_gamma
+    scale_rows = rows.scales
     dtype = x.dtype
     one = dtype.type(1.0)
     if k == 1 and csr.sparse:
@@ -202,17 +212,18 @@ def pre_activation_block(x, start, n, k, weights, biases, full, plan, rows, blas
     else:
         h, d = k - 2, weights[k - 2].shape[1]
         z = full[k - 2][start:start + n]
-        hidden_eval_rows(z, act, alpha, bn, means[h, :d], stds[h, :d], gamma_rows[h, :d],
-                         beta_rows[h, :d], has_gamma, scale_rows[k - 1, :d], np.empty(d, dtype),
-                         np.empty(d, dtype), z)
+        hidden_eval_rows(z, layer_activation(plan, h), bn, has_gamma, eval_layer(rows, h, d),
+                         np.empty(d, dtype), np.empty(d, dtype), z)
     u = full[k - 1][start:start + n]
     fill_rows(u, biases[k - 1])
     gemm(blas, False, False, one, z, weights[k - 1], one, u)
 
 
 @jit
-def whole_set_statistics(u, mean, std):
-    """Mean (row by row, in the dtype: the reference's axis-0 mean) and floored std of u."""
-    var = np.empty(u.shape[1], u.dtype)
-    batch_statistics(u, mean, var)
-    floored_std(var, std)
+def whole_set_statistics(u, rows, h):
+    """Row h of the `EvalRows` ``rows``' means and stds (their first d = u.shape[1] entries):
+    the mean (row by row, in the dtype: the reference's axis-0 mean) and floored std of u."""
+    d = u.shape[1]
+    stats = Statistics(rows.means[h, :d], np.empty(d, u.dtype), rows.stds[h, :d])
+    batch_statistics(u, stats)
+    std_columns(stats, 0, d)

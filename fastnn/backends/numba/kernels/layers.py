@@ -12,23 +12,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from .blas import gemm
-from .common import (
+from ...codes import (
+    ACT_IDENTITY,
+    ACT_LEAKY_RELU,
+    ACT_RELU,
+    ACT_SIGMOID,
+    ACT_SOFTPLUS,
+    ACT_SOFTSIGN,
+    ACT_TANH,
     BN_OFF,
     BN_SCALAR,
-    BN_STD_FLOOR,
     DECAY_L1,
     DECAY_L2,
     DECAY_NONE,
-    LOG_FLOOR,
     OUTPUT_IDENTITY,
-    jit,
 )
+from .blas import gemm
+from .common import BN_STD_FLOOR, LOG_FLOOR, ColumnMeans, jit
 from .elementary import exp
 
 # ---- activations, a row at a time (the branch sits outside the loop, so loops vectorise) ----
-
-RELU, SIGMOID, TANH, LEAKY_RELU, IDENTITY, SOFTPLUS, SOFTSIGN, STEP = 2, 0, 1, 3, 4, 5, 6, 7
 
 
 @jit
@@ -37,27 +40,27 @@ def activate_row(values, code, alpha, multiplier, out):
     one = values.dtype.type(1.0)
     zero = one - one
     d = values.shape[0]
-    if code == RELU:  # NaN stays NaN, like np.maximum
+    if code == ACT_RELU:  # NaN stays NaN, like np.maximum
         for j in range(d):
             v = values[j]
             out[j] = (zero if v < zero else v) * multiplier[j]
-    elif code == SIGMOID:
+    elif code == ACT_SIGMOID:
         for j in range(d):
             out[j] = one / (one + exp(-values[j])) * multiplier[j]
-    elif code == TANH:
+    elif code == ACT_TANH:
         for j in range(d):
             out[j] = np.tanh(values[j]) * multiplier[j]
-    elif code == LEAKY_RELU:
+    elif code == ACT_LEAKY_RELU:
         for j in range(d):
             v = values[j]
             out[j] = (v if v > zero else alpha * v) * multiplier[j]
-    elif code == IDENTITY:
+    elif code == ACT_IDENTITY:
         for j in range(d):
             out[j] = values[j] * multiplier[j]
-    elif code == SOFTPLUS:
+    elif code == ACT_SOFTPLUS:
         for j in range(d):
             out[j] = np.log(one + exp(values[j])) * multiplier[j]
-    elif code == SOFTSIGN:
+    elif code == ACT_SOFTSIGN:
         for j in range(d):
             v = values[j]
             out[j] = v / (one + np.abs(v)) * multiplier[j]
@@ -72,24 +75,24 @@ def derivative_row(grad, values, code, alpha, multiplier, out):
     one = values.dtype.type(1.0)
     zero = one - one
     d = values.shape[0]
-    if code == RELU:
+    if code == ACT_RELU:
         for j in range(d):
             out[j] = grad[j] * multiplier[j] * (one if values[j] > zero else zero)
-    elif code == SIGMOID or code == SOFTPLUS:  # softplus' is the sigmoid
+    elif code == ACT_SIGMOID or code == ACT_SOFTPLUS:  # softplus' is the sigmoid
         for j in range(d):
             s = one / (one + exp(-values[j]))
-            out[j] = grad[j] * multiplier[j] * (s * (one - s) if code == SIGMOID else s)
-    elif code == TANH:
+            out[j] = grad[j] * multiplier[j] * (s * (one - s) if code == ACT_SIGMOID else s)
+    elif code == ACT_TANH:
         for j in range(d):
             th = np.tanh(values[j])
             out[j] = grad[j] * multiplier[j] * (one - th * th)
-    elif code == LEAKY_RELU:
+    elif code == ACT_LEAKY_RELU:
         for j in range(d):
             out[j] = grad[j] * multiplier[j] * (one if values[j] > zero else alpha)
-    elif code == IDENTITY:
+    elif code == ACT_IDENTITY:
         for j in range(d):
             out[j] = grad[j] * multiplier[j] * one
-    elif code == SOFTSIGN:
+    elif code == ACT_SOFTSIGN:
         for j in range(d):
             r = one + np.abs(values[j])
             out[j] = grad[j] * multiplier[j] * (one / (r * r))
@@ -131,17 +134,19 @@ def parameter_columns(values, low, high):
 
 
 @jit
-def batch_statistics(u, mean, var):
-    """Per-node batch mean and population variance, summed row by row (two passes)."""
-    batch_statistics_columns(u, mean, var, 0, u.shape[1])
+def batch_statistics(u, stats):
+    """Per-node batch mean and population variance (into the `Statistics` ``stats``), summed
+    row by row (two passes)."""
+    batch_statistics_columns(u, stats, 0, u.shape[1])
 
 
 @jit
-def batch_statistics_columns(u, mean, var, low, high):
-    """`batch_statistics` of columns low..high-1 (into mean[low:high] and var[low:high])."""
+def batch_statistics_columns(u, stats, low, high):
+    """`batch_statistics` of columns low..high-1 (into their entries of stats.mean and
+    stats.var)."""
     n = u.shape[0]
     count = u.dtype.type(n)
-    mean_part, var_part = mean[low:high], var[low:high]
+    mean_part, var_part = stats.mean[low:high], stats.var[low:high]
     d = high - low
     mean_part[:] = u.dtype.type(0.0)
     for i in range(n):
@@ -162,7 +167,10 @@ def batch_statistics_columns(u, mean, var, low, high):
 
 @jit
 def normalise_row(u_row, mean, std, gamma, beta, has_gamma, u_hat_row, y_row):
-    """u_hat = (u - mean) / std; y = gamma * u_hat + beta (y is u_hat without gamma)."""
+    """u_hat = (u - mean) / std; y = gamma * u_hat + beta (y is u_hat without gamma).
+
+    Called once per row from the loops below: it takes arrays, not records (see the speed
+    rules in CONTRIBUTING.md)."""
     d = u_row.shape[0]
     for j in range(d):
         u_hat_row[j] = (u_row[j] - mean[j]) / std[j]
@@ -178,31 +186,33 @@ def expand_parameter(values, d):
 
 
 @jit
-def hidden_forward(u, act, alpha, bn, gamma, beta, has_gamma, batch_stats, mean, var, std,
-                   store, u_hat, y, multiplier, z):
+def hidden_forward(u, activation, norm, batch_stats, stats, normalised, multiplier, z):
     """z = act(BN(u)) * multiplier, row by row.
 
-    With BN and ``batch_stats`` the batch mean and population variance are written to mean and
-    var, else read from them; std receives max(sqrt(var), 1e-7). With ``store`` u_hat and y
-    receive the normalised values (pass y = u_hat without gamma); else they are not touched.
+    ``activation``: an `Activation`; ``norm``: a `BatchNorm`; ``stats``: a `Statistics`: with
+    BN and ``batch_stats`` the batch mean and population variance are written to it, else read
+    from it; its std receives max(sqrt(var), 1e-7). ``normalised``: a `Normalised` (its u_hat
+    and y receive the normalised values when its ``store``; else they are not touched).
     ``multiplier`` is (1 or n, 1 or d): a scalar, a per-node mask or a per-element mask.
     """
     n, d = u.shape
-    if bn == BN_OFF:
+    if norm.bn == BN_OFF:
+        act, alpha = activation.code, activation.alpha
         expanded = np.empty(d, u.dtype)
         for i in range(n):
             activate_row(u[i], act, alpha, multiplier_row(multiplier, i, expanded), z[i])
         return
     if batch_stats:
-        batch_statistics(u, mean, var)
-    std_columns(var, std, 0, d)
-    normalise_activate(u, act, alpha, gamma, beta, has_gamma, mean, std, store, u_hat, y,
-                       multiplier, z, 0, d)
+        batch_statistics(u, stats)
+    std_columns(stats, 0, d)
+    normalise_activate(u, activation, norm, stats, normalised, multiplier, z, 0, d)
 
 
 @jit
-def std_columns(var, std, low, high):
-    """std = max(sqrt(var), 1e-7) for entries low..high-1 (NaN stays NaN, like np.maximum)."""
+def std_columns(stats, low, high):
+    """stats.std = max(sqrt(stats.var), 1e-7) for entries low..high-1 (NaN stays NaN, like
+    np.maximum)."""
+    var, std = stats.var, stats.std
     floor = var.dtype.type(BN_STD_FLOOR)
     for j in range(low, high):
         root = np.sqrt(var[j])
@@ -210,17 +220,19 @@ def std_columns(var, std, low, high):
 
 
 @jit
-def normalise_activate(u, act, alpha, gamma, beta, has_gamma, mean, std, store, u_hat, y,
-                       multiplier, z, low, high):
+def normalise_activate(u, activation, norm, stats, normalised, multiplier, z, low, high):
     """z = act(gamma * (u - mean) / std + beta) * multiplier for columns low..high-1 of every
-    row of u (u_hat and y receive the normalised values when ``store``). Rows need no other
-    row: threads may share them out."""
+    row of u (the `Normalised` ``normalised`` receives the normalised values when its
+    ``store``). Rows need no other row: threads may share them out."""
     n = u.shape[0]
     d = high - low
+    act, alpha = activation.code, activation.alpha
+    has_gamma = norm.has_gamma
+    store, u_hat, y = normalised.store, normalised.u_hat, normalised.y
     expanded = np.empty(d, u.dtype)
-    mean_part, std_part = mean[low:high], std[low:high]
-    gamma_row = parameter_columns(gamma, low, high)
-    beta_row = parameter_columns(beta, low, high)
+    mean_part, std_part = stats.mean[low:high], stats.std[low:high]
+    gamma_row = parameter_columns(norm.gamma, low, high)
+    beta_row = parameter_columns(norm.beta, low, high)
     u_hat_scratch, y_scratch = np.empty(d, u.dtype), np.empty(d, u.dtype)
     for i in range(n):
         u_hat_row = u_hat[i, low:high] if store else u_hat_scratch
@@ -232,56 +244,61 @@ def normalise_activate(u, act, alpha, gamma, beta, has_gamma, mean, std, store, 
 
 
 @jit
-def normalise(u, mean, std, gamma, beta, has_gamma, u_hat, y):
-    """u_hat = (u - mean) / std and y = gamma * u_hat + beta for every row."""
+def normalise(u, stats, norm, normalised):
+    """u_hat = (u - mean) / std and y = gamma * u_hat + beta for every row (into the
+    `Normalised` ``normalised``, whatever its ``store``)."""
     d = u.shape[1]
-    gamma_row, beta_row = expand_parameter(gamma, d), expand_parameter(beta, d)
+    mean, std, has_gamma = stats.mean, stats.std, norm.has_gamma
+    u_hat, y = normalised.u_hat, normalised.y
+    gamma_row, beta_row = expand_parameter(norm.gamma, d), expand_parameter(norm.beta, d)
     for i in range(u.shape[0]):
         normalise_row(u[i], mean, std, gamma_row, beta_row, has_gamma, u_hat[i], y[i])
 
 
 @jit
-def hidden_backward(dz, multiplier, act, alpha, bn, recompute, u, mean, std, forward_gamma,
-                    forward_beta, u_hat, y, gamma, has_gamma, du, dgamma_nodes, dbeta_nodes):
+def hidden_backward(dz, multiplier, activation, norm, forward, du, node_sums):
     """du from dz through mask, activation derivative and BN (two passes with BN).
 
-    u_hat and the activation's input come from u_hat and y (y is u_hat without gamma, u itself
-    without BN) or, with ``recompute``, are rebuilt from u, mean, std, forward_gamma and
-    forward_beta exactly as the forward pass built them. g = gamma * dy. With BN and gamma,
-    dgamma_nodes/dbeta_nodes receive the per-node sums of u_hat*dy and dy.
+    ``forward`` (a `ForwardValues`): u_hat and the activation's input come from its u_hat and
+    y (y is u_hat without gamma, u itself without BN) or, with its ``recompute``, are rebuilt
+    from its u, mean, std, gamma and beta exactly as the forward pass built them. ``norm`` (a
+    `BatchNorm`): the layer's gamma now, g = gamma * dy. With BN and gamma, ``node_sums`` (a
+    `GammaBeta`) receives the per-node sums of u_hat*dy and dy.
     """
     n, d = dz.shape
-    if bn == BN_OFF:
+    if norm.bn == BN_OFF:
+        act, alpha, y = activation.code, activation.alpha, forward.y
         expanded = np.empty(d, dz.dtype)
         for i in range(n):
             derivative_row(dz[i], y[i], act, alpha, multiplier_row(multiplier, i, expanded),
                            du[i])
         return
-    mean_g, mean_gu = np.empty(d, dz.dtype), np.empty(d, dz.dtype)
-    batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std,
-                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, False, du,
-                             dgamma_nodes, dbeta_nodes, mean_g, mean_gu, 0, d)
-    batch_norm_backward_finish(u, mean, std, forward_gamma, forward_beta, recompute, u_hat,
-                               gamma, has_gamma, du, mean_g, mean_gu, 0, d)
+    column_means = ColumnMeans(np.empty(d, dz.dtype), np.empty(d, dz.dtype))
+    batch_norm_backward_sums(dz, multiplier, activation, norm, forward, False, du, node_sums,
+                             column_means, 0, d)
+    batch_norm_backward_finish(norm, forward, du, column_means, 0, d)
 
 
 @jit
-def batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std,
-                             forward_gamma, forward_beta, u_hat, y, gamma, has_gamma, activated,
-                             du, dgamma_nodes, dbeta_nodes, mean_g, mean_gu, low, high):
+def batch_norm_backward_sums(dz, multiplier, activation, norm, forward, activated, du,
+                             node_sums, column_means, low, high):
     """The first pass of `hidden_backward` with BN, columns low..high-1: du = dy (through mask
     and activation; with ``activated`` du holds dy already), the column means of
-    g = gamma * dy and of g * u_hat into mean_g and mean_gu, and the node sums of gamma's and
-    beta's gradients. Each column's sums run over its own column only."""
+    g = gamma * dy and of g * u_hat into the `ColumnMeans` ``column_means``, and the node sums
+    of gamma's and beta's gradients into the `GammaBeta` ``node_sums``. Each column's sums run
+    over its own column only."""
     n = dz.shape[0]
     d = high - low
+    act, alpha = activation.code, activation.alpha
+    has_gamma, recompute = norm.has_gamma, forward.recompute
+    u, u_hat, y = forward.u, forward.u_hat, forward.y
     expanded = np.empty(d, dz.dtype)
-    gamma_row = parameter_columns(gamma, low, high)
-    forward_gamma_row = parameter_columns(forward_gamma, low, high)
-    forward_beta_row = parameter_columns(forward_beta, low, high)
-    mean_part, std_part = mean[low:high], std[low:high]
-    sum_g, sum_gu = mean_g[low:high], mean_gu[low:high]
-    dgamma_part, dbeta_part = dgamma_nodes[low:high], dbeta_nodes[low:high]
+    gamma_row = parameter_columns(norm.gamma, low, high)
+    forward_gamma_row = parameter_columns(forward.gamma, low, high)
+    forward_beta_row = parameter_columns(forward.beta, low, high)
+    mean_part, std_part = forward.mean[low:high], forward.std[low:high]
+    sum_g, sum_gu = column_means.g[low:high], column_means.gu[low:high]
+    dgamma_part, dbeta_part = node_sums.gamma[low:high], node_sums.beta[low:high]
     u_hat_scratch, y_scratch = np.empty(d, dz.dtype), np.empty(d, dz.dtype)
     zero = dz.dtype.type(0.0)
     sum_g[:] = zero
@@ -316,17 +333,19 @@ def batch_norm_backward_sums(dz, multiplier, act, alpha, recompute, u, mean, std
 
 
 @jit
-def batch_norm_backward_finish(u, mean, std, forward_gamma, forward_beta, recompute, u_hat,
-                               gamma, has_gamma, du, mean_g, mean_gu, low, high):
-    """The second pass of `hidden_backward` with BN, columns low..high-1 of the rows given:
+def batch_norm_backward_finish(norm, forward, du, column_means, low, high):
+    """The second pass of `hidden_backward` with BN, columns low..high-1 of the rows given
+    (``forward``'s u or u_hat has the same rows as du):
     du = (g - mean(g) - u_hat * mean(g * u_hat)) / std. Rows need no other row."""
     n = du.shape[0]
     d = high - low
-    gamma_row = parameter_columns(gamma, low, high)
-    forward_gamma_row = parameter_columns(forward_gamma, low, high)
-    forward_beta_row = parameter_columns(forward_beta, low, high)
-    mean_part, std_part = mean[low:high], std[low:high]
-    mean_g_part, mean_gu_part = mean_g[low:high], mean_gu[low:high]
+    has_gamma, recompute = norm.has_gamma, forward.recompute
+    u, u_hat = forward.u, forward.u_hat
+    gamma_row = parameter_columns(norm.gamma, low, high)
+    forward_gamma_row = parameter_columns(forward.gamma, low, high)
+    forward_beta_row = parameter_columns(forward.beta, low, high)
+    mean_part, std_part = forward.mean[low:high], forward.std[low:high]
+    mean_g_part, mean_gu_part = column_means.g[low:high], column_means.gu[low:high]
     u_hat_scratch, y_scratch = np.empty(d, du.dtype), np.empty(d, du.dtype)
     for i in range(n):
         if recompute:
@@ -343,8 +362,11 @@ def batch_norm_backward_finish(u, mean, std, forward_gamma, forward_beta, recomp
 
 
 @jit
-def layer_parameter_grads(bn, dgamma_nodes, dbeta_nodes, dgamma, dbeta):
-    """dgamma/dbeta from the node sums: as they are (BN(n)) or averaged over the nodes (BN)."""
+def layer_parameter_grads(bn, node_sums, grads):
+    """The `GammaBeta` ``grads`` (dgamma, dbeta) from the `GammaBeta` ``node_sums``: as they
+    are (BN(n)) or averaged over the nodes (BN)."""
+    dgamma_nodes, dbeta_nodes = node_sums.gamma, node_sums.beta
+    dgamma, dbeta = grads.gamma, grads.beta
     if bn == BN_SCALAR:
         d = dgamma_nodes.shape[0]
         total_gamma = dgamma_nodes.dtype.type(0.0)
@@ -406,19 +428,20 @@ def affine_backward(blas, x, w, du, need_dx, dw, db, dx):
 
 
 @jit
-def affine_backward_update(blas, x, w, b, du, rate, decay, lam, need_dx, dx, dw, db):
-    """A layer's last use in a step: dx = du W^T (the old W) when ``need_dx``, then
-    W -= rate * (x^T du + weight-decay gradient) and b -= rate * column sums of du.
+def affine_backward_update(blas, x, w, b, du, update, need_dx, dx, dw, db):
+    """A layer's last use in a step: dx = du W^T (the old W) when ``need_dx``, then, by the
+    `Update` ``update``, W -= rate * (x^T du + weight-decay gradient) and
+    b -= rate * column sums of du.
 
     Without weight decay BLAS adds -rate x^T du to W directly (``dw`` is not touched).
     """
-    affine_backward_update_rows(blas, x, w, du, rate, decay, lam, need_dx, dx, dw, 0, w.shape[0])
+    affine_backward_update_rows(blas, x, w, du, update, need_dx, dx, dw, 0, w.shape[0])
     column_sums(du, db)
-    sgd_vector(b, db, rate)
+    sgd_vector(b, db, update.rate)
 
 
 @jit
-def affine_backward_update_rows(blas, x, w, du, rate, decay, lam, need_dx, dx, dw, low, high):
+def affine_backward_update_rows(blas, x, w, du, update, need_dx, dx, dw, low, high):
     """Rows low..high-1 of `affine_backward_update`'s weight update, and the columns of dx
     they give (no bias): dx[:, low:high] = du W[low:high]^T, then W[low:high] is updated.
     Each row of W and column of dx depends on no other: threads may share the rows out."""
@@ -426,11 +449,11 @@ def affine_backward_update_rows(blas, x, w, du, rate, decay, lam, need_dx, dx, d
     w_rows = w[low:high]
     if need_dx:
         gemm(blas, False, True, one, du, w_rows, zero, dx[:, low:high])
-    if decay == DECAY_NONE:
-        gemm(blas, True, False, -rate, x[:, low:high], du, one, w_rows)
+    if update.decay == DECAY_NONE:
+        gemm(blas, True, False, -update.rate, x[:, low:high], du, one, w_rows)
     else:
         gemm(blas, True, False, one, x[:, low:high], du, zero, dw[low:high])
-        sgd_weights(w_rows, dw[low:high], rate, decay, lam)
+        sgd_weights(w_rows, dw[low:high], update)
 
 
 @jit
@@ -502,8 +525,10 @@ def output_grad(y, t, du):
 
 
 @jit
-def sgd_weights(w, dw, rate, decay, lam):
-    """w -= rate * (dW + weight-decay gradient) (L1: lam * sign(W), L2: lam * W)."""
+def sgd_weights(w, dw, update):
+    """w -= rate * (dW + weight-decay gradient) (L1: lam * sign(W), L2: lam * W), by the
+    `Update` ``update``."""
+    rate, decay, lam = update.rate, update.decay, update.lam
     flat_w, flat_dw = w.reshape(-1), dw.reshape(-1)
     zero = w.dtype.type(0.0)
     if decay == DECAY_L1:
@@ -527,8 +552,12 @@ def sgd_vector(p, grad, rate):
 
 
 @jit
-def update_running(running_mean, running_var, batch_mean, batch_var, momentum, momentum_rest):
-    """In place: running = momentum * running + (1 - momentum) * batch statistic."""
+def update_running(running, batch, momentum, momentum_rest):
+    """In place: running = momentum * running + (1 - momentum) * batch statistic, for the mean
+    and var of the `Moments` ``running`` from those of the `Moments` ``batch``;
+    ``momentum_rest`` is 1 - momentum in the dtype."""
+    running_mean, running_var = running.mean, running.var
+    batch_mean, batch_var = batch.mean, batch.var
     for j in range(running_mean.shape[0]):
         running_mean[j] = momentum * running_mean[j] + momentum_rest * batch_mean[j]
         running_var[j] = momentum * running_var[j] + momentum_rest * batch_var[j]

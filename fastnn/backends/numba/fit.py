@@ -1,0 +1,112 @@
+"""What the numba kernels accept: the guards behind every ``super()`` fallback, and the
+`Layers` record of a plan's live arrays.
+
+A kernel runs on C-contiguous NumPy arrays of one float32/float64 dtype, shaped as it expects;
+anything else (another dtype, a view, an odd mask) goes to the NumPy reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..codes import ACTIVATION_CODES, OUTPUT_CODES
+from .kernels.common import Layers
+
+if TYPE_CHECKING:
+    from ...plan import Plan
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def same_float_arrays(*arrays: Any) -> bool:
+    """True when every array is a C-contiguous NumPy array of one float32/float64 dtype."""
+    first = arrays[0]
+    if not isinstance(first, np.ndarray) or first.dtype not in FLOAT_DTYPES:
+        return False
+    return all(
+        isinstance(a, np.ndarray) and a.dtype == first.dtype and a.flags.c_contiguous
+        for a in arrays
+    )
+
+
+def as_multiplier(mask: Any, like: np.ndarray) -> np.ndarray | None:
+    """A mask or scale as a (1 or n, 1 or d) array of like's dtype; None when not supported.
+
+    A Python number scales like a NumPy weak scalar (cast to the dtype); arrays must already
+    have the dtype (NumPy would promote otherwise, which the reference handles).
+    """
+    n, d = like.shape
+    if mask is None:
+        return np.ones((1, 1), like.dtype)
+    if type(mask) in (int, float):
+        return np.full((1, 1), mask, like.dtype)
+    if not isinstance(mask, (np.ndarray, np.generic)) or mask.dtype != like.dtype:
+        return None
+    array = np.asarray(mask)
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    if array.ndim == 1 and array.shape[0] in (1, d):
+        return np.ascontiguousarray(array.reshape(1, -1))
+    if array.ndim == 2 and array.shape[0] in (1, n) and array.shape[1] in (1, d):
+        return np.ascontiguousarray(array)
+    return None
+
+
+def plan_fits(plan: Plan, x: Any, t: Any) -> bool:
+    """Whether the compiled epoch and evaluation can run this plan on (x, t): one float dtype,
+    the plan's widths, codes for every choice, and every hidden layer batch-normalised as the
+    plan says (each layer's activation and alpha are the kernels' own, per layer)."""
+    dtype = np.dtype(plan.dtype)
+    return (dtype in FLOAT_DTYPES and same_float_arrays(x, t) and x.dtype == dtype
+            and x.ndim == 2 and t.ndim == 2 and x.shape == (len(x), plan.sizes[0])
+            and t.shape == (len(x), plan.sizes[-1]) and plan.output in OUTPUT_CODES
+            and all(spec.activation in ACTIVATION_CODES and spec.batch_norm == plan.batch_norm
+                    for spec in plan.hidden))
+
+
+def hidden_activations(plan: Plan, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Each hidden layer's activation code (int64) and alpha (in the dtype), entry k - 1 for
+    hidden layer k (one unused entry when there is no hidden layer)."""
+    codes = np.array([ACTIVATION_CODES[spec.activation] for spec in plan.hidden] or [0],
+                     np.int64)
+    alphas = np.array([spec.alpha for spec in plan.hidden] or [0.0], np.float64)
+    return codes, alphas.astype(dtype)
+
+
+def layers_record(
+    plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any], dtype: Any,
+    with_running: bool,
+) -> Layers | None:
+    """The `Layers` record of the live arrays (dummies where a layer has none); None when
+    an array does not fit the kernels (the reference then runs)."""
+    n_layers, sizes = plan.n_layers, plan.sizes
+    weights = tuple(params[f"W{k}"] for k in range(1, n_layers + 1))
+    biases = tuple(params[f"b{k}"] for k in range(1, n_layers + 1))
+    gammas = tuple(params[f"gamma{k}"] for k in range(1, n_layers)) if plan.learnable_bn else ()
+    betas = tuple(params[f"beta{k}"] for k in range(1, n_layers)) if plan.learnable_bn else ()
+    if not all(isinstance(a, np.ndarray) and a.dtype == dtype
+               for a in (*weights, *biases, *gammas, *betas)):
+        return None
+    if not same_float_arrays(*weights, *biases, *gammas, *betas):
+        return None
+    means: tuple[Any, ...] = ()
+    variances: tuple[Any, ...] = ()
+    if with_running:
+        if any(k not in running for k in range(1, n_layers)):
+            return None
+        means = tuple(running[k][0] for k in range(1, n_layers))
+        variances = tuple(running[k][1] for k in range(1, n_layers))
+        if not all(isinstance(s, np.ndarray) and s.dtype == dtype and s.flags.c_contiguous
+                   and s.shape == (sizes[k],)
+                   for group in (means, variances) for k, s in enumerate(group, start=1)):
+            return None
+    dummy = np.ones(1, dtype)
+
+    def padded(group: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (*group, *([dummy] * (n_layers - len(group))))
+
+    return Layers(weights, biases, padded(gammas), padded(betas), padded(means),
+                  padded(variances))

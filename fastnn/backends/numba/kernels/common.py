@@ -1,0 +1,171 @@
+"""What every kernel module shares: the lazy ``jit`` decorators, the on-disk cache, the floors,
+and the typed records kernels take instead of long argument lists (the integer codes of the
+plan's choices are `fastnn.backends.codes`, imported from there by every kernel module).
+
+Importing a kernel module creates dispatchers and compiles nothing; each kernel compiles on its
+first call for the argument types it gets (float32 or float64). Compiled code is cached on disk
+in the package's ``__pycache__`` when it is writable (else in ``~/.cache/fastnn/numba``). numba
+checks a cached kernel against its own source file only, and freezes the global constants it
+reads (the codes) into the compiled code, so the cache is keyed by a digest of every kernel
+module and of `fastnn.backends.codes`: after any edit or upgrade, stale entries are dropped,
+never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+import numba
+
+_HERE = Path(__file__).resolve().parent
+#: sources outside this folder whose constants the kernels compile in
+_CONSTANT_SOURCES = (_HERE.parent.parent / "codes.py",)
+_STAMP = "fastnn-kernels.digest"
+
+
+def _writable_folder(folder: Path) -> bool:
+    """True when files can be created in ``folder`` (made if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def _sources_digest() -> str:
+    """A digest of every kernel module's source and of the codes they compile in (what
+    compiled entries depend on)."""
+    digest = hashlib.sha256(numba.__version__.encode())
+    for path in (*sorted(_HERE.glob("*.py")), *_CONSTANT_SOURCES):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _drop_stale_entries(folder: Path, digest: str) -> None:
+    """Delete cached kernels of other sources than these (best effort)."""
+    stamp = folder / _STAMP
+    try:
+        if stamp.exists() and stamp.read_text() == digest:
+            return
+        for entry in (*folder.glob("*.nbi"), *folder.glob("*.nbc")):
+            entry.unlink(missing_ok=True)
+        stamp.write_text(digest)
+    except OSError:
+        pass
+
+
+def _configure_cache() -> bool:
+    """Pick where compiled kernels are cached; False when nowhere is writable."""
+    chosen = numba.config.CACHE_DIR or os.environ.get("NUMBA_CACHE_DIR")
+    if chosen:  # the user's choice: numba's own source checks apply
+        return _writable_folder(Path(chosen))
+    digest = _sources_digest()
+    local = _HERE / "__pycache__"
+    if _writable_folder(local):
+        _drop_stale_entries(local, digest)
+        return True
+    fallback = Path.home() / ".cache" / "fastnn" / "numba" / digest
+    if _writable_folder(fallback):
+        numba.config.CACHE_DIR = str(fallback)
+        return True
+    return False
+
+
+CACHE_ENABLED = _configure_cache()
+
+
+def jit(function: Any) -> Any:
+    """Lazily compiled nopython kernel (NumPy's float error model, cached when possible)."""
+    return numba.njit(cache=CACHE_ENABLED, error_model="numpy")(function)
+
+
+def jit_nogil(function: Any) -> Any:
+    """`jit` that releases the GIL, so that Python threads may run it at once."""
+    return numba.njit(cache=CACHE_ENABLED, error_model="numpy", nogil=True)(function)
+
+
+def jit_inline(function: Any) -> Any:
+    """`jit` inlined into each kernel that calls it (a small hot helper: no call overhead,
+    its loops optimised with the caller's)."""
+    return numba.njit(cache=CACHE_ENABLED, error_model="numpy", inline="always")(function)
+
+
+# ---- constants every kernel module shares (the integer codes: `fastnn.backends.codes`) ----
+
+#: the parts a training step is computed in (two threads may share a step)
+PARTS = 2
+BN_STD_FLOOR = 1e-7
+LOG_FLOOR = 1e-7
+
+
+# ---- typed records: what a kernel takes instead of a long positional argument list ----
+
+#: the BLAS the products call: its interface kind and the address of its gemm
+Blas = namedtuple("Blas", "kind address")
+#: the first layer's input in CSR form (``sparse`` False: dense, the arrays are dummies)
+Csr = namedtuple("Csr", "sparse indptr indices values")
+#: the live arrays of every layer (one entry per layer; dummies where a layer has none)
+Layers = namedtuple("Layers", "weights biases gammas betas running_means running_vars")
+#: an SGD update: the rate, the weight decay's code (DECAY_CODES) and its lambda
+Update = namedtuple("Update", "rate decay lam")
+#: the CSR rows of one part of a training batch (``span``: its first row in the batch and its
+#: row count, set each step), the same rows by column (``col_*``, from `transpose_part`), and
+#: the scratch its share of the weight update gathers one column of the whole batch into
+SparseBatch = namedtuple(
+    "SparseBatch", "span ptr idx val col_ptr col_fill col_row col_val merged_row merged_val acc")
+#: the arrays one epoch's steps share (index k: layer k, 0 the input; ``finite``: per part,
+#: whether its rows of W1 are finite)
+StepBuffers = namedtuple(
+    "StepBuffers",
+    "z u u_hat y du dz mean var std dw multiplier t_batch db dgamma_nodes dbeta_nodes dgamma "
+    "dbeta mean_g mean_gu finite",
+)
+#: what one training step does (the plan's numbers as codes and scalars of the dtype; ``acts``
+#: and ``alphas``: each hidden layer's activation code and alpha, entry k - 1 for layer k)
+StepPlan = namedtuple(
+    "StepPlan",
+    "batch_size acts alphas bn has_gamma output update bn_rate inverted keep_ratios "
+    "keep_counts epoch_key update_running momentum momentum_rest",
+)
+#: what evaluation does per hidden layer (codes; ``acts``/``alphas`` as in `StepPlan`), and
+#: whether it uses the set's statistics
+EvalPlan = namedtuple("EvalPlan", "acts alphas bn has_gamma output batch_stats")
+#: per-layer rows evaluation reads (row k - 1: hidden layer k; row 0 of scales: the input)
+EvalRows = namedtuple("EvalRows", "scales means stds gammas betas")
+#: the rows evaluation applies to one hidden layer (mean, std, gamma, beta and the scale its
+#: output is multiplied by, each of the layer's width)
+EvalLayer = namedtuple("EvalLayer", "mean std gamma beta scale")
+#: a set's inputs and targets, and the inputs' CSR form (a `Csr`)
+Data = namedtuple("Data", "x t csr")
+
+# ---- the records of one hidden layer's kernels ----
+
+#: a hidden layer's activation: its code (ACTIVATION_CODES) and alpha (in the dtype)
+Activation = namedtuple("Activation", "code alpha")
+#: a layer's batch norm: the variant's code (BN_*) and its learnable parameters (``gamma``,
+#: ``beta``: (1,) or (d,); (1,) dummies and ``has_gamma`` False when it has none)
+BatchNorm = namedtuple("BatchNorm", "bn gamma beta has_gamma")
+#: per-node statistics of a batch: mean, population variance, std = max(sqrt(var), 1e-7)
+Statistics = namedtuple("Statistics", "mean var std")
+#: a per-node mean and variance (running statistics, or a batch's)
+Moments = namedtuple("Moments", "mean var")
+#: where a forward pass writes the normalised values when ``store``: u_hat = (u - mean) / std
+#: and y = gamma * u_hat + beta (pass y = u_hat without gamma)
+Normalised = namedtuple("Normalised", "store u_hat y")
+#: what a backward pass reads of its forward pass: the stored u_hat and y (the activation's
+#: input; u itself without batch norm) or, with ``recompute``, u, mean, std and the forward
+#: pass's gamma and beta to rebuild them from. Fields the chosen way does not read are dummies
+#: of the right dtype (see `fastnn.backends.numba.batch_norm_cache`)
+ForwardValues = namedtuple("ForwardValues", "recompute u mean std gamma beta u_hat y")
+#: a pair of per-node arrays for gamma and beta (their gradients, or the sums behind them)
+GammaBeta = namedtuple("GammaBeta", "gamma beta")
+#: the batch-norm backward's column means of g = gamma * dy and of g * u_hat
+ColumnMeans = namedtuple("ColumnMeans", "g gu")

@@ -1,0 +1,159 @@
+"""The whole training epoch of the numba backend: the plan as a `StepPlan`, the epoch's shared
+buffers, the first layer's path, and the parts of `kernels.epoch.train_epoch_part` on one
+thread or two.
+
+Each step is computed in `PARTS` parts (rows of the batch forward, rows of each W backward)
+that two threads run at once, meeting at a spin barrier (`kernels.sync`), or one thread runs
+in turn: no number is summed across parts, so both give the same bits.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..codes import BATCH_NORM_CODES, DECAY_CODES, OUTPUT_CODES
+from ..workspace import Workspace
+from .fit import hidden_activations, layers_record, plan_fits
+from .inputs import first_layer
+from .kernels.common import PARTS, Data, SparseBatch, StepBuffers, StepPlan, Update
+
+if TYPE_CHECKING:
+    from ...plan import Plan
+
+
+def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool) -> StepPlan:
+    """What every step of ``epoch`` does, as codes and scalars of the dtype."""
+    cast = np.dtype(dtype).type
+    acts, alphas = hidden_activations(plan, dtype)
+    return StepPlan(
+        batch_size=plan.batch_size,
+        acts=acts,
+        alphas=alphas,
+        bn=BATCH_NORM_CODES[plan.batch_norm],
+        has_gamma=plan.learnable_bn,
+        output=OUTPUT_CODES[plan.output],
+        update=Update(cast(plan.eta), DECAY_CODES[plan.decay], cast(plan.lam)),
+        bn_rate=cast(plan.bn_rate),
+        inverted=plan.dropout_mode == "inverted",
+        keep_ratios=np.array([spec.keep for spec in plan.dropout], np.float64),
+        keep_counts=np.array([spec.keep_count for spec in plan.dropout], np.int64),
+        epoch_key=np.uint64(plan.epoch_key(epoch)),
+        update_running=update_running,
+        momentum=cast(plan.bn_momentum),
+        momentum_rest=cast(1 - plan.bn_momentum),
+    )
+
+
+def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
+                 keep_ratios: np.ndarray, inverted: bool, sparse: bool,
+                 ) -> tuple[StepBuffers, tuple[SparseBatch, ...]]:
+    """The shared buffers of an epoch of batches of up to ``rows`` rows, and each part's
+    `SparseBatch` (of no size when the input is dense)."""
+    n_layers = len(sizes) - 1
+    widest = max(sizes)
+
+    def per_layer(shape: Any, fill: float | None = None) -> tuple[np.ndarray, ...]:
+        made = tuple(np.empty(shape(k), dtype) for k in range(n_layers + 1))
+        if fill is not None:
+            for array in made:
+                array.fill(fill)
+        return made
+
+    multiplier = tuple(
+        np.empty((rows if inverted else 1, sizes[k]), dtype) if keep_ratios[k] < 1.0
+        else np.ones((1, 1), dtype)
+        for k in range(n_layers)
+    )
+    buffers = StepBuffers(
+        *(per_layer(lambda k: (rows, sizes[k])) for _ in range(6)),
+        per_layer(lambda k: sizes[k], 0.0), per_layer(lambda k: sizes[k], 1.0),
+        per_layer(lambda k: sizes[k], 1.0),
+        tuple(np.empty((sizes[k], sizes[k + 1]), dtype) for k in range(n_layers)),
+        multiplier, np.empty((rows, classes), dtype), np.empty(widest, dtype),
+        per_layer(lambda k: sizes[k]), per_layer(lambda k: sizes[k]),
+        np.empty(widest, dtype), np.empty(widest, dtype), per_layer(lambda k: sizes[k]),
+        per_layer(lambda k: sizes[k]), np.ones(PARTS, np.int64),
+    )
+    capacity = rows * sizes[0] if sparse else 0  # one thread keeps every row in part 0's
+    parts = tuple(
+        SparseBatch(np.zeros(2, np.int64), np.zeros(rows + 1, np.int64),
+                    np.empty(capacity, np.int32), np.empty(capacity, dtype),
+                    np.zeros(sizes[0] + 1, np.int64), np.empty(sizes[0], np.int64),
+                    np.empty(capacity, np.int64), np.empty(capacity, dtype),
+                    np.empty(rows, np.int64), np.empty(rows, dtype), np.empty(sizes[1], dtype))
+        for _ in range(PARTS)
+    )
+    return buffers, parts
+
+
+def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params: Mapping[str, Any],
+                running: Mapping[int, Any], x: Any, t: Any, order: np.ndarray, epoch: int,
+                workspace: Workspace, *, threads: int) -> bool:
+    """One epoch of ``plan`` over the rows of x in ``order`` (int64, C-contiguous), updating
+    the parameters (and running statistics) in place, its steps shared by ``threads`` (1, or
+    `PARTS`) threads; False, having done nothing, when the plan (plain SGD only) or the
+    arrays do not fit.
+
+    ``kernels``: the backend's kernel modules; ``blas_for(dtype)``: the `Blas` of a dtype.
+    Counted in the workspace: ``sparse_steps``, ``train_threads_<threads>`` and the first
+    layer's path (training runs sparse only for the ``sparse_train_dtypes`` when
+    ``sparse_mode`` is "auto")."""
+    update_running = plan.tracks_running and bool(running)
+    if not (plan.plain_sgd and plan_fits(plan, x, t) and order.ndim == 1 and order.size
+            and 0 <= order.min() and order.max() < len(x)):  # else the reference raises
+        return False
+    layers = layers_record(plan, params, running, x.dtype, update_running)
+    if layers is None:
+        return False
+    options = workspace.options
+    sparse_allowed = not (options.get("sparse_mode") == "auto"
+                          and x.dtype.name not in options.get("sparse_train_dtypes", ()))
+    csr = first_layer(x, layers.weights[0], "train", workspace, sparse_allowed)
+    plan_record = step_plan(plan, epoch, x.dtype, update_running)
+    buffers, parts = step_buffers(
+        plan.sizes, min(plan.batch_size, len(order)), t.shape[1], x.dtype,
+        plan_record.keep_ratios, plan_record.inverted, csr.sparse)
+    arguments = (Data(x, t, csr), order, layers, plan_record, blas_for(x.dtype), buffers, parts)
+    sparse_steps = run_parts(kernels.epoch.train_epoch_part, kernels.sync, threads, arguments)
+    workspace.count("sparse_steps", sparse_steps)
+    workspace.count(f"train_threads_{threads}")
+    return True
+
+
+def run_parts(kernel: Any, sync: Any, threads: int, arguments: tuple[Any, ...]) -> int:
+    """``kernel`` (`train_epoch_part`) with its parts on ``threads`` threads: this one and, for
+    2, a helper. A thread that fails abandons the barrier, so the other returns; the error is
+    raised here. Returns the kernel's count of sparse steps."""
+    barrier = sync.new_barrier()
+    if threads < 2:
+        return int(kernel(0, 1, barrier, *arguments))
+    errors: list[BaseException] = []
+
+    def helper() -> None:
+        try:
+            kernel(1, threads, barrier, *arguments)
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+            sync.abandon(barrier)
+
+    thread = threading.Thread(target=helper, daemon=True, name="fastnn-step-part")
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had: the parts run one after the other
+        return int(kernel(0, 1, barrier, *arguments))
+    try:
+        steps = int(kernel(0, threads, barrier, *arguments))
+    except BaseException:
+        sync.abandon(barrier)
+        raise
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+    if steps < 0:
+        raise RuntimeError("a training thread stopped before the epoch's end")
+    return steps
