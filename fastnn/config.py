@@ -45,7 +45,7 @@ ACTIVATIONS = (
     "step",
 )
 OUTPUTS = ("softmax_cross_entropy", "identity_mse")
-NORMALIZATIONS = ("min_max", "z_score", "none")
+NORMALIZATIONS = ("min_max", "z_score", "standard", "none")
 BATCH_NORMS = ("off", "n", "bn", "node")
 BN_EVALS = ("batch", "running")
 DROPOUT_MODES = ("article", "inverted")
@@ -530,7 +530,8 @@ class Config:
     normalize: str = _option(
         "min_max",
         Choice(NORMALIZATIONS),
-        "input normalisation, with statistics of the training set",
+        "input normalisation, with statistics of the training set (standard: per column, "
+        "constant columns scale 1, standardised columns left as they are)",
         "--normalize",
         learn="data_norm_func",
     )
@@ -746,6 +747,11 @@ class Config:
                         f"{label(name)} needs batch norm: set {label('batch_norm')} "
                         "to n, bn or node"
                     )
+        if self.normalize == "standard" and self.normalize_axis is not None:
+            raise ConfigError(
+                f"{label('normalize')} standard is per column already: leave "
+                f"{label('normalize_axis')} at none"
+            )
         self._check_used_by("optimizer", OPTIMIZER_OPTIONS)
         self._check_used_by("lr_schedule", SCHEDULE_OPTIONS)
         if self.lr_schedule == "plateau" and self.plateau_loss == "validation" and (

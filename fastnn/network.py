@@ -20,6 +20,7 @@ from .fileio import write_atomically
 from .functions import init_biases, init_weights
 from .plan import Plan
 from .preprocessing import labels_and_one_hot
+from .threads import blas_threads
 
 Array = Any
 FORMAT_VERSION = 1
@@ -210,15 +211,15 @@ class Network:
     def fit_population(self, x: Array) -> None:
         """Set the population statistics inference normalises with: each hidden layer's mean
         and variance over all of ``x`` (the normalised training set) in evaluation mode, the
-        lower layers normalised with theirs (exactly what the article's evaluation of the
-        training set computes). With bn_eval "running" the running averages serve instead."""
+        lower layers normalised with theirs (what the article's evaluation of the training
+        set normalises with, summed in float64: `steps.population_statistics`). With bn_eval
+        "running" the running averages serve instead. The products run on one BLAS thread:
+        a threaded product rounds differently, and the statistics of a run must not depend on
+        how many CPUs the process that computed them had."""
         if self.plan.batch_norm == "off" or self.plan.tracks_running:
             return
-        _, _, caches = steps.forward(self.ops, self.plan, self._params, {}, x,
-                                     steps.eval_multipliers(self.plan), batch_stats=True)
-        self.population = {k: (self.ops.asarray(cache.mean, self.dtype),
-                               self.ops.asarray(cache.var, self.dtype))
-                           for k, cache in enumerate(caches, start=1)}
+        with blas_threads(1):
+            self.population = steps.population_statistics(self.ops, self.plan, self._params, x)
 
     def forward_inference(self, x: Array) -> Array:
         """Outputs y with each row's answer independent of the other rows: batch norm uses
@@ -291,22 +292,23 @@ class Network:
 
     def train_epoch(
         self, x: Array, t: Array, order: Any, epoch: int, workspace: Workspace | None = None,
-        rate_factors: Any = None,
+        rate_factors: Any = None, weights: Array | None = None,
     ) -> None:
         """One epoch over the rows of x in ``order`` on the backend (in place), at the plan's
-        rates times ``rate_factors`` (one per step; None: 1)."""
+        rates times ``rate_factors`` (one per step; None: 1), each row's loss weighted by
+        ``weights`` (None: equally)."""
         if workspace is None:
             workspace = self.ops.workspace()
             with self.ops.activate(workspace):
-                self.train_epoch(x, t, order, epoch, workspace, rate_factors)
+                self.train_epoch(x, t, order, epoch, workspace, rate_factors, weights)
             return
-        if self.plan.optimizer.kind == "sgd" and rate_factors is None:
+        if self.plan.optimizer.kind == "sgd" and rate_factors is None and weights is None:
             self.ops.train_epoch(self.plan, self._params, self.running, x, t, order, epoch,
                                  workspace)
             return
         self.ops.train_epoch(
             self.plan, self._params, self.running, x, t, order, epoch, workspace,
-            self.optimizer, rate_factors,
+            self.optimizer, rate_factors, weights,
         )
 
     def copy(self) -> Network:

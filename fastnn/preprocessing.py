@@ -12,9 +12,18 @@ from .errors import DataError
 STAT_FLOOR = 1e-7
 
 
+#: a column's spread below this share of its size counts as constant ("standard")
+CONSTANT_SPREAD = 1e-10
+#: a column whose mean and standard deviation are within this of 0 and 1 is left as it is
+ALREADY_STANDARD = 1e-8
+
+
 @dataclass
 class Normalizer:
-    """min_max: (x - min) / max(max - min, 1e-7); z_score: (x - mean) / max(std, 1e-7)."""
+    """min_max: (x - min) / max(max - min, 1e-7); z_score: (x - mean) / max(std, 1e-7) (over
+    all inputs, or per column with axis 0); standard: per column (x - mean) / std, where a
+    constant column keeps scale 1 and a column already standardised (mean 0 and std 1 to
+    within 1e-8, a StandardScaler's output) is left exactly as it is."""
 
     method: str = "min_max"
     axis: int | None = None
@@ -24,7 +33,9 @@ class Normalizer:
     def fit(self, x: np.ndarray) -> Normalizer:
         """Fit the statistics on (training) inputs, in float64."""
         x = np.asarray(x, dtype=np.float64)
-        if self.method == "min_max":
+        if self.method == "standard":
+            self.shift, self.scale = standard_statistics(x)
+        elif self.method == "min_max":
             low, high = x.min(axis=self.axis), x.max(axis=self.axis)
             self.shift, self.scale = low, np.maximum(high - low, STAT_FLOOR)
         elif self.method == "z_score":
@@ -36,9 +47,30 @@ class Normalizer:
             self.shift, self.scale = 0.0, 1.0
         return self
 
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        """Undo `transform` (a regressor's scaled outputs back in the target's units)."""
+        return np.asarray(y, dtype=np.float64) * self.scale + self.shift
+
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Apply the fitted statistics (float64)."""
         return (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
+
+
+def standard_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column (shift, scale) of "standard": mean and standard deviation; a constant
+    column's scale is 1 (its values become 0, and later rows that vary are not blown up), and
+    an already standardised column's shift and scale are exactly 0 and 1."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+        std = x.std(axis=0) if len(x) else np.ones(x.shape[1])
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise DataError("inputs too large to standardise: a column's mean or spread is not "
+                        "finite in float64")
+    constant = std <= CONSTANT_SPREAD * np.maximum(np.abs(mean), 1.0)
+    standard = (np.abs(mean) <= ALREADY_STANDARD) & (np.abs(std - 1.0) <= ALREADY_STANDARD)
+    shift = np.where(standard, 0.0, mean)
+    scale = np.where(standard | constant, 1.0, std)
+    return shift, scale
 
 
 def labels_and_one_hot(t: Any, n_outputs: int, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,8 @@ class Split:
     x: Array
     t: Array
     labels: np.ndarray
+    #: each row's loss weight on the backend (training only; None: equal weights)
+    weights: Array | None = None
 
     @property
     def size(self) -> int:
@@ -94,19 +96,21 @@ class Trainer:
     # ---- data ----
     def prepare(
         self, x_train: Any, t_train: Any, x_test: Any = None, t_test: Any = None,
-        workspace: Workspace | None = None,
+        workspace: Workspace | None = None, sample_weight: Any = None,
     ) -> tuple[Split, Split | None, Split | None]:
         """Normalise with training statistics, one-hot the targets, carve the validation split.
 
         The splits are the trainer's own copies on the backend (the caller's arrays are not
         kept); with a ``workspace`` the backend prepares each split's inputs in it too (the
-        numba backend's CSR form of sparse inputs).
+        numba backend's CSR form of sparse inputs). ``sample_weight`` (one per training row)
+        goes with the training rows.
         """
         cfg = self.config
         if (x_test is None) != (t_test is None):
             raise DataError("give both x_test and t_test, or neither")
         xs = [as_inputs(x_train, cfg.n_inputs, "x_train")]
         ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train")]
+        weights = None if sample_weight is None else sample_weights(sample_weight, len(xs[0]))
         if x_test is not None:
             xs.append(as_inputs(x_test, cfg.n_inputs, "x_test"))
             ts.append(labels_and_one_hot(t_test, cfg.n_outputs, "t_test"))
@@ -126,9 +130,16 @@ class Trainer:
             val_parts = (xs[0][val_idx], (ts[0][0][val_idx], ts[0][1][val_idx]))
             xs[0] = xs[0][train_idx]
             ts[0] = (ts[0][0][train_idx], ts[0][1][train_idx])
+            if weights is not None:
+                weights = weights[train_idx]
+                if not weights.sum() > 0:
+                    raise DataError("sample_weight: every training row outside the validation "
+                                    "split has weight 0")
         self.normalizer = Normalizer(cfg.normalize, cfg.normalize_axis).fit(xs[0])
         ops = self._ops()
         train = self._split(ops, xs[0], ts[0])
+        if weights is not None:
+            train.weights = ops.asarray(weights, cfg.dtype)
         test = self._split(ops, xs[1], ts[1]) if len(xs) > 1 else None
         val = self._split(ops, *val_parts) if val_parts else None
         if workspace is not None:
@@ -162,12 +173,15 @@ class Trainer:
         network: Network | None = None,
         resume: TrainState | None = None,
         callbacks: Sequence[Callback] = (),
+        sample_weight: Any = None,
     ) -> History:
         """Train for ``config.epochs`` epochs (continuing ``resume`` when given).
 
         Without a test set the history records the training (and validation) figures only.
         ``callbacks`` see every epoch's figures (epoch 0 included) and may stop the run (see
-        `fastnn.callbacks`).
+        `fastnn.callbacks`). ``sample_weight`` (one number >= 0 per training row) weights each
+        row's loss in training (each batch descends its weighted mean loss); the recorded
+        figures stay unweighted.
         """
         self.callbacks = list(callbacks)
         cfg = self.config
@@ -175,7 +189,7 @@ class Trainer:
         self.network = net
         workspace = net.ops.workspace(self.threads)
         train, test, val = self.splits = self.prepare(
-            x_train, t_train, x_test, t_test, workspace
+            x_train, t_train, x_test, t_test, workspace, sample_weight
         )
         try:
             with net.ops.activate(workspace), np.errstate(all="ignore"):
@@ -246,7 +260,7 @@ class Trainer:
         for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
             start = time.perf_counter()
             net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
-                            workspace, self.rate_factors(epoch, train.size))
+                            workspace, self.rate_factors(epoch, train.size), train.weights)
             self._evaluate(net, workspace, train, test, val, None, start)
             self._call_back(epoch)
             self._after_epoch(net, epoch)
@@ -290,7 +304,7 @@ class Trainer:
                         break
                     pending = None
                 net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
-                                workspace, self.rate_factors(epoch, train.size))
+                                workspace, self.rate_factors(epoch, train.size), train.weights)
                 if pending is not None and finish(*pending):
                     net.load_state_arrays(pending[1].state_arrays())  # undo this epoch
                     pending = None
@@ -489,6 +503,25 @@ class Trainer:
         history = History.from_dict(self.history.to_dict())  # frozen copy
         source = self.network if net is None else net
         return TrainState(epoch, history, source.state_arrays(), best_arrays, best_loss, waited)
+
+
+def sample_weights(values: Any, rows: int) -> np.ndarray:
+    """``sample_weight`` as float64 (rows,), checked: finite, >= 0, not all 0."""
+    weights = np.asarray(values)
+    if weights.ndim == 0:
+        weights = np.full(rows, weights)
+    if weights.shape != (rows,):
+        raise DataError(f"sample_weight: expected one weight per training row ({rows},); got "
+                        f"shape {weights.shape}")
+    if not (np.issubdtype(weights.dtype, np.number) or weights.dtype == np.bool_) or (
+            np.iscomplexobj(weights)):
+        raise DataError(f"sample_weight: real numbers expected; got dtype {weights.dtype}")
+    weights = weights.astype(np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise DataError("sample_weight: weights must be finite and >= 0")
+    if not weights.sum() > 0:
+        raise DataError("sample_weight: every weight is zero; at least one must be > 0")
+    return weights
 
 
 def _caller_outside_fastnn() -> int:

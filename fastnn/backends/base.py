@@ -210,6 +210,13 @@ class Ops:
         y = self.output_forward(u, output)
         return (y - t) / y.shape[0]
 
+    def weighted_output_grad(self, u: Array, t: Array, weights: Array, output: str) -> Array:
+        """du = w_i (output(u)_i - t_i) / sum(w): the gradient of the batch's weighted mean
+        loss sum(w_i l_i) / sum(w) (scikit-learn's ``sample_weight``)."""
+        y = self.output_forward(u, output)
+        total = weights.sum()
+        return (y - t) * (weights / (total if total > 0 else 1.0))[:, None]
+
     def predicted_classes(self, y: Array) -> Any:
         """Host array of each row's argmax (the predicted class)."""
         return self.to_numpy(y.argmax(axis=1))
@@ -340,6 +347,7 @@ class Ops:
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,
         optimizer: OptimizerState | None = None, rate_factors: Any = None,
+        weights: Array | None = None,
     ) -> None:
         """One epoch of mini-batch training over the rows of x in ``order`` (a host index
         array).
@@ -348,11 +356,11 @@ class Ops:
         with the dropout masks of (epoch, s), at the plan's rates times ``rate_factors[s]``
         (a host float64 array of one factor per step from the schedule; None: 1); parameters,
         running statistics and ``optimizer``'s state (needed by every optimiser but plain sgd)
-        change in place.
+        change in place. ``weights`` (one per row of x, or None) weight each row's loss.
         """
         batch_size = plan.batch_size
         for step, start in enumerate(range(0, len(order), batch_size)):
             index = self.asarray(order[start : start + batch_size])
             factor = 1.0 if rate_factors is None else float(rate_factors[step])
             steps.train_step(self, plan, params, running, x[index], t[index], epoch, step,
-                             optimizer, factor)
+                             optimizer, factor, None if weights is None else weights[index])

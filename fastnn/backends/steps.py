@@ -89,7 +89,7 @@ def loss_and_grads(
 def train_step(
     ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array,
     t: Array, epoch: int, step: int, optimizer: OptimizerState | None = None,
-    rate_factor: float = 1.0,
+    rate_factor: float = 1.0, weights: Array | None = None,
 ) -> None:
     """One training step on a batch already on the backend, with the masks of (epoch, step),
     at the plan's rates times ``rate_factor`` (the schedule's), by the plan's optimiser
@@ -98,7 +98,8 @@ def train_step(
     Each layer is updated as soon as its gradients exist (nothing later reads its old values):
     the same arithmetic as computing every gradient first. SGD fuses the update into the
     weight-gradient op (`Ops.affine_backward_update`); the other optimisers update each
-    parameter with `Ops.optimizer_update` at update number ``optimizer.steps``.
+    parameter with `Ops.optimizer_update` at update number ``optimizer.steps``. ``weights``
+    (one per row, or None) make the step descend the batch's weighted mean loss.
     """
     rate, bn_rate = plan.eta * rate_factor, plan.bn_rate * rate_factor
     spec = plan.optimizer
@@ -117,7 +118,10 @@ def train_step(
 
     multipliers = step_multipliers(ops, plan, epoch, step, x.shape[0])
     u, inputs, caches = forward(ops, plan, params, running, x, multipliers, batch_stats=True)
-    du = ops.output_grad(u, t, plan.output)
+    if weights is None:
+        du = ops.output_grad(u, t, plan.output)
+    else:
+        du = ops.weighted_output_grad(u, t, weights, plan.output)
     for k in range(plan.n_layers, 0, -1):
         if spec.kind == "sgd":
             dz = ops.affine_backward_update(
@@ -155,3 +159,27 @@ def forward_inference(
     (mean, var), so each row's output depends on that row alone."""
     u, _, _ = forward(ops, plan, params, statistics, x, eval_multipliers(plan), batch_stats=False)
     return ops.output_forward(u, plan.output)
+
+
+def population_statistics(
+    ops: Ops, plan: Plan, params: Mapping[str, Array], x: Array
+) -> dict[int, tuple[Array, Array]]:
+    """Each hidden layer's (mean, var) over all rows of ``x`` in evaluation mode, the layers
+    below normalised with theirs: the statistics the article's whole-set evaluation of ``x``
+    uses, summed in float64 (so they do not depend on how the rows lie in memory) and
+    returned in the plan's dtype."""
+    xp = ops.xp
+    multipliers = eval_multipliers(plan)
+    z = ops.apply_mask(x, multipliers.get(0))
+    statistics: dict[int, tuple[Array, Array]] = {}
+    for k in range(1, plan.n_layers):
+        u = ops.affine(z, params[f"W{k}"], params[f"b{k}"])
+        wide = u.astype(xp.float64)
+        mean = wide.mean(axis=0)
+        var = ((wide - mean) ** 2).mean(axis=0)
+        statistics[k] = (mean.astype(plan.dtype), var.astype(plan.dtype))
+        z, _ = ops.hidden_forward(
+            u, plan.hidden[k - 1], params.get(f"gamma{k}"), params.get(f"beta{k}"),
+            multipliers.get(k), statistics[k],
+        )
+    return statistics

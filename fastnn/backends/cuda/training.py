@@ -200,14 +200,15 @@ class KernelTraining(KernelBase):
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,
         optimizer: OptimizerState | None = None, rate_factors: Any = None,
+        weights: Array | None = None,
     ) -> None:
         """The reference epoch as kernel launches: per step, the batch gathered on the device
         from the order uploaded once, then the step's fixed launch list with that step's mask
-        keys. Nothing is read back. An optimiser's state or per-step rate factors (the
-        kernels update by plain SGD at the plan's rates): the reference epoch."""
-        if optimizer is not None or rate_factors is not None:
+        keys. Nothing is read back. An optimiser's state, per-step rate factors or row weights
+        (the kernels update by plain SGD at the plan's rates): the reference epoch."""
+        if optimizer is not None or rate_factors is not None or weights is not None:
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
-                                optimizer, rate_factors)
+                                optimizer, rate_factors, weights)
             return
         # a host order as it is; a device one is read once, before the epoch
         host_order = order if isinstance(order, np.ndarray) else np.asarray(self.to_numpy(order))

@@ -442,17 +442,19 @@ class NumbaOps(NumpyOps):
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
         x: Any, t: Any, order: Any, epoch: int, workspace: Workspace,
         optimizer: OptimizerState | None = None, rate_factors: Any = None,
+        weights: Any = None,
     ) -> None:
         """The reference epoch (same batches, masks, ops and update order) as one compiled
         loop around the per-op kernels (`training`): plain SGD at the plan's rates; the
-        reference for an optimiser's state, a schedule's rates, or what does not fit."""
+        reference for an optimiser's state, a schedule's rates, weighted rows, or what does
+        not fit."""
         order = np.ascontiguousarray(np.asarray(order), dtype=np.int64)
         threads = training.PARTS if self._splits_steps(workspace) else 1
-        if not (optimizer is None and rate_factors is None and training.train_epoch(
-                self.kernels, self._blas, plan, params, running, x, t, order, epoch, workspace,
-                threads=threads)):
+        if not (optimizer is None and rate_factors is None and weights is None
+                and training.train_epoch(self.kernels, self._blas, plan, params, running, x, t,
+                                         order, epoch, workspace, threads=threads)):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
-                                optimizer, rate_factors)
+                                optimizer, rate_factors, weights)
 
     def evaluate(
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
