@@ -47,5 +47,5 @@ class ArticleEpoch:
         order = self.trainer.epoch_order(epoch, train.size)
         with np.errstate(all="ignore"), net.ops.activate(space):
             net.train_epoch(train.x, train.t, order, epoch, space)
-            net.evaluate(train.x, train.t, train.labels, space)
-            return net.evaluate(test.x, test.t, test.labels, space)[0]
+            net.scores(train.x, train.t, train.labels, space)
+            return net.scores(test.x, test.t, test.labels, space)[0]

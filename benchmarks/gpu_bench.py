@@ -160,8 +160,8 @@ def time_cupy(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int,
             order = epoch_order(epoch, len(labels))
             start = time.perf_counter()
             net.train_epoch(x, t, order, epoch, workspace)
-            net.evaluate(x, t, labels, workspace)
-            net.evaluate(x_test, t_test, labels_test, workspace)
+            net.scores(x, t, labels, workspace)
+            net.scores(x_test, t_test, labels_test, workspace)
             ops.device.synchronize()
             seconds.append(time.perf_counter() - start)
     return seconds[1:]

@@ -6,7 +6,7 @@ import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,14 @@ Array = Any
 FORMAT_VERSION = 1
 #: state-array names of the population statistics: population_mean1, population_var1, ...
 POPULATION_PREFIX = "population_"
+
+
+class SetScores(NamedTuple):
+    """What `Network.scores` measures on one set."""
+
+    accuracy: float
+    loss: float  # the data loss plus the weight-decay penalty
+    classes: Any  # host array of each row's predicted class
 
 
 class Network:
@@ -274,21 +282,23 @@ class Network:
             t = host
         return self.ops.asarray(t, self.dtype)
 
-    def evaluate(
+    def scores(
         self, x: Array, t: Array, labels: Any, workspace: Workspace | None = None
-    ) -> tuple[float, float, Any]:
-        """(accuracy, loss with penalty, predicted classes) on a whole set in evaluation mode.
+    ) -> SetScores:
+        """`SetScores` (accuracy, loss with the weight-decay penalty, predicted classes) of a
+        whole set in the article's evaluation mode.
 
         ``workspace``: the run's (a fit passes its own); None: a fresh one for this call.
         """
         if workspace is None:
             workspace = self.ops.workspace()
             with self.ops.activate(workspace):
-                return self.evaluate(x, t, labels, workspace)
+                return self.scores(x, t, labels, workspace)
         data_loss, predicted = self.ops.evaluate(
             self.plan, self._params, self.running, x, t, workspace
         )
-        return float((predicted == labels).mean()), data_loss + self.penalty(), predicted
+        return SetScores(float((predicted == labels).mean()), data_loss + self.penalty(),
+                         predicted)
 
     def train_epoch(
         self, x: Array, t: Array, order: Any, epoch: int, workspace: Workspace | None = None,

@@ -198,7 +198,7 @@ class Trainer:
                     self.history = History()
                     start = time.perf_counter()
                     elapsed = time.perf_counter() - start
-                    self._evaluate(net, workspace, train, test, val, elapsed, start)
+                    self._evaluate_and_record(net, workspace, train, test, val, elapsed, start)
                     self._call_back(0)
                     self.state = self._snapshot(0, None)
                 else:
@@ -261,7 +261,7 @@ class Trainer:
             start = time.perf_counter()
             net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
                             workspace, self.rate_factors(epoch, train.size), train.weights)
-            self._evaluate(net, workspace, train, test, val, None, start)
+            self._evaluate_and_record(net, workspace, train, test, val, None, start)
             self._call_back(epoch)
             self._after_epoch(net, epoch)
             if self.on_epoch is not None:
@@ -346,7 +346,7 @@ class Trainer:
             return outputs
         return outputs.argmax(axis=1)
 
-    def evaluate(self, x: Any, t: Any) -> tuple[float, float]:
+    def accuracy_and_loss(self, x: Any, t: Any) -> tuple[float, float]:
         """(accuracy, loss with the weight-decay penalty) of raw inputs and their targets
         (integer labels or one-hot rows), in evaluation mode."""
         labels, one_hot = labels_and_one_hot(t, self.config.n_outputs, "t")
@@ -355,7 +355,7 @@ class Trainer:
             raise DataError(f"{len(inputs)} inputs but {len(labels)} targets")
         net = self.network
         targets = net.ops.asarray(one_hot, self.config.dtype)
-        accuracy, loss, _ = net.evaluate(inputs, targets, labels)
+        accuracy, loss, _ = net.scores(inputs, targets, labels)
         return accuracy, loss
 
     def model(self, classes: Sequence[Any] | None = None) -> Model:
@@ -384,7 +384,7 @@ class Trainer:
         key = rng.fold_key(self.config.seed, rng.STREAM_SHUFFLE, epoch)
         return np.random.default_rng(key).permutation(n)
 
-    def _evaluate(
+    def _evaluate_and_record(
         self,
         net: Network,
         workspace: Workspace,
@@ -402,12 +402,12 @@ class Trainer:
         net: Network, workspace: Workspace, train: Split, test: Split | None, val: Split | None
     ) -> tuple[Any, ...]:
         """Evaluate a network on every split (any thread): the figures `_record` takes."""
-        train_acc, train_loss, predicted = net.evaluate(train.x, train.t, train.labels, workspace)
+        train_acc, train_loss, predicted = net.scores(train.x, train.t, train.labels, workspace)
         test_result = (
-            net.evaluate(test.x, test.t, test.labels, workspace)[:2] if test is not None else None
+            net.scores(test.x, test.t, test.labels, workspace)[:2] if test is not None else None
         )
         val_result = (
-            net.evaluate(val.x, val.t, val.labels, workspace)[:2] if val is not None else None
+            net.scores(val.x, val.t, val.labels, workspace)[:2] if val is not None else None
         )
         bn_params = {
             name: net.ops.to_numpy(value).tolist()

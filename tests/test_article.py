@@ -346,14 +346,14 @@ def test_early_stopping_uses_a_validation_split_and_restores_the_best() -> None:
     assert events["restored_best_epoch"] == best
     train, _, val = trainer.prepare(*data)
     assert train.size == 150 and val.size == 50  # carved out of the training set
-    assert trainer.network.evaluate(val.x, val.t, val.labels)[1] == history.val_loss[best]
+    assert trainer.network.scores(val.x, val.t, val.labels)[1] == history.val_loss[best]
     # every "final" figure is the kept (restored) model's, and says which epoch that is
     summary = history.summary()
     assert summary["final_epoch"] == best != history.epochs
     assert (summary["test_acc"], summary["train_acc"]) == (
         history.test_acc[best], history.train_acc[best])
     _, test, _ = trainer.prepare(*data)
-    kept_acc, kept_loss, _ = trainer.network.evaluate(test.x, test.t, test.labels)
+    kept_acc, kept_loss, _ = trainer.network.scores(test.x, test.t, test.labels)
     assert (kept_acc, kept_loss) == (summary["test_acc"], summary["test_loss"])
     table = format_table([("run", summary)]).splitlines()
     assert table[0].split()[-1] == "kept" and table[2].split()[-1] == str(best)
@@ -396,7 +396,7 @@ def test_fit_without_a_test_set_then_predict_and_evaluate_raw_inputs() -> None:
     assert history.train_loss == full.train_loss and history.test_acc == []
     assert history.epochs == 3 and history.summary()["test_acc"] is None
     assert format_table([("run", history.summary())]).splitlines()[2].split()[2] == "-"
-    accuracy, loss = trainer.evaluate(x_test, t_test)  # raw inputs, integer labels
+    accuracy, loss = trainer.accuracy_and_loss(x_test, t_test)  # raw inputs, integer labels
     assert (accuracy, loss) == (full.test_acc[-1], full.test_loss[-1])
     outputs = trainer.predict_proba(x_test)
     np.testing.assert_array_equal(trainer.predict(x_test), outputs.argmax(1))

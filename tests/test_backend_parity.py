@@ -281,8 +281,8 @@ def test_loss_grads_and_evaluation_match(fast: Any, options: dict[str, Any]) -> 
             net.running[k] = (net.ops.asarray(np.full(size, 0.1), dtype),
                               net.ops.asarray(np.full(size, 2.0), dtype))
     x_dev, t_dev = ours.ops.asarray(x), ours.ops.asarray(t)
-    acc, loss, predicted = ours.evaluate(x_dev, t_dev, labels)
-    acc_ref, loss_ref, predicted_ref = expected.evaluate(x, t, labels)
+    acc, loss, predicted = ours.scores(x_dev, t_dev, labels)
+    acc_ref, loss_ref, predicted_ref = expected.scores(x, t, labels)
     assert acc == acc_ref and np.array_equal(predicted, predicted_ref)
     assert_close("evaluate", loss, loss_ref, dtype, "loss")
 

@@ -101,10 +101,10 @@ def test_evaluating_two_batch_norm_networks_in_threads(numba_ready: None) -> Non
     nets = [Network(Config(hidden=hidden, n_inputs=30, n_outputs=3, backend="numba",
                            batch_norm="bn", seed=seed))
             for hidden, seed in (((40, 20), 1), ((25,), 2))]
-    expected = [net.evaluate(x, t, labels)[1] for net in nets]
+    expected = [net.scores(x, t, labels)[1] for net in nets]
 
     def losses(net: Network) -> list[float]:
-        return [net.evaluate(x, t, labels)[1] for _ in range(15)]
+        return [net.scores(x, t, labels)[1] for _ in range(15)]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(losses, nets))
@@ -186,9 +186,9 @@ def test_evaluation_after_an_in_place_edit_is_not_stale() -> None:
     t = np.eye(3)[labels]
     nets = {name: Network(Config(hidden=(12,), n_inputs=30, n_outputs=3, backend=name,
                                  batch_norm="bn", seed=1)) for name in ("numba", "numpy")}
-    nets["numba"].evaluate(x, t, labels)
+    nets["numba"].scores(x, t, labels)
     x[123] = 1.0 - x[123]
-    after = {name: net.evaluate(x, t, labels)[1] for name, net in nets.items()}
+    after = {name: net.scores(x, t, labels)[1] for name, net in nets.items()}
     assert after["numba"] == pytest.approx(after["numpy"], rel=1e-12)
 
 

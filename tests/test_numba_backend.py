@@ -241,7 +241,7 @@ def test_sparse_data_takes_the_sparse_path_and_dense_data_the_dense_one(numba_op
         assert space.options["sparse_mode"] == "auto"
         ours.train_epoch(x, t, order, 1, space)
         assert space.counters["sparse_steps"] == (3 if path == "sparse" else 0)
-        ours.evaluate(x, t, t.argmax(1), space)
+        ours.scores(x, t, t.argmax(1), space)
         expected = {f"train_{path}": 1, f"evaluate_{path}": 1}
         paths = {k: v for k, v in space.counters.items()
                  if k != "sparse_steps" and not k.startswith("train_threads")}
