@@ -312,10 +312,6 @@ class Network:
             with self.ops.activate(workspace):
                 self.train_epoch(x, t, order, epoch, workspace, rate_factors, weights)
             return
-        if self.plan.optimizer.kind == "sgd" and rate_factors is None and weights is None:
-            self.ops.train_epoch(self.plan, self._params, self.running, x, t, order, epoch,
-                                 workspace)
-            return
         self.ops.train_epoch(
             self.plan, self._params, self.running, x, t, order, epoch, workspace,
             self.optimizer, rate_factors, weights,

@@ -206,7 +206,7 @@ class KernelTraining(KernelBase):
         from the order uploaded once, then the step's fixed launch list with that step's mask
         keys. Nothing is read back. An optimiser's state, per-step rate factors or row weights
         (the kernels update by plain SGD at the plan's rates): the reference epoch."""
-        if optimizer is not None or rate_factors is not None or weights is not None:
+        if not plan.plain_sgd or rate_factors is not None or weights is not None:
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
                                 optimizer, rate_factors, weights)
             return

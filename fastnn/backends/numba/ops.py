@@ -450,7 +450,7 @@ class NumbaOps(NumpyOps):
         not fit."""
         order = np.ascontiguousarray(np.asarray(order), dtype=np.int64)
         threads = training.PARTS if self._splits_steps(workspace) else 1
-        if not (optimizer is None and rate_factors is None and weights is None
+        if not (rate_factors is None and weights is None  # and plain sgd: training checks it
                 and training.train_epoch(self.kernels, self._blas, plan, params, running, x, t,
                                          order, epoch, workspace, threads=threads)):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
