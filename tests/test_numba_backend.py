@@ -839,8 +839,10 @@ def test_two_threads_give_the_figures_of_one(
     for second, params2, seen2, state2 in results[1:]:
         assert first == second
         assert seen == seen2 == list(range(1, len(seen) + 1))
-        for name in params:
+        assert params.keys() == params2.keys() and state.keys() == state2.keys()
+        for name in params:  # the final network's (population statistics included)
             assert np.array_equal(params[name], params2[name]), name
+        for name in state:  # the last snapshot's
             assert np.array_equal(state[name], state2[name]), name
     events = first["events"]
     if "early_stopping" in changes:
