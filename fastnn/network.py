@@ -294,7 +294,7 @@ class Network:
             workspace = self.ops.workspace()
             with self.ops.activate(workspace):
                 return self.scores(x, t, labels, workspace)
-        data_loss, predicted = self.ops.evaluate(
+        data_loss, predicted = self.ops.loss_and_classes(
             self.plan, self._params, self.running, x, t, workspace
         )
         return SetScores(float((predicted == labels).mean()), data_loss + self.penalty(),

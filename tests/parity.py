@@ -35,7 +35,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "sgd_update": (1e-14, 1e-6),
     "update_running": (1e-14, 1e-6),
     "loss_and_grads": (1e-10, 1e-4),
-    "evaluate": (1e-10, 1e-4),
+    "loss_and_classes": (1e-10, 1e-4),
     "evaluate_loss": (1e-10, 1e-4),
     # rows whose reference top-two outputs are closer than this (relative to max|y|) are
     # near-ties: the predicted class may differ there (the test data keeps them rare)

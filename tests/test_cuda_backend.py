@@ -173,7 +173,7 @@ def whole_run(ops: Any, config: Config, data: tuple[np.ndarray, ...]) -> dict[st
             ops.train_epoch(plan, params, running, x, t, order.permutation(len(data[0])), epoch,
                             workspace)
         for inputs, targets in ((x, t), (x_test, t_test)):
-            loss, classes = ops.evaluate(plan, params, running, inputs, targets, workspace)
+            loss, classes = ops.loss_and_classes(plan, params, running, inputs, targets, workspace)
             losses.append(loss)
             predicted.append(np.asarray(classes))
     return {
@@ -294,7 +294,7 @@ def test_an_epoch_never_reads_the_device_and_evaluate_reads_once(engine: KernelO
     assert recorder.launches[f"sum_reduce_{suffix}"] == 4 * steps  # "bn": dgamma, dbeta
     assert recorder.launches[f"dropout_input_{suffix}"] == steps  # inverted: mask from the key
     assert recorder.launches[f"article_mask_{suffix}"] == 0
-    ops.evaluate(plan, params, {}, x, t, workspace)
+    ops.loss_and_classes(plan, params, {}, x, t, workspace)
     assert recorder.host_reads == 1
 
 

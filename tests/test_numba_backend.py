@@ -84,7 +84,7 @@ def _eval_data(dtype: str, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluation(net: Network, x: Any, t: Any, space: Any = None) -> tuple[float, np.ndarray]:
     space = space if space is not None else net.ops.workspace(threads=2)
-    return net.ops.evaluate(net.plan, net.params, net.running, x, t, space)
+    return net.ops.loss_and_classes(net.plan, net.params, net.running, x, t, space)
 
 
 def assert_same_evaluation(ours: Network, ref: Network, x: Any, t: Any, what: str,
@@ -166,8 +166,8 @@ def test_evaluate_falls_back_on_unusual_inputs(numba_ops: Any, monkeypatch: pyte
     read_only = x.copy()
     read_only.flags.writeable = False
     calls: list[int] = []
-    reference = backend_module.NumpyOps.evaluate
-    monkeypatch.setattr(backend_module.NumpyOps, "evaluate",
+    reference = backend_module.NumpyOps.loss_and_classes
+    monkeypatch.setattr(backend_module.NumpyOps, "loss_and_classes",
                         lambda self, *args: calls.append(1) or reference(self, *args))
     for name, (xs, ts) in {"strided": (strided, t), "read-only": (read_only, t),
                            "float32 targets": (x, t.astype("float32"))}.items():

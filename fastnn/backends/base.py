@@ -301,7 +301,7 @@ class Ops:
         reference: nothing). Called once per data set, where the data is known."""
 
     # ---- larger units (a fast backend may compile these whole) ----
-    def evaluate(
+    def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, workspace: Workspace,
     ) -> tuple[float, Any]:
@@ -341,7 +341,7 @@ class Ops:
             training = (*training, state, numpy.ones(1))
         with numpy.errstate(all="ignore"):
             self.train_epoch(*training)
-            self.evaluate(plan, params, running, x, t, workspace)
+            self.loss_and_classes(plan, params, running, x, t, workspace)
 
     def train_epoch(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],

@@ -24,17 +24,17 @@ if TYPE_CHECKING:
 
 Array = Any
 
-#: rows of one product launch in `KernelEvaluation.evaluate` (workspace option "eval_block")
+#: rows of one product launch in `KernelEvaluation.loss_and_classes` (workspace option "eval_block")
 EVAL_BLOCK = 16384
 #: rows per block row of the whole-set statistics and of the evaluation's hidden layers
 STATS_ROWS, EVAL_ROWS = 512, 64
 
 
 class KernelEvaluation(KernelBase):
-    """`evaluate` as kernel launches (the reference's when the kernels do not take the plan
+    """`loss_and_classes` as kernel launches (the reference's when the kernels do not take the plan
     or its arrays)."""
 
-    def evaluate(
+    def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, workspace: Workspace,
     ) -> tuple[float, Any]:
@@ -44,7 +44,7 @@ class KernelEvaluation(KernelBase):
         batch_stats = plan.bn_eval == "batch" or not running
         normalised = plan.batch_norm != "off"
         if not self._plan_fits(plan, params, running, x, t, normalised and not batch_stats):
-            return super().evaluate(plan, params, running, x, t, workspace)
+            return super().loss_and_classes(plan, params, running, x, t, workspace)
         dtype, sizes, n_layers = np.dtype(plan.dtype), plan.sizes, plan.n_layers
         n, launch = len(x), self.launch
         block = max(1, min(int(workspace.options.get("eval_block", EVAL_BLOCK)),

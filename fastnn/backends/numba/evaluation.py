@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ...plan import Plan
 
 
-def evaluate(
+def loss_and_classes(
     kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params: Mapping[str, Any],
     running: Mapping[int, Any], x: Any, t: Any, workspace: Workspace,
 ) -> tuple[float, Any] | None:

@@ -456,16 +456,16 @@ class NumbaOps(NumpyOps):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
                                 optimizer, rate_factors, weights)
 
-    def evaluate(
+    def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
         x: Any, t: Any, workspace: Workspace,
     ) -> tuple[float, Any]:
         """Loss and predicted classes of a whole set, a block of rows at a time
         (`evaluation`); the reference when it does not fit."""
-        result = evaluation.evaluate(self.kernels.evaluate, self._blas, plan, params, running,
-                                     x, t, workspace)
+        result = evaluation.loss_and_classes(self.kernels.evaluate, self._blas, plan, params,
+                                             running, x, t, workspace)
         if result is None:
-            return super().evaluate(plan, params, running, x, t, workspace)
+            return super().loss_and_classes(plan, params, running, x, t, workspace)
         return result
 
 
