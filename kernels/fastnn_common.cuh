@@ -19,6 +19,7 @@
 //   output:     0 softmax + cross-entropy, 1 identity + MSE
 //   decay:      0 none, 1 L1 (lam * sign(W)), 2 L2 (lam * W)
 //   transform:  0 x, 1 |x|, 2 x^2 (what sum_reduce adds up)
+//   optimizer:  0 sgd, 1 momentum, 2 nesterov, 3 adam, 4 adamw (adam, decay decoupled)
 #ifndef FASTNN_COMMON_CUH
 #define FASTNN_COMMON_CUH
 
@@ -34,6 +35,7 @@ enum { STATS_BATCH = 0, STATS_GIVEN = 1 };
 enum { OUT_SOFTMAX_CE = 0, OUT_IDENTITY_MSE = 1 };
 enum { DECAY_NONE = 0, DECAY_L1 = 1, DECAY_L2 = 2 };
 enum { TRANSFORM_IDENTITY = 0, TRANSFORM_ABS = 1, TRANSFORM_SQUARE = 2 };
+enum { OPT_SGD = 0, OPT_MOMENTUM = 1, OPT_NESTEROV = 2, OPT_ADAM = 3, OPT_ADAMW = 4 };
 
 // the largest block any kernel accepts (the CUDA limit); sizes the __shared__ scratch arrays
 #define FASTNN_MAX_THREADS 1024

@@ -52,6 +52,16 @@ OUTPUT_CODES: dict[str, int] = {
 DECAY_NONE, DECAY_L1, DECAY_L2 = 0, 1, 2
 DECAY_CODES: dict[str | None, int] = {None: DECAY_NONE, "l1": DECAY_L1, "l2": DECAY_L2}
 
+#: ``opt``: the update rule (OptimizerSpec.kind); adamw is adam with decoupled decay
+OPT_SGD, OPT_MOMENTUM, OPT_NESTEROV, OPT_ADAM, OPT_ADAMW = 0, 1, 2, 3, 4
+OPTIMIZER_CODES: dict[str, int] = {
+    "sgd": OPT_SGD,
+    "momentum": OPT_MOMENTUM,
+    "nesterov": OPT_NESTEROV,
+    "adam": OPT_ADAM,
+    "adamw": OPT_ADAMW,
+}
+
 #: ``transform`` of the CUDA sum_reduce kernel: x, |x|, x^2
 TRANSFORM_IDENTITY, TRANSFORM_ABS, TRANSFORM_SQUARE = 0, 1, 2
 TRANSFORM_CODES: dict[str, int] = {
@@ -68,5 +78,6 @@ TABLES: dict[str, dict] = {
     "DROP": DROPOUT_CODES,
     "OUT": OUTPUT_CODES,
     "DECAY": DECAY_CODES,
+    "OPT": OPTIMIZER_CODES,
     "TRANSFORM": TRANSFORM_CODES,
 }
