@@ -33,6 +33,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "output_loss_grad": (1e-12, 1e-5),
     "output_grad": (1e-12, 1e-5),
     "sgd_update": (1e-14, 1e-6),
+    "optimizer_update": (1e-14, 1e-6),
     "update_running": (1e-14, 1e-6),
     "loss_and_grads": (1e-10, 1e-4),
     "loss_and_classes": (1e-10, 1e-4),
@@ -129,6 +130,7 @@ GRID_OPTIONS: dict[str, tuple[Any, ...]] = {
     "shuffle": (True, False),
     "bn_eval": ("batch", "running"),
     "output": ("softmax_cross_entropy", "identity_mse"),
+    "optimizer": ("sgd", "momentum", "nesterov", "adam", "adamw"),
 }
 
 
@@ -191,5 +193,5 @@ def grid_id(options: dict[str, Any]) -> str:
     return "-".join(
         [options["activation"], options["batch_norm"], decay, options["dropout_mode"],
          options["dtype"][-2:], "shuf" if options["shuffle"] else "ord", options["bn_eval"],
-         options["output"][:7]]
+         options["output"][:7], options.get("optimizer", "sgd")]
     )

@@ -64,7 +64,8 @@ def loss_and_classes(
         for k in range(1, n_layers + 1)
     )
     blas = blas_for(dtype)
-    data = Data(x, t, first_layer(x, layers.weights[0], "evaluate", workspace))
+    data = Data(x, t, first_layer(x, layers.weights[0], "evaluate", workspace),
+                np.ones(1, x.dtype))
     block = int(workspace.options.get("eval_block", 2048))
     threads = min(int(workspace.options.get("eval_threads", workspace.threads)),
                   workspace.free_threads)

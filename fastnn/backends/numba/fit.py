@@ -1,5 +1,5 @@
 """What the numba kernels accept: the guards behind every ``super()`` fallback, and the
-`Layers` record of a plan's live arrays.
+`Layers` and `Slots` records of a plan's live arrays.
 
 A kernel runs on C-contiguous NumPy arrays of one float32/float64 dtype, shaped as it expects;
 anything else (another dtype, a view, an odd mask) goes to the NumPy reference.
@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..codes import ACTIVATION_CODES, OUTPUT_CODES
-from .kernels.common import Layers
+from .kernels.common import Layers, Slots
 
 if TYPE_CHECKING:
     from ...plan import Plan
+    from ..optimizers import OptimizerState
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -110,3 +111,31 @@ def layers_record(
 
     return Layers(weights, biases, padded(gammas), padded(betas), padded(means),
                   padded(variances))
+
+
+def slots_record(plan: Plan, optimizer: OptimizerState | None, dtype: Any) -> Slots | None:
+    """The `Slots` record of the optimiser's state (dummies where a rule keeps fewer slots or
+    a layer has no gamma/beta; all dummies for plain SGD); None when the state is missing or
+    does not fit the kernels (the reference then runs, or raises)."""
+    n_layers, names, shapes = plan.n_layers, plan.optimizer.slots, plan.param_shapes()
+    matrix, vector = np.ones((1, 1), dtype), np.ones(1, dtype)
+    state: dict[str, tuple[Any, Any]] = {}
+    for name, shape in shapes.items():
+        if not names:
+            state[name] = (matrix, matrix) if len(shape) == 2 else (vector, vector)
+            continue
+        arrays = () if optimizer is None else optimizer.slots.get(name, ())
+        if len(arrays) != len(names) or not same_float_arrays(*arrays) or any(
+                a.dtype != dtype or a.shape != shape for a in arrays):
+            return None
+        state[name] = (arrays[0], arrays[-1])
+
+    def group(prefix: str, index: int, layers: range, dummy: np.ndarray) -> tuple[Any, ...]:
+        found = tuple(state[f"{prefix}{k}"][index] for k in layers if f"{prefix}{k}" in state)
+        return (*found, *([dummy] * (n_layers - len(found))))
+
+    every, hidden = range(1, n_layers + 1), range(1, n_layers)
+    return Slots(group("W", 0, every, matrix), group("W", 1, every, matrix),
+                 group("b", 0, every, vector), group("b", 1, every, vector),
+                 group("gamma", 0, hidden, vector), group("gamma", 1, hidden, vector),
+                 group("beta", 0, hidden, vector), group("beta", 1, hidden, vector))

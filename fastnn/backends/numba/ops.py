@@ -47,6 +47,7 @@ from .inputs import prepare_csr
 from .kernels.common import (
     Activation,
     BatchNorm,
+    Corrections,
     GammaBeta,
     Moments,
     Normalised,
@@ -55,7 +56,7 @@ from .kernels.common import (
 )
 
 if TYPE_CHECKING:
-    from ...plan import DropoutSpec, Plan
+    from ...plan import DropoutSpec, OptimizerSpec, Plan
     from ..optimizers import OptimizerState
 
 #: seconds of warm-up after which "compiling kernels" is said (a cache hit takes far less)
@@ -417,6 +418,23 @@ class NumbaOps(NumpyOps):
         else:
             self.kernels.layers.sgd_vector(param, grad, dtype(rate))
 
+    def optimizer_update(
+        self, param: Any, grad: Any, slots: tuple[Any, ...], rate: float, spec: OptimizerSpec,
+        step: int, decay: str | None = None, lam: float = 0.0,
+    ) -> None:
+        """One update of param and its slots by the plan's optimiser: one kernel per array."""
+        if not (same_float_arrays(param, grad, *slots) and param.ndim in (1, 2)
+                and all(a.shape == param.shape for a in (grad, *slots))
+                and len(slots) == len(spec.slots) and decay in DECAY_CODES):
+            super().optimizer_update(param, grad, slots, rate, spec, step, decay, lam)
+            return
+        dtype = param.dtype.type
+        first, second = (slots[0], slots[-1]) if slots else (param, param)
+        self.kernels.layers.optimizer_update(
+            param, grad, first, second, training.optimizer_rule(spec, param.dtype),
+            Update(dtype(rate), DECAY_CODES[decay], dtype(lam)),
+            Corrections(dtype(1 - spec.beta1**step), dtype(1 - spec.beta2**step)))
+
     def update_running(
         self, running: tuple[Any, Any], cache: HiddenCache, momentum: float
     ) -> None:
@@ -445,14 +463,14 @@ class NumbaOps(NumpyOps):
         weights: Any = None,
     ) -> None:
         """The reference epoch (same batches, masks, ops and update order) as one compiled
-        loop around the per-op kernels (`training`): plain SGD at the plan's rates; the
-        reference for an optimiser's state, a schedule's rates, weighted rows, or what does
-        not fit."""
+        loop around the per-op kernels (`training`), for every optimiser, schedule and row
+        weighting; the reference for what does not fit."""
         order = np.ascontiguousarray(np.asarray(order), dtype=np.int64)
         threads = training.PARTS if self._splits_steps(workspace) else 1
-        if not (rate_factors is None and weights is None  # and plain sgd: training checks it
-                and training.train_epoch(self.kernels, self._blas, plan, params, running, x, t,
-                                         order, epoch, workspace, threads=threads)):
+        if not training.train_epoch(self.kernels, self._blas, plan, params, running, x, t,
+                                    order, epoch, workspace, threads=threads,
+                                    optimizer=optimizer, rate_factors=rate_factors,
+                                    weights=weights):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
                                 optimizer, rate_factors, weights)
 

@@ -15,17 +15,50 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..codes import BATCH_NORM_CODES, DECAY_CODES, OUTPUT_CODES
+from ..codes import BATCH_NORM_CODES, DECAY_CODES, OPTIMIZER_CODES, OUTPUT_CODES
+from ..optimizers import OptimizerState
 from ..workspace import Workspace
-from .fit import hidden_activations, layers_record, plan_fits
+from .fit import hidden_activations, layers_record, plan_fits, slots_record
 from .inputs import first_layer
-from .kernels.common import PARTS, Data, SparseBatch, StepBuffers, StepPlan, Update
+from .kernels.common import (
+    PARTS,
+    Data,
+    Rule,
+    SparseBatch,
+    StepBuffers,
+    StepPlan,
+    StepRates,
+)
 
 if TYPE_CHECKING:
-    from ...plan import Plan
+    from ...plan import OptimizerSpec, Plan
 
 
-def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool) -> StepPlan:
+def optimizer_rule(spec: OptimizerSpec, dtype: Any) -> Rule:
+    """The `Rule` of an optimiser: its code and coefficients cast to the dtype as the
+    reference's Python numbers are (1 - beta computed first, in float64)."""
+    cast = np.dtype(dtype).type
+    return Rule(OPTIMIZER_CODES[spec.kind], cast(spec.momentum), cast(spec.beta1),
+                cast(1 - spec.beta1), cast(spec.beta2), cast(1 - spec.beta2), cast(spec.eps))
+
+
+def step_rates(plan: Plan, n_steps: int, rate_factors: Any, first_update: int) -> StepRates:
+    """Each step's rate and batch-norm rate (the plan's times the schedule's factor) and
+    Adam's bias corrections 1 - beta^t of its update t = first_update + step, computed with
+    Python floats as `steps.train_step` and `Ops.optimizer_update` compute them."""
+    factors = [1.0] * n_steps if rate_factors is None else [float(f) for f in rate_factors]
+    spec = plan.optimizer
+    updates = range(first_update, first_update + n_steps)
+    return StepRates(
+        np.array([plan.eta * f for f in factors], np.float64),
+        np.array([plan.bn_rate * f for f in factors], np.float64),
+        np.array([1 - spec.beta1**t for t in updates], np.float64),
+        np.array([1 - spec.beta2**t for t in updates], np.float64),
+    )
+
+
+def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool, rates: StepRates,
+              weighted: bool) -> StepPlan:
     """What every step of ``epoch`` does, as codes and scalars of the dtype."""
     cast = np.dtype(dtype).type
     acts, alphas = hidden_activations(plan, dtype)
@@ -36,8 +69,11 @@ def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool) -> StepP
         bn=BATCH_NORM_CODES[plan.batch_norm],
         has_gamma=plan.learnable_bn,
         output=OUTPUT_CODES[plan.output],
-        update=Update(cast(plan.eta), DECAY_CODES[plan.decay], cast(plan.lam)),
-        bn_rate=cast(plan.bn_rate),
+        decay=DECAY_CODES[plan.decay],
+        lam=cast(plan.lam),
+        rule=optimizer_rule(plan.optimizer, dtype),
+        rates=rates,
+        weighted=weighted,
         inverted=plan.dropout_mode == "inverted",
         keep_ratios=np.array([spec.keep for spec in plan.dropout], np.float64),
         keep_counts=np.array([spec.keep_count for spec in plan.dropout], np.int64),
@@ -76,7 +112,7 @@ def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
         multiplier, np.empty((rows, classes), dtype), np.empty(widest, dtype),
         per_layer(lambda k: sizes[k]), per_layer(lambda k: sizes[k]),
         np.empty(widest, dtype), np.empty(widest, dtype), per_layer(lambda k: sizes[k]),
-        per_layer(lambda k: sizes[k]), np.ones(PARTS, np.int64),
+        per_layer(lambda k: sizes[k]), np.ones(PARTS, np.int64), np.empty(rows, dtype),
     )
     capacity = rows * sizes[0] if sparse else 0  # one thread keeps every row in part 0's
     parts = tuple(
@@ -92,33 +128,49 @@ def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
 
 def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params: Mapping[str, Any],
                 running: Mapping[int, Any], x: Any, t: Any, order: np.ndarray, epoch: int,
-                workspace: Workspace, *, threads: int) -> bool:
+                workspace: Workspace, *, threads: int, optimizer: OptimizerState | None = None,
+                rate_factors: Any = None, weights: Any = None) -> bool:
     """One epoch of ``plan`` over the rows of x in ``order`` (int64, C-contiguous), updating
-    the parameters (and running statistics) in place, its steps shared by ``threads`` (1, or
-    `PARTS`) threads; False, having done nothing, when the plan (plain SGD only) or the
-    arrays do not fit.
+    the parameters, running statistics and the optimiser's state in place, its steps shared
+    by ``threads`` (1, or `PARTS`) threads, at the plan's rates times ``rate_factors`` (one
+    per step, or None), each row's loss weighted by ``weights`` (or None); False, having done
+    nothing, when the plan or the arrays do not fit.
 
     ``kernels``: the backend's kernel modules; ``blas_for(dtype)``: the `Blas` of a dtype.
     Counted in the workspace: ``sparse_steps``, ``train_threads_<threads>`` and the first
     layer's path (training runs sparse only for the ``sparse_train_dtypes`` when
     ``sparse_mode`` is "auto")."""
     update_running = plan.tracks_running and bool(running)
-    if not (plan.plain_sgd and plan_fits(plan, x, t) and order.ndim == 1 and order.size
+    if not (plan_fits(plan, x, t) and order.ndim == 1 and order.size
             and 0 <= order.min() and order.max() < len(x)):  # else the reference raises
         return False
+    n_steps = -(-len(order) // plan.batch_size)
+    if not (rate_factors is None or np.shape(rate_factors) == (n_steps,)):
+        return False
+    if not (weights is None or (isinstance(weights, np.ndarray) and weights.dtype == x.dtype
+                                and weights.shape == (len(x),) and weights.flags.c_contiguous)):
+        return False
     layers = layers_record(plan, params, running, x.dtype, update_running)
-    if layers is None:
+    slots = slots_record(plan, optimizer, x.dtype)
+    if layers is None or slots is None:
         return False
     options = workspace.options
     sparse_allowed = not (options.get("sparse_mode") == "auto"
                           and x.dtype.name not in options.get("sparse_train_dtypes", ()))
     csr = first_layer(x, layers.weights[0], "train", workspace, sparse_allowed)
-    plan_record = step_plan(plan, epoch, x.dtype, update_running)
+    first_update = 1 if optimizer is None else optimizer.steps + 1
+    plan_record = step_plan(plan, epoch, x.dtype, update_running,
+                            step_rates(plan, n_steps, rate_factors, first_update),
+                            weights is not None)
     buffers, parts = step_buffers(
         plan.sizes, min(plan.batch_size, len(order)), t.shape[1], x.dtype,
         plan_record.keep_ratios, plan_record.inverted, csr.sparse)
-    arguments = (Data(x, t, csr), order, layers, plan_record, blas_for(x.dtype), buffers, parts)
+    row_weights = np.ones(1, x.dtype) if weights is None else weights
+    arguments = (Data(x, t, csr, row_weights), order, layers, slots, plan_record,
+                 blas_for(x.dtype), buffers, parts)
     sparse_steps = run_parts(kernels.epoch.train_epoch_part, kernels.sync, threads, arguments)
+    if optimizer is not None and plan.optimizer.slots:
+        optimizer.steps += n_steps
     workspace.count("sparse_steps", sparse_steps)
     workspace.count(f"train_threads_{threads}")
     return True

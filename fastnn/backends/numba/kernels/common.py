@@ -114,26 +114,44 @@ Blas = namedtuple("Blas", "kind address")
 Csr = namedtuple("Csr", "sparse indptr indices values")
 #: the live arrays of every layer (one entry per layer; dummies where a layer has none)
 Layers = namedtuple("Layers", "weights biases gammas betas running_means running_vars")
-#: an SGD update: the rate, the weight decay's code (DECAY_CODES) and its lambda
+#: an update's rate, the weight decay's code (DECAY_CODES) and its lambda
 Update = namedtuple("Update", "rate decay lam")
+#: an optimiser's rule: its code (OPTIMIZER_CODES) and coefficients in the dtype
+#: (``beta1_rest`` is 1 - beta1 rounded once, as the reference computes it)
+Rule = namedtuple("Rule", "code momentum beta1 beta1_rest beta2 beta2_rest eps")
+#: Adam's bias corrections of one update t, 1 - beta1^t and 1 - beta2^t, in the dtype
+Corrections = namedtuple("Corrections", "first second")
+#: per step of an epoch (float64, from the host: the reference's own numbers): the rate, the
+#: batch-norm rate, and the bias corrections of its update
+StepRates = namedtuple("StepRates", "rates bn_rates corrections_first corrections_second")
+#: the optimiser's two slots of each layer's W, b, gamma and beta: ``weights_first[k]`` is
+#: W(k+1)'s velocity or first moment, ``*_second`` its second moment (dummies where none)
+Slots = namedtuple(
+    "Slots",
+    "weights_first weights_second biases_first biases_second gammas_first gammas_second "
+    "betas_first betas_second",
+)
 #: the CSR rows of one part of a training batch (``span``: its first row in the batch and its
 #: row count, set each step), the same rows by column (``col_*``, from `transpose_part`), and
 #: the scratch its share of the weight update gathers one column of the whole batch into
 SparseBatch = namedtuple(
     "SparseBatch", "span ptr idx val col_ptr col_fill col_row col_val merged_row merged_val acc")
 #: the arrays one epoch's steps share (index k: layer k, 0 the input; ``finite``: per part,
-#: whether its rows of W1 are finite)
+#: whether its rows of W1 are finite; ``row_scales``: each batch row's weight over the batch's
+#: total, when rows are weighted)
 StepBuffers = namedtuple(
     "StepBuffers",
     "z u u_hat y du dz mean var std dw multiplier t_batch db dgamma_nodes dbeta_nodes dgamma "
-    "dbeta mean_g mean_gu finite",
+    "dbeta mean_g mean_gu finite row_scales",
 )
 #: what one training step does (the plan's numbers as codes and scalars of the dtype; ``acts``
-#: and ``alphas``: each hidden layer's activation code and alpha, entry k - 1 for layer k)
+#: and ``alphas``: each hidden layer's activation code and alpha, entry k - 1 for layer k;
+#: ``rule``: a `Rule`; ``rates``: the `StepRates`; ``weighted``: each row's loss is weighted
+#: by ``Data.row_weights``)
 StepPlan = namedtuple(
     "StepPlan",
-    "batch_size acts alphas bn has_gamma output update bn_rate inverted keep_ratios "
-    "keep_counts epoch_key update_running momentum momentum_rest",
+    "batch_size acts alphas bn has_gamma output decay lam rule rates weighted inverted "
+    "keep_ratios keep_counts epoch_key update_running momentum momentum_rest",
 )
 #: what evaluation does per hidden layer (codes; ``acts``/``alphas`` as in `StepPlan`), and
 #: whether it uses the set's statistics
@@ -143,8 +161,9 @@ EvalRows = namedtuple("EvalRows", "scales means stds gammas betas")
 #: the rows evaluation applies to one hidden layer (mean, std, gamma, beta and the scale its
 #: output is multiplied by, each of the layer's width)
 EvalLayer = namedtuple("EvalLayer", "mean std gamma beta scale")
-#: a set's inputs and targets, and the inputs' CSR form (a `Csr`)
-Data = namedtuple("Data", "x t csr")
+#: a set's inputs and targets, the inputs' CSR form (a `Csr`) and each row's loss weight
+#: (training with weights only; else a dummy)
+Data = namedtuple("Data", "x t csr row_weights")
 
 # ---- the records of one hidden layer's kernels ----
 

@@ -4,11 +4,15 @@
 op by the kernel that the backend's override of that op runs: the mask from its key
 (`masks`), `layers.affine`, `layers.hidden_forward`, `layers.output_grad_rows`,
 `layers.affine_backward_update_rows`, `layers.hidden_backward`, `layers.layer_parameter_grads`
-+ `layers.sgd_vector`, `layers.update_running`. It re-derives nothing: what an op means lives
-in its kernel. With a CSR form of x, layer 1's product and update skip x's zeros (`sparse`).
-Each hidden layer has its own activation code and alpha (`StepPlan.acts`/``alphas``); the
-kernels take their arrays in records (`common`), built once per layer and step outside the
-row loops.
++ `layers.sgd_vector`, `layers.update_running`; with another optimiser than plain SGD the
+gradients are formed apart (`layers.affine_backward_rows`, `sparse.sparse_weight_grad`) and
+every parameter goes through `layers.optimizer_update` with its slots (`Slots`), at the rates
+and bias corrections of each step (`StepRates`, from the host). It re-derives nothing: what
+an op means lives in its kernel. With a CSR form of x, layer 1's product and update skip x's
+zeros (`sparse`). Each hidden layer has its own activation code and alpha
+(`StepPlan.acts`/``alphas``); the kernels take their arrays in records (`common`), built once
+per layer and step outside the row loops. Rows weighted by ``Data.row_weights`` scale their
+output gradients (`layers.row_weight_scales`).
 
 Every step is computed in `PARTS` parts, so that two threads can share it:
 
@@ -30,22 +34,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...codes import BN_OFF
+from ...codes import BN_OFF, DECAY_NONE, OPT_SGD
 from .common import (
     PARTS,
     Activation,
     BatchNorm,
     ColumnMeans,
+    Corrections,
     ForwardValues,
     GammaBeta,
     Moments,
     Normalised,
     Statistics,
+    Update,
     jit,
     jit_nogil,
 )
 from .layers import (
     affine,
+    affine_backward_rows,
     affine_backward_update_rows,
     batch_norm_backward_finish,
     batch_norm_backward_sums,
@@ -56,10 +63,13 @@ from .layers import (
     layer_parameter_grads,
     multiplier_row,
     normalise_activate,
+    optimizer_update,
     output_grad_rows,
+    row_weight_scales,
     sgd_vector,
     std_columns,
     update_running,
+    weighted_output_grad_rows,
 )
 from .masks import fill_article_mask, fill_bernoulli_rows, fold_counter
 from .sparse import (
@@ -67,6 +77,7 @@ from .sparse import (
     gather_targets,
     sparse_affine_rows,
     sparse_batch,
+    sparse_weight_grad,
     sparse_weight_update,
     transpose_part,
 )
@@ -121,9 +132,10 @@ def gather_batch(x, t, order, start, masked, multiplier, z0, t_batch):
 
 
 @jit_nogil
-def train_epoch_part(me, threads, barrier, data, order, layers, plan, blas, buffers, parts):
-    """This thread's parts of every SGD step of one epoch over the rows of x in ``order``,
-    updating ``layers`` in place.
+def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, blas, buffers,
+                     parts):
+    """This thread's parts of every step of one epoch over the rows of x in ``order``,
+    updating ``layers`` (and the optimiser's ``slots``, a `Slots` record) in place.
 
     ``me``: this thread's number of ``threads`` (1: it runs every part; `PARTS`: part ``me``);
     ``barrier``: the threads' `sync` state; ``data``: a `Data` (x, t and x in CSR form);
@@ -144,7 +156,8 @@ def train_epoch_part(me, threads, barrier, data, order, layers, plan, blas, buff
     dtype = x.dtype
     zero = dtype.type(0.0)
     bn, has_gamma = plan.bn, plan.has_gamma
-    update = plan.update
+    rule, rates = plan.rule, plan.rates
+    plain_sgd = rule.code == OPT_SGD
     unused = np.ones(1, dtype)  # the forward gamma/beta of a backward that does not recompute
     # this thread's parts; what no BLAS call computes goes by their union (`owned`) in one go
     first, last = (me, me + 1) if threads > 1 else (0, PARTS)
@@ -172,6 +185,11 @@ def train_epoch_part(me, threads, barrier, data, order, layers, plan, blas, buff
         use_sparse = csr.sparse and finite.min() == 1
         r0, r1 = owned(n, first, last)
         # the dropout multipliers, from the keys of (epoch, step, layer)
+        update = Update(dtype.type(rates.rates[step]), plan.decay, plan.lam)
+        bias_update = Update(update.rate, DECAY_NONE, plan.lam)
+        bn_update = Update(dtype.type(rates.bn_rates[step]), DECAY_NONE, plan.lam)
+        corrections = Corrections(dtype.type(rates.corrections_first[step]),
+                                  dtype.type(rates.corrections_second[step]))
         step_key = fold_counter(plan.epoch_key, step)
         for k in range(n_layers):
             keep = plan.keep_ratios[k]
@@ -206,7 +224,14 @@ def train_epoch_part(me, threads, barrier, data, order, layers, plan, blas, buff
                     p0, p1 = part_range(n, part)
                     affine(blas, z[k - 1][p0:p1], weights[k - 1], biases[k - 1], u[k][p0:p1])
             if k == n_layers:
-                output_grad_rows(u[k][r0:r1], t_batch[r0:r1], plan.output, count, du[k][r0:r1])
+                if plan.weighted:
+                    scales = buffers.row_scales[:n]
+                    row_weight_scales(data.row_weights, order, start, scales, r0, r1)
+                    weighted_output_grad_rows(u[k][r0:r1], t_batch[r0:r1], plan.output,
+                                              scales[r0:r1], du[k][r0:r1])
+                else:
+                    output_grad_rows(u[k][r0:r1], t_batch[r0:r1], plan.output, count,
+                                     du[k][r0:r1])
                 continue
             # hidden layer k (its own activation; batch norm as the plan says)
             activation = Activation(plan.acts[k - 1], plan.alphas[k - 1])
@@ -243,21 +268,38 @@ def train_epoch_part(me, threads, barrier, data, order, layers, plan, blas, buff
                     return -1
             h = k - 1
             i0, i1 = owned(sizes[h], first, last)
-            if sparse_update:
+            dw = buffers.dw[h]
+            if sparse_update and plain_sgd:
                 mark_finite(finite, first, last,
                             sparse_weight_update(parts, first, i0, i1, grad, weights[0],
-                                                 update.rate, update.decay, update.lam,
-                                                 buffers.dw[0]))
+                                                 update.rate, update.decay, update.lam, dw))
+            elif sparse_update:
+                sparse_weight_grad(parts, first, i0, i1, grad, dw)
+                optimizer_update(weights[0][i0:i1], dw[i0:i1], slots.weights_first[0][i0:i1],
+                                 slots.weights_second[0][i0:i1], rule, update, corrections)
+                mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
             else:
                 for part in range(first, last):  # BLAS: always by parts (same sums)
                     p0, p1 = part_range(sizes[h], part)
-                    affine_backward_update_rows(blas, z[h][:n], weights[h], grad, update, k > 1,
-                                                dz[h][:n], buffers.dw[h], p0, p1)
+                    if plain_sgd:
+                        affine_backward_update_rows(blas, z[h][:n], weights[h], grad, update,
+                                                    k > 1, dz[h][:n], dw, p0, p1)
+                    else:
+                        affine_backward_rows(blas, z[h][:n], weights[h], grad, k > 1, dz[h][:n],
+                                             dw, p0, p1)
+                        optimizer_update(weights[h][p0:p1], dw[p0:p1],
+                                         slots.weights_first[h][p0:p1],
+                                         slots.weights_second[h][p0:p1], rule, update,
+                                         corrections)
                 if k == 1 and csr.sparse:
                     mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
             j0, j1 = owned(sizes[k], first, last)
             column_sums_range(grad, db, j0, j1)
-            sgd_vector(biases[h][j0:j1], db[j0:j1], update.rate)
+            if plain_sgd:
+                sgd_vector(biases[h][j0:j1], db[j0:j1], update.rate)
+            else:
+                optimizer_update(biases[h][j0:j1], db[j0:j1], slots.biases_first[h][j0:j1],
+                                 slots.biases_second[h][j0:j1], rule, bias_update, corrections)
             if not wait_for_all(barrier, threads):
                 return -1
             if k > 1:  # hidden layer h's backward
@@ -289,14 +331,20 @@ def train_epoch_part(me, threads, barrier, data, order, layers, plan, blas, buff
                                                sizes[h])
                     if not wait_for_all(barrier, threads):
                         return -1
-            if k > 1 and has_gamma and plan.bn_rate != zero and first == 0:
+            if k > 1 and has_gamma and bn_update.rate != zero and first == 0:
                 size = gammas[h - 1].shape[0]
                 dgamma, dbeta = buffers.dgamma[:size], buffers.dbeta[:size]
                 layer_parameter_grads(bn, GammaBeta(buffers.dgamma_nodes[h],
                                                     buffers.dbeta_nodes[h]),
                                       GammaBeta(dgamma, dbeta))
-                sgd_vector(gammas[h - 1], dgamma, plan.bn_rate)
-                sgd_vector(betas[h - 1], dbeta, plan.bn_rate)
+                if plain_sgd:
+                    sgd_vector(gammas[h - 1], dgamma, bn_update.rate)
+                    sgd_vector(betas[h - 1], dbeta, bn_update.rate)
+                else:
+                    optimizer_update(gammas[h - 1], dgamma, slots.gammas_first[h - 1],
+                                     slots.gammas_second[h - 1], rule, bn_update, corrections)
+                    optimizer_update(betas[h - 1], dbeta, slots.betas_first[h - 1],
+                                     slots.betas_second[h - 1], rule, bn_update, corrections)
         if plan.update_running and bn != BN_OFF and first == 0:
             for k in range(1, n_layers):
                 update_running(Moments(layers.running_means[k - 1], layers.running_vars[k - 1]),

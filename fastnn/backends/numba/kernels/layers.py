@@ -25,6 +25,10 @@ from ...codes import (
     DECAY_L1,
     DECAY_L2,
     DECAY_NONE,
+    OPT_ADAMW,
+    OPT_MOMENTUM,
+    OPT_NESTEROV,
+    OPT_SGD,
     OUTPUT_IDENTITY,
 )
 from .blas import gemm
@@ -441,6 +445,16 @@ def affine_backward_update(blas, x, w, b, du, update, need_dx, dx, dw, db):
 
 
 @jit
+def affine_backward_rows(blas, x, w, du, need_dx, dx, dw, low, high):
+    """Rows low..high-1 of `affine_backward`'s dW, and the columns of dx they give (no bias):
+    dx[:, low:high] = du W[low:high]^T when ``need_dx``, dW[low:high] = x[:, low:high]^T du."""
+    one, zero = du.dtype.type(1.0), du.dtype.type(0.0)
+    if need_dx:
+        gemm(blas, False, True, one, du, w[low:high], zero, dx[:, low:high])
+    gemm(blas, True, False, one, x[:, low:high], du, zero, dw[low:high])
+
+
+@jit
 def affine_backward_update_rows(blas, x, w, du, update, need_dx, dx, dw, low, high):
     """Rows low..high-1 of `affine_backward_update`'s weight update, and the columns of dx
     they give (no bias): dx[:, low:high] = du W[low:high]^T, then W[low:high] is updated.
@@ -512,6 +526,30 @@ def output_grad_rows(u, t, output, count, du):
 
 
 @jit
+def row_weight_scales(row_weights, order, start, scales, low, high):
+    """scales[i] = w_i / (sum of the batch's weights, or 1 when it is not > 0) for rows
+    low..high-1 of the batch of ``scales.shape[0]`` rows at ``order[start:]`` (the sum in
+    row order, in the dtype)."""
+    total = row_weights.dtype.type(0.0)
+    for i in range(scales.shape[0]):
+        total += row_weights[order[start + i]]
+    if not total > 0:
+        total = row_weights.dtype.type(1.0)
+    for i in range(low, high):
+        scales[i] = row_weights[order[start + i]] / total
+
+
+@jit
+def weighted_output_grad_rows(u, t, output, scales, du):
+    """du = (output(u) - t) * each row's scale (`row_weight_scales`), row by row."""
+    n, d = u.shape
+    output_forward(u, output, du)
+    for i in range(n):
+        for j in range(d):
+            du[i, j] = (du[i, j] - t[i, j]) * scales[i]
+
+
+@jit
 def output_grad(y, t, du):
     """du = (y - t) / N."""
     n, d = y.shape
@@ -549,6 +587,50 @@ def sgd_vector(p, grad, rate):
     """p -= rate * grad."""
     for j in range(p.shape[0]):
         p[j] -= rate * grad[j]
+
+
+@jit
+def optimizer_update(p, grad, first, second, rule, update, corrections):
+    """In place: one update of p (any shape) by the `Rule` ``rule`` at the `Update` ``update``
+    (rate, decay, lam) with Adam's `Corrections` of this update; ``first``/``second``: p's
+    slots (velocity, or the moments; unused ones may be dummies). Operation by operation
+    `Ops.optimizer_update`: the decay gradient (at the old p) is added to the gradient,
+    except for adamw (added to the step); rate 0 changes nothing."""
+    rate, decay, lam = update.rate, update.decay, update.lam
+    if rate == 0:
+        return
+    code = rule.code
+    flat_p, flat_g = p.reshape(-1), grad.reshape(-1)
+    flat_first, flat_second = first.reshape(-1), second.reshape(-1)
+    zero = p.dtype.type(0.0)
+    for i in range(flat_p.shape[0]):
+        old = flat_p[i]
+        g = flat_g[i]
+        decay_grad = zero
+        if decay == DECAY_L1:
+            decay_grad = lam if old > zero else (-lam if old < zero else lam * old)
+        elif decay == DECAY_L2:
+            decay_grad = lam * old
+        if decay != DECAY_NONE and code != OPT_ADAMW:
+            g = g + decay_grad
+        if code == OPT_SGD:
+            flat_p[i] = old - rate * g
+        elif code == OPT_MOMENTUM or code == OPT_NESTEROV:
+            velocity = rule.momentum * flat_first[i] + g
+            flat_first[i] = velocity
+            if code == OPT_NESTEROV:
+                flat_p[i] = old - rate * (g + rule.momentum * velocity)
+            else:
+                flat_p[i] = old - rate * velocity
+        else:
+            moment = rule.beta1 * flat_first[i] + rule.beta1_rest * g
+            square = rule.beta2 * flat_second[i] + rule.beta2_rest * (g * g)
+            flat_first[i], flat_second[i] = moment, square
+            direction = (moment / corrections.first) / (
+                np.sqrt(square / corrections.second) + rule.eps)
+            if decay != DECAY_NONE and code == OPT_ADAMW:
+                direction = direction + decay_grad
+            flat_p[i] = old - rate * direction
 
 
 @jit

@@ -262,53 +262,66 @@ def subtract_scaled(row, eta, acc):
     return finite
 
 
-@jit
-def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
-    """Rows low..high-1 of W -= eta * (x^T du + weight-decay gradient of the old W), x the
-    batch's CSR rows split between the two ``parts`` (`SparseBatch`, in row order, each
-    transposed by `transpose_part`; part ``me``'s scratch is used).
+@jit_inline
+def gather_column(parts, j, rows, values):
+    """Column j's entries of the whole batch (both ``parts``, in row order) into rows/values;
+    returns how many."""
+    count = 0
+    for batch in (parts[0], parts[1]):
+        if batch.span[1] == 0:  # (else col_ptr is stale)
+            continue
+        for p in range(batch.col_ptr[j], batch.col_ptr[j + 1]):
+            rows[count] = batch.col_row[p]
+            values[count] = batch.col_val[p]
+            count += 1
+    return count
 
-    Row j of x^T du is summed once, over column j's entries of the whole batch in row order
-    (the same sums whichever rows of W one call updates, however the rows are split). Without
-    weight decay only the rows of W that the batch touches change (x^T du is 0 elsewhere); with
-    it ``dw`` receives x^T du and `sgd_weights` updates every row of the range. True when those
-    rows of W are finite afterwards.
-    """
-    first_part, second_part = parts[0], parts[1]
-    ptr_a, row_a, val_a = first_part.col_ptr, first_part.col_row, first_part.col_val
-    ptr_b, row_b, val_b = second_part.col_ptr, second_part.col_row, second_part.col_val
+
+@jit
+def sparse_weight_grad(parts, me, low, high, du, dw):
+    """Rows low..high-1 of dW = x^T du, x the batch's CSR rows split between the two
+    ``parts`` (`SparseBatch`, in row order, each transposed by `transpose_part`; part ``me``'s
+    scratch is used). Row j is summed once, over column j's entries in row order (the same
+    sums whichever rows one call computes, however the rows are split)."""
     scratch = parts[me]
     rows, values, acc = scratch.merged_row, scratch.merged_val, scratch.acc
-    has_a, has_b = first_part.span[1] > 0, second_part.span[1] > 0  # (else col_ptr is stale)
     m, step = acc.shape[0], lanes(acc)
-    zero = w.dtype.type(0.0)
-    finite = True
     for j in range(low, high):
-        count = 0  # column j's entries of the whole batch, in row order, gathered
-        a0, a1 = (ptr_a[j], ptr_a[j + 1]) if has_a else (0, 0)
-        for p in range(a0, a1):
-            rows[count] = row_a[p]
-            values[count] = val_a[p]
-            count += 1
-        b0, b1 = (ptr_b[j], ptr_b[j + 1]) if has_b else (0, 0)
-        for p in range(b0, b1):
-            rows[count] = row_b[p]
-            values[count] = val_b[p]
-            count += 1
+        count = gather_column(parts, j, rows, values)
         if count == 0:  # x^T du is 0 there
-            if decay != DECAY_NONE:
-                dw[j, :] = zero
+            dw[j, :] = dw.dtype.type(0.0)
             continue
         if m < step:
             narrow_product(rows, values, 0, count, du, acc)
         else:
             for chunk in range(0, (m + step - 1) // step, 8):
                 product_chunks(rows, values, 0, count, du, acc, chunk)
-        if decay != DECAY_NONE:
-            dw[j, :] = acc
-        else:
-            finite &= subtract_scaled(w[j], eta, acc)
+        dw[j, :] = acc
+
+
+@jit
+def sparse_weight_update(parts, me, low, high, du, w, eta, decay, lam, dw):
+    """Rows low..high-1 of W -= eta * (x^T du + weight-decay gradient of the old W), x^T du
+    as `sparse_weight_grad` sums it. Without weight decay only the rows of W that the batch
+    touches change (x^T du is 0 elsewhere); with it ``dw`` receives x^T du and `sgd_weights`
+    updates every row of the range. True when those rows of W are finite afterwards.
+    """
     if decay != DECAY_NONE:
+        sparse_weight_grad(parts, me, low, high, du, dw)
         sgd_weights(w[low:high], dw[low:high], Update(eta, decay, lam))
         return all_finite(w[low:high])
+    scratch = parts[me]
+    rows, values, acc = scratch.merged_row, scratch.merged_val, scratch.acc
+    m, step = acc.shape[0], lanes(acc)
+    finite = True
+    for j in range(low, high):
+        count = gather_column(parts, j, rows, values)
+        if count == 0:  # x^T du is 0 there: W's row stays
+            continue
+        if m < step:
+            narrow_product(rows, values, 0, count, du, acc)
+        else:
+            for chunk in range(0, (m + step - 1) // step, 8):
+                product_chunks(rows, values, 0, count, du, acc, chunk)
+        finite &= subtract_scaled(w[j], eta, acc)
     return finite
