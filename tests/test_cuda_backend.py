@@ -248,20 +248,66 @@ def test_trainer_fit_through_the_registry(
     assert_all_close("fit", params, params_ref, dtype)
 
 
-@pytest.mark.parametrize(("optimizer", "schedule"), [("adam", "constant"), ("sgd", "step")])
-def test_an_optimiser_or_a_schedule_runs_the_reference_epoch(
-    shim_ops: KernelOps, monkeypatch: pytest.MonkeyPatch, optimizer: str, schedule: str
+#: optimiser runs of the kernel epoch: (optimizer, schedule, options); batch norm only where
+#: Adam does not scale up the rounding noise of the biases it makes inert (see test_backend_parity)
+OPTIMISER_RUNS = [
+    ("momentum", "constant", dict(batch_norm="bn", weight_decay=("l1", 1e-3))),
+    ("nesterov", "cosine", dict(batch_norm="node", dropout_input=0.8, dropout_mode="inverted")),
+    ("adam", "constant", dict(weight_decay=("l2", 1e-2), dropout_hidden=0.6)),
+    ("adamw", "step", dict(weight_decay=("l2", 1e-2), lr_step_size=1)),
+    ("sgd", "exponential", dict(batch_norm="bn", lr_gamma=0.5, warmup=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("optimizer", "schedule", "options"), OPTIMISER_RUNS,
+                         ids=[f"{o}-{s}" for o, s, _ in OPTIMISER_RUNS])
+def test_every_optimiser_and_schedule_runs_the_kernel_epoch(
+    shim_ops: KernelOps, monkeypatch: pytest.MonkeyPatch, optimizer: str, schedule: str,
+    options: dict[str, Any], dtype: str,
 ) -> None:
-    """Optimiser state or scheduled rates: the reference epoch (its per-op overrides on the
-    kernels where they fit), the same run as numpy's."""
+    """Optimiser state and scheduled rates: every epoch on the kernels (optimizer_update at
+    per-step rates), the same run as numpy's: figures, parameters, slots and update count."""
     monkeypatch.setitem(backends._INSTANCES, "cupy", shim_ops)
     x, labels = make_blobs(80, 6, 3, seed=3)
     results = {}
     for backend in ("cupy", "numpy"):
-        config = run_config("float64", backend=backend, batch_size=16, epochs=2, eta=0.01,
-                            optimizer=optimizer, lr_schedule=schedule)
+        config = run_config(dtype, backend=backend, batch_size=16, epochs=3, eta=0.01,
+                            optimizer=optimizer, lr_schedule=schedule, **options)
         trainer = Trainer(config, threads=1)
-        trainer.fit(x[:60], labels[:60], x[60:], labels[60:])
+        history = trainer.fit(x[:60], labels[:60], x[60:], labels[60:])
+        assert trainer.network is not None
+        network = trainer.network
+        results[backend] = (history, network.numpy_params(),
+                            network.optimizer.arrays(network.plan.optimizer.slots, network.ops),
+                            trainer.counters)
+    (history, params, slots, counters), (history_ref, params_ref, slots_ref, _) = (
+        results["cupy"], results["numpy"])
+    assert counters["train_kernels"] == 3
+    for key in ("train_loss", "test_loss"):
+        assert_close("fit", getattr(history, key), getattr(history_ref, key), dtype, key)
+    assert_all_close("fit", params, params_ref, dtype)
+    assert slots.keys() == slots_ref.keys()
+    if optimizer == "sgd":
+        assert not slots
+        return
+    assert int(slots.pop("optimizer_steps")) == int(slots_ref.pop("optimizer_steps")) == 3 * 4
+    assert_all_close("fit", slots, slots_ref, dtype)
+
+
+def test_row_weights_run_the_reference_epoch(shim_ops: KernelOps,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weighted rows (sample_weight): the reference epoch, its ops on the kernels where they
+    fit, the same run as numpy's."""
+    monkeypatch.setitem(backends._INSTANCES, "cupy", shim_ops)
+    x, labels = make_blobs(80, 6, 3, seed=3)
+    weights = np.linspace(0.5, 2.0, 60)
+    results = {}
+    for backend in ("cupy", "numpy"):
+        config = run_config("float64", backend=backend, batch_size=16, epochs=2, eta=0.01,
+                            optimizer="adam")
+        trainer = Trainer(config, threads=1)
+        trainer.fit(x[:60], labels[:60], x[60:], labels[60:], sample_weight=weights)
         assert trainer.network is not None
         results[backend] = trainer.network.numpy_params(), trainer.counters
     (params, counters), (params_ref, _) = results["cupy"], results["numpy"]
@@ -299,13 +345,16 @@ def test_an_epoch_never_reads_the_device_and_evaluate_reads_once(engine: KernelO
 
 
 def test_every_kernel_is_wired(shim_ops: KernelOps) -> None:
-    """Over the whole-run configurations, the epoch and evaluation launch every kernel but
+    """Over the whole-run configurations and an Adam epoch (the warm-up's probe: optimiser
+    state and a scheduled rate), the epoch and evaluation launch every kernel but
     bernoulli_mask (the step draws the inverted mask inside the kernels; the per-op
     dropout_multiplier launches it)."""
     ops, recorder = recorded(shim_ops)
     data = run_data("float64")
     for options in RUNS.values():
         whole_run(ops, run_config("float64", **options), data)
+    assert not recorder.launches["optimizer_update_f64"]  # plain SGD: the sgd kernels
+    ops.run_probe(Plan.from_config(run_config("float64", optimizer="adam")), "float64")
     used = {name.rsplit("_", 1)[0] for name, count in recorder.launches.items() if count}
     assert used == set(KERNEL_FILES) - {"bernoulli_mask"}
     spec = Plan.from_config(run_config("float64", dropout_hidden=0.5)).dropout[1]

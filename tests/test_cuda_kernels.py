@@ -25,6 +25,7 @@ from fastnn.backends.codes import (
     BATCH_NORM_CODES,
     DECAY_CODES,
     DROPOUT_CODES,
+    OPTIMIZER_CODES,
     OUTPUT_CODES,
     STATS_CODES,
     TRANSFORM_CODES,
@@ -39,7 +40,7 @@ from fastnn.cuda import (
     shim,
 )
 from fastnn.functions import ACTIVATIONS
-from fastnn.plan import HiddenSpec
+from fastnn.plan import HiddenSpec, OptimizerSpec
 
 pytestmark = [
     pytest.mark.cuda_cpu,
@@ -58,6 +59,8 @@ TOLERANCE: dict[str, dict[str, float]] = {
     "eval_output": {"float64": 1e-12, "float32": 1e-5},
     "col_stats": {"float64": 1e-12, "float32": 1e-5},
     "sgd": {"float64": 1e-15, "float32": 1e-7},
+    # a division and a square root per element, over three updates
+    "optimizer_update": {"float64": 1e-14, "float32": 1e-6},
     "update_running": {"float64": 1e-15, "float32": 1e-7},
     "sum_reduce": {"float64": 1e-13, "float32": 1e-6},
     "gemm": {"float64": 1e-13, "float32": 1e-6},
@@ -614,6 +617,45 @@ def test_sgd_vector_update(run: Runner, dtype: str) -> None:
     run("sgd", f"sgd_vector_{suffix(dtype)}", (2,), (256,),
         (p, g, np.int64(p.size), scalar(dtype)(0.05)))  # fmt: skip
     assert_close(p, expected, "sgd", dtype, "b")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", list(DECAY_CODES))
+@pytest.mark.parametrize("kind", list(OPTIMIZER_CODES))
+def test_optimizer_update(run: Runner, kind: str, decay: str | None, dtype: str) -> None:
+    """Three updates of a matrix and its slots against Ops.optimizer_update, then a rate-0
+    update with an infinite gradient that must change nothing."""
+    rs = np.random.default_rng(14)
+    spec = OptimizerSpec(kind, momentum=0.8, beta1=0.85, beta2=0.99, eps=1e-6)
+    w = rs.standard_normal((13, 7)).astype(dtype)
+    w[0, :3] = 0.0  # sign(0) = 0
+    slots = [np.zeros_like(w) for _ in spec.slots]
+    expected, expected_slots = w.copy(), [s.copy() for s in slots]
+    T, lam = scalar(dtype), 0.01
+    placeholder = np.zeros(1, dtype)
+
+    def launch(grad: np.ndarray, rate: float, step: int) -> None:
+        first = slots[0] if slots else placeholder
+        second = slots[-1] if len(slots) > 1 else placeholder
+        run("optimizer", f"optimizer_update_{suffix(dtype)}", (1,), (64,),
+            (w, grad, first, second, np.int64(w.size), np.int32(OPTIMIZER_CODES[kind]),
+             T(rate), np.int32(DECAY_CODES[decay]), T(lam), T(spec.momentum), T(spec.beta1),
+             T(1 - spec.beta1), T(spec.beta2), T(1 - spec.beta2), T(spec.eps),
+             T(1 - spec.beta1**step), T(1 - spec.beta2**step)))  # fmt: skip
+
+    for step in (1, 2, 3):
+        grad = rs.standard_normal(w.shape).astype(dtype)
+        rate = 0.1 / step
+        REF.optimizer_update(expected, grad, tuple(expected_slots), rate, spec, step, decay, lam)
+        launch(grad, rate, step)
+        assert_close(w, expected, "optimizer_update", dtype, f"W after update {step}")
+        for name, got, want in zip(spec.slots, slots, expected_slots, strict=True):
+            assert_close(got, want, "optimizer_update", dtype, f"{name} after update {step}")
+    before, before_slots = w.copy(), [s.copy() for s in slots]
+    launch(np.full(w.shape, np.inf, dtype), 0.0, 4)
+    np.testing.assert_array_equal(w, before)
+    for got, want in zip(slots, before_slots, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -50,6 +50,11 @@ running_stats.cu
 sgd.cu
     sgd_weight(T* w, const T* dw, long long count, T rate, int decay, T lam)         1-D
     sgd_vector(T* p, const T* g, long long count, T rate)                            1-D
+optimizer.cu
+    optimizer_update(T* param, const T* grad, T* first, T* second, long long count,
+                     int rule, T rate, int decay, T lam, T momentum, T beta1,
+                     T beta1_rest, T beta2, T beta2_rest, T eps, T correction_first,
+                     T correction_second)                                              1-D
 reduce.cu
     sum_reduce(const T* x, long long count, int transform, T scale, T divisor, T* out,
                int accumulate)                                               (1), (256)

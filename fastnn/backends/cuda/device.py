@@ -90,7 +90,7 @@ class KernelBase(Ops):
         evaluation on throw-away arrays."""
         dtype = np.dtype(plan.dtype)
         key = (dtype.name, plan.n_layers, plan.batch_norm, plan.dropout_mode, plan.output,
-               plan.tracks_running)
+               plan.tracks_running, plan.plain_sgd)
         if dtype not in FLOATS or key in self._warmed:
             return
         self.run_probe(plan, dtype)

@@ -14,8 +14,8 @@ its slot is found by the parameter's name when the launch is built, and
 else is redone per launch: the name -> slot map of each kernel is built once (`kernel_layout`)
 and a built launch keeps its tuple.
 
-The `Launches` helpers (`Launches.gemm`, `column_sums`, `sgd`, ...) are the launches the
-per-op overrides, the epoch and the evaluation share.
+The `Launches` helpers (`Launches.gemm`, `column_sums`, `sgd`, `optimizer`, ...) are the
+launches the per-op overrides, the epoch and the evaluation share.
 """
 
 from __future__ import annotations
@@ -37,10 +37,16 @@ from ...cuda import (
     read_source,
 )
 from ...cuda.sources import Param
-from ..codes import BATCH_NORM_CODES, DECAY_CODES, OUTPUT_CODES, TRANSFORM_IDENTITY
+from ..codes import (
+    BATCH_NORM_CODES,
+    DECAY_CODES,
+    OPTIMIZER_CODES,
+    OUTPUT_CODES,
+    TRANSFORM_IDENTITY,
+)
 
 if TYPE_CHECKING:
-    from ...plan import HiddenSpec
+    from ...plan import HiddenSpec, OptimizerSpec
 
 Array = Any
 
@@ -58,6 +64,7 @@ KERNEL_FILES: dict[str, str] = {
     "update_running": "running_stats",
     "sgd_weight": "sgd",
     "sgd_vector": "sgd",
+    "optimizer_update": "optimizer",
     "sum_reduce": "reduce",
     "gemm_nn": "gemm",
     "gemm_nt": "gemm",
@@ -272,6 +279,24 @@ class Launches:
                         dw=grad, count=count, rate=rate, decay=DECAY_CODES[decay], lam=lam)
         return self("sgd_vector", param.dtype, linear_grid(count), LINEAR_BLOCK, p=param,
                     g=grad, count=count, rate=rate)
+
+    def optimizer(self, param: Array, grad: Array, slots: tuple[Array, ...],
+                  spec: OptimizerSpec, rate: float | StepValue, decay: str | None, lam: float,
+                  corrections: tuple[float | StepValue, float | StepValue] = (1.0, 1.0)
+                  ) -> Launch:
+        """One update of param and its ``slots`` (velocity, or m and v; none for sgd) by the
+        rule of ``spec`` at ``rate`` with Adam's ``corrections`` (1 - beta1^t, 1 - beta2^t);
+        the rate and corrections may be per-step values."""
+        count = param.size
+        first = slots[0] if slots else None
+        second = slots[-1] if len(slots) > 1 else None
+        return self("optimizer_update", param.dtype, linear_grid(count), LINEAR_BLOCK,
+                    param=param, grad=grad, first=first, second=second, count=count,
+                    rule=OPTIMIZER_CODES[spec.kind], rate=rate, decay=DECAY_CODES[decay],
+                    lam=lam, momentum=spec.momentum, beta1=spec.beta1,
+                    beta1_rest=1 - spec.beta1, beta2=spec.beta2, beta2_rest=1 - spec.beta2,
+                    eps=spec.eps, correction_first=corrections[0],
+                    correction_second=corrections[1])
 
     def node_mean(self, nodes: Array, d: int, out: Array) -> Launch:
         """out (1,) = sum(nodes) / d: the "bn" variant's scalar gradient."""

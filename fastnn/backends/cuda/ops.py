@@ -24,6 +24,7 @@ from ..codes import (
     BATCH_NORM_CODES,
     DECAY_CODES,
     DROPOUT_CODES,
+    OPTIMIZER_CODES,
     OUTPUT_CODES,
     STATS_CODES,
 )
@@ -33,7 +34,7 @@ from .launches import GRID_Y_MAX, Launch, bn_code, cdiv, linear_grid
 from .training import KernelTraining
 
 if TYPE_CHECKING:
-    from ...plan import DropoutSpec
+    from ...plan import DropoutSpec, OptimizerSpec
 
 Array = Any
 
@@ -279,6 +280,23 @@ class KernelOps(KernelTraining, KernelEvaluation):
             super().sgd_update(param, grad, rate, decay, lam)
             return
         self.launch.sgd(param, grad, rate, decay, lam).run()
+
+    def optimizer_update(
+        self, param: Array, grad: Array, slots: tuple[Array, ...], rate: float,
+        spec: OptimizerSpec, step: int, decay: str | None = None, lam: float = 0.0,
+    ) -> None:
+        """One update of param and its slots by the plan's optimiser: one optimizer_update
+        launch (none when rate is 0)."""
+        if not rate:
+            return
+        if not (self._fits(param, grad, *slots) and param.ndim in (1, 2) and param.size > 0
+                and all(a.shape == param.shape for a in (grad, *slots))
+                and len(slots) == len(spec.slots) and self._writable(param, *slots)
+                and decay in DECAY_CODES and spec.kind in OPTIMIZER_CODES):
+            super().optimizer_update(param, grad, slots, rate, spec, step, decay, lam)
+            return
+        self.launch.optimizer(param, grad, slots, spec, rate, decay, lam,
+                              (1 - spec.beta1**step, 1 - spec.beta2**step)).run()
 
     def update_running(
         self, running: tuple[Array, Array], cache: HiddenCache, momentum: float

@@ -6,14 +6,18 @@ batch rows are gathered on the device from the epoch's order (uploaded once per 
 are made inside the kernels from their keys (computed on the host; each launch takes its
 layer's key through the ``key`` parameter, given per step as `step_key`), each layer is
 updated as soon as its gradients exist, loss and accuracy are never read. Nothing inside an
-epoch waits for the device. No CUDA graph is captured: the kernels take the mask key as a
+epoch waits for the device. The article's update (plain SGD at the plan's rates) is the
+sgd_weight/sgd_vector kernels; every other optimiser, and SGD under a schedule, updates each
+parameter and its optimiser slots with one optimizer_update launch whose rate and Adam's bias
+corrections are per-step values computed on the host (`step_values`), as the reference
+computes them. No CUDA graph is captured: the kernels take the mask key as a
 launch argument, so a graph would need its kernel nodes' parameters updated before every
 replay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +39,21 @@ Array = Any
 def step_key(layer: int) -> StepValue:
     """The ``key`` argument of a launch that draws layer ``layer``'s mask: that step's key."""
     return StepValue(("mask key", layer))
+
+
+#: the per-step arguments of the optimizer_update launches
+RATE, BN_RATE = StepValue("rate"), StepValue("batch-norm rate")
+CORRECTIONS = (StepValue("correction first"), StepValue("correction second"))
+
+
+def step_values(plan: Plan, factor: float, update: int) -> dict[Hashable, float]:
+    """The optimizer_update launches' per-step values: the rates times the schedule's factor
+    and Adam's bias corrections 1 - beta^t of update ``update``, in Python floats as
+    `steps.train_step` and `Ops.optimizer_update` compute them."""
+    spec = plan.optimizer
+    return {RATE.source: plan.eta * factor, BN_RATE.source: plan.bn_rate * factor,
+            CORRECTIONS[0].source: 1 - spec.beta1**update,
+            CORRECTIONS[1].source: 1 - spec.beta2**update}
 
 
 @dataclass
@@ -103,15 +122,28 @@ class KernelTraining(KernelBase):
         return _Batch(x, t, mask0, layers)
 
     def _step(self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
-              batch: _Batch, n: int) -> list[Launch]:
+              batch: _Batch, n: int, slots: Mapping[str, tuple[Array, ...]] | None = None
+              ) -> list[Launch]:
         """Every launch of one training step on the first n rows of the batch buffers, in the
-        reference's order (`steps.train_step`); mask keys are given per step (`step_key`)."""
+        reference's order (`steps.train_step`); mask keys are given per step (`step_key`).
+        ``slots``: each parameter's optimiser slots, to update by optimizer_update launches
+        at per-step rates (`step_values`); None: plain SGD at the plan's rates."""
         dtype, sizes, n_layers = np.dtype(plan.dtype), plan.sizes, plan.n_layers
         launch = self.launch
         drop = DROPOUT_CODES["inverted" if plan.dropout_mode == "inverted" else "article"]
         bn = BATCH_NORM_CODES[plan.batch_norm]
         article = drop == DROPOUT_CODES["article"]
         launches: list[Launch] = []
+
+        def update(name: str, grad: Array, bn: bool = False, decay: bool = False) -> Launch:
+            param = params[name]
+            if slots is None:
+                return launch.sgd(param, grad, plan.bn_rate if bn else plan.eta,
+                                  plan.decay if decay else None, plan.lam)
+            return launch.optimizer(param, grad, slots.get(name, ()), plan.optimizer,
+                                    BN_RATE if bn else RATE, plan.decay if decay else None,
+                                    plan.lam, CORRECTIONS)
+
         layers, mask0 = batch.layers, batch.mask0
         x = batch.x[:n]
         spec0 = plan.dropout[0]
@@ -155,15 +187,15 @@ class KernelTraining(KernelBase):
         du = last.du[:n]
         for k in range(n_layers, 0, -1):
             layer, d, d_in = layers[k], sizes[k], sizes[k - 1]
-            w, b = params[f"W{k}"], params[f"b{k}"]
+            w = params[f"W{k}"]
             below = layers[k - 1]
             if k > 1:  # dz of the layer below, with the old W
                 launches.append(launch.gemm("nt", du, w, below.dz[:n], None, n, d_in, d))
             launches.append(launch.gemm("tn", inputs[k - 1], du, layer.dw, None, d_in, d, n))
             launches.append(launch.column_sums(du, n, d, layer.db))
             if plan.eta:
-                launches.append(launch.sgd(w, layer.dw, plan.eta, plan.decay, plan.lam))
-                launches.append(launch.sgd(b, layer.db, plan.eta))
+                launches.append(update(f"W{k}", layer.dw, decay=True))
+                launches.append(update(f"b{k}", layer.db))
             if k == 1:
                 break
             j, spec, dropout = k - 1, plan.hidden[k - 2], plan.dropout[k - 1]
@@ -186,8 +218,8 @@ class KernelTraining(KernelBase):
                     launches.append(launch.node_mean(dgamma, d_in, below.dgamma))
                     launches.append(launch.node_mean(dbeta, d_in, below.dbeta))
                     dgamma, dbeta = below.dgamma, below.dbeta
-                launches.append(launch.sgd(gamma, dgamma, plan.bn_rate))
-                launches.append(launch.sgd(params[f"beta{j}"], dbeta, plan.bn_rate))
+                launches.append(update(f"gamma{j}", dgamma, bn=True))
+                launches.append(update(f"beta{j}", dbeta, bn=True))
             du = below.du[:n]
         if plan.tracks_running:
             for k in range(1, n_layers):
@@ -204,9 +236,13 @@ class KernelTraining(KernelBase):
     ) -> None:
         """The reference epoch as kernel launches: per step, the batch gathered on the device
         from the order uploaded once, then the step's fixed launch list with that step's mask
-        keys. Nothing is read back. An optimiser's state, per-step rate factors or row weights
-        (the kernels update by plain SGD at the plan's rates): the reference epoch."""
-        if not plan.plain_sgd or rate_factors is not None or weights is not None:
+        keys (and, past plain SGD, its rates and Adam's corrections). Nothing is read back.
+        Row weights, or arrays the kernels do not take: the reference epoch."""
+        stepwise = not plan.plain_sgd or rate_factors is not None
+        n_steps = cdiv(len(order), plan.batch_size)
+        if (weights is not None
+                or (stepwise and not self._slots_fit(plan, params, optimizer))
+                or not (rate_factors is None or np.shape(rate_factors) == (n_steps,))):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
                                 optimizer, rate_factors, weights)
             return
@@ -218,7 +254,8 @@ class KernelTraining(KernelBase):
         if fits and host_order.size:
             fits = 0 <= int(host_order.min()) and int(host_order.max()) < len(x)
         if not fits:
-            super().train_epoch(plan, params, running, x, t, order, epoch, workspace)
+            super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
+                                optimizer, rate_factors)
             return
         total = len(host_order)
         if total == 0:
@@ -227,6 +264,9 @@ class KernelTraining(KernelBase):
         indices = xp.asarray(np.ascontiguousarray(host_order, dtype=np.int64))  # one upload
         buffers = self._train_buffers(plan, workspace)
         programs: dict[int, list[Launch]] = {}
+        slots = (optimizer.slots if optimizer is not None else {}) if stepwise else None
+        adaptive = plan.optimizer.kind != "sgd"
+        first_update = optimizer.steps + 1 if adaptive else 1
         # the layers whose masks are drawn, and where each one's key goes
         sources = [(spec.layer, step_key(spec.layer).source) for spec in plan.dropout
                    if spec.active]
@@ -234,11 +274,37 @@ class KernelTraining(KernelBase):
             rows = min(plan.batch_size, total - start)
             program = programs.get(rows)
             if program is None:
-                program = programs[rows] = self._step(plan, params, running, buffers, rows)
+                program = programs[rows] = self._step(plan, params, running, buffers, rows,
+                                                      slots)
             batch = indices[start : start + rows]
             xp.take(x, batch, axis=0, out=buffers.x[:rows])
             xp.take(t, batch, axis=0, out=buffers.t[:rows])
-            keys = {source: plan.mask_key(epoch, step, layer) for layer, source in sources}
+            values: dict[Hashable, Any] = {source: plan.mask_key(epoch, step, layer)
+                                           for layer, source in sources}
+            if stepwise:
+                factor = 1.0 if rate_factors is None else float(rate_factors[step])
+                values.update(step_values(plan, factor, first_update + step))
             for launch in program:
-                launch.run(keys)
+                launch.run(values)
+        if adaptive:
+            optimizer.steps += n_steps
         workspace.count("train_kernels")
+
+    def _slots_fit(self, plan: Plan, params: Mapping[str, Array],
+                   optimizer: OptimizerState | None) -> bool:
+        """True when every parameter's optimiser slots are arrays the kernels update in place
+        (plain sgd under a schedule needs none)."""
+        names = plan.optimizer.slots
+        if not names:
+            return True
+        if optimizer is None:
+            return False
+        for name in plan.param_shapes():
+            slots = optimizer.slots.get(name)
+            if slots is None or len(slots) != len(names) or name not in params:
+                return False
+            param = params[name]
+            if not (self._fits(param, *slots) and self._writable(*slots)
+                    and all(slot.shape == param.shape for slot in slots)):
+                return False
+        return True
