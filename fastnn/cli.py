@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--full-range", action="store_true",
                       help="curves, loss-direction: show every value (default: zoom the y-axis "
                       "on where the runs differ)")
-    sub.add_parser("info", help="backends and why any is unavailable")
+    sub.add_parser("info", help="backends (and why any is unavailable), optimizers and "
+                               "learning-rate schedules")
     data = sub.add_parser("data", help="check or repair the MNIST cache")
     actions = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
     for action, text in (
@@ -478,12 +479,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """List the backends and why any is unavailable."""
+    """List the backends (and why any is unavailable), the optimisers and the learning-rate
+    schedules."""
     from .backends import available
+    from .config import LR_SCHEDULE_RULES, OPTIMIZER_RULES
 
     print(f"fastnn {__version__}")
+    print("backends (--backend):")
     for name, reason in available().items():
-        print(f"  {name:6s} {'available' if reason is None else 'unavailable: ' + reason}")
+        print(f"  {name:12s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("optimizers (--optimizer; coefficients --momentum, --beta1, --beta2, --eps):")
+    for name, rule in OPTIMIZER_RULES.items():
+        print(f"  {name:12s} {rule}")
+    print("learning-rate schedules (--lr-schedule; --warmup N ramps the rate up linearly, "
+          "step by step, over the first N epochs):")
+    for name, rule in LR_SCHEDULE_RULES.items():
+        print(f"  {name:12s} {rule}")
     return 0
 
 

@@ -51,8 +51,27 @@ BN_EVALS = ("batch", "running")
 DROPOUT_MODES = ("article", "inverted")
 DTYPES = ("float32", "float64")
 WEIGHT_DECAYS = ("l1", "l2")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-LR_SCHEDULES = ("constant", "step", "exponential", "cosine", "plateau")
+#: each optimiser and what it does (`fastnn info` prints these; the plan's `OptimizerSpec`
+#: gives the formulas)
+OPTIMIZER_RULES: dict[str, str] = {
+    "sgd": "p -= eta * g: the article's plain stochastic gradient descent",
+    "momentum": "heavy ball: v = momentum * v + g; p -= eta * v",
+    "nesterov": "look-ahead momentum: v = momentum * v + g; p -= eta * (g + momentum * v)",
+    "adam": "per-parameter steps from bias-corrected moving averages of g (beta1) and g^2 "
+            "(beta2), eps added to the root; weight decay is added to g",
+    "adamw": "adam with decoupled weight decay: p -= eta * decay gradient beside the step",
+}
+#: each learning-rate schedule and what it does (the factor of eta; `fastnn.schedules`)
+LR_SCHEDULE_RULES: dict[str, str] = {
+    "constant": "eta throughout (after any warm-up)",
+    "step": "eta x lr_gamma every lr_step_size epochs",
+    "exponential": "eta x lr_gamma each epoch",
+    "cosine": "half a cosine from eta down to lr_min at the last epoch",
+    "plateau": "eta x lr_gamma after lr_patience epochs without a lower loss (plateau_loss: "
+               "train or validation), never below lr_min",
+}
+OPTIMIZERS = tuple(OPTIMIZER_RULES)
+LR_SCHEDULES = tuple(LR_SCHEDULE_RULES)
 PLATEAU_LOSSES = ("train", "validation")
 #: which optimiser uses which of its hyper-parameters
 OPTIMIZER_OPTIONS = {

@@ -210,10 +210,15 @@ def test_bad_data_file_is_exit_2_in_a_subprocess(tmp_path: Path) -> None:
     assert "t10k-labels-idx1-ubyte" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_info_lists_backends(capsys) -> None:
+def test_info_lists_backends_optimizers_and_schedules(capsys) -> None:
+    from fastnn.config import LR_SCHEDULES, OPTIMIZERS
+
     assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "numpy  available" in out and "cupy" in out and "numba" in out
+    lines = capsys.readouterr().out.splitlines()
+    named = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    assert named["numpy"].split()[1] == "available" and "cupy" in named and "numba" in named
+    for name in (*OPTIMIZERS, *LR_SCHEDULES):  # each with what it does
+        assert len(named[name].split()) > 3, named.get(name)
 
 
 def test_save_model_round_trip(idx_folder: Path, tmp_path: Path) -> None:
