@@ -41,7 +41,7 @@ from fastnn.backends.cuda import (
 from fastnn.backends.cuda.launches import kernel_layout
 from fastnn.cuda import shim
 from fastnn.errors import BackendUnavailable
-from fastnn.plan import Plan
+from fastnn.plan import OptimizerSpec, Plan
 
 pytestmark = [
     pytest.mark.cuda_cpu,
@@ -460,6 +460,8 @@ def test_ops_match_the_reference(shim_ops: KernelOps, dtype: str) -> None:
     for decay in (None, "l1", "l2"):
         op_checks.test_affine_backward_update(shim_ops, REF, dtype, decay)
         op_checks.test_sgd_update(shim_ops, REF, dtype, decay)
+        for kind in ("sgd", "momentum", "nesterov", "adam", "adamw"):
+            op_checks.test_optimizer_update(shim_ops, REF, dtype, decay, kind)
     for batch_norm, activation in itertools.product(op_checks.BATCH_NORMS, op_checks.ACTIVATIONS):
         op_checks.test_hidden_forward_and_backward(shim_ops, REF, dtype, batch_norm, activation)
     for output in ("softmax_cross_entropy", "identity_mse"):
@@ -498,10 +500,15 @@ def test_ops_launch_their_kernels(shim_ops: KernelOps) -> None:
     z, cache = ops.hidden_forward(gen.normal(size=(9, 4)), spec, gamma, beta, 0.5)
     ops.hidden_backward(gen.normal(size=(9, 4)), cache, spec, gamma)
     ops.output_grad(du, np.eye(4)[np.arange(9) % 4], "softmax_cross_entropy")
+    adam = OptimizerSpec("adam")
+    ops.optimizer_update(w, du[:6], (np.zeros_like(w), np.zeros_like(w)), 0.1, adam, 1, "l2",
+                         0.01)
+    ops.optimizer_update(w, du[:6], (np.zeros_like(w), np.zeros_like(w)), 0.0, adam, 2)
     assert dict(recorder.launches) == {
         "gemm_nn_f64": 1, "gemm_nt_f64": 1, "gemm_tn_f64": 1, "col_partial_sums_f64": 1,
         "sgd_weight_f64": 1, "sgd_vector_f64": 1, "hidden_forward_f64": 1,
         "hidden_backward_f64": 1, "sum_reduce_f64": 2, "output_loss_grad_f64": 1,
+        "optimizer_update_f64": 1,  # rate 0: no launch
     }
 
 
