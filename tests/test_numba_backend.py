@@ -752,6 +752,7 @@ def _two_epochs_on_one_and_two_threads(
         ours, ref = _pair(options)
         space = ops.workspace(threads=threads)
         space.options["sparse_mode"] = "1" if sparse else "0"
+        space.options["split_min_work"] = 0  # share even these small steps
         ops.prepare_inputs(x, space)
         for epoch in (1, 2):
             ours.train_epoch(x, t, order, epoch, space)
@@ -788,14 +789,20 @@ def test_a_one_input_network_with_per_row_masks(numba_ops: Any, sparse: bool,
 def test_overlap_mode_trains_on_one_thread(numba_ops: Any, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     """FASTNN_NUMBA_PARALLEL=overlap: a two-thread run's steps stay on one thread (the other
-    evaluates); an unknown value keeps the default, "split"."""
+    evaluates); an unknown value keeps the default, "split"; an epoch below split_min_work
+    stays on one thread."""
     x, t, _ = small_data("float64")
     for value, threads in (("overlap", 1), ("bogus", 2), ("split", 2)):
         monkeypatch.setenv("FASTNN_NUMBA_PARALLEL", value)
         space = numba_ops.workspace(threads=2)
+        space.options["split_min_work"] = 0  # share even these small steps
         assert numba_ops.overlaps_evaluation(space) == (value == "overlap")
         Network(small_config("numba")).train_epoch(x, t, np.arange(len(x)), 1, space)
         assert space.counters[f"train_threads_{threads}"] == 1, value
+    monkeypatch.delenv("FASTNN_NUMBA_PARALLEL")
+    space = numba_ops.workspace(threads=2)  # the default threshold: these rows are too few
+    Network(small_config("numba")).train_epoch(x, t, np.arange(len(x)), 1, space)
+    assert space.counters["train_threads_1"] == 1 and "train_threads_2" not in space.counters
 
 
 def test_a_failing_thread_releases_the_other(numba_ops: Any) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from ...threads import check_threads
 from ..codes import BATCH_NORM_CODES, OUTPUT_CODES
 from ..workspace import Workspace
-from .fit import hidden_activations, layers_record, plan_fits
+from .fit import hidden_activations, layers_record, live_arrays, plan_fits, remembered
 from .inputs import first_layer
 from .kernels.common import Data, EvalPlan, EvalRows
 
@@ -35,8 +35,10 @@ def loss_and_classes(
     batch_stats = plan.bn_eval == "batch" or not running
     if not (plan_fits(plan, x, t) and x.flags.writeable and len(x) > 0):
         return None
-    layers = layers_record(plan, params, running, x.dtype,
-                           plan.batch_norm != "off" and not batch_stats)
+    with_running = plan.batch_norm != "off" and not batch_stats
+    layers = remembered(
+        workspace, "evaluate", (plan, x.dtype, with_running, *live_arrays(params, running, None)),
+        lambda: layers_record(plan, params, running, x.dtype, with_running))
     if layers is None:
         return None
     dtype = x.dtype

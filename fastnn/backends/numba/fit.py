@@ -7,7 +7,7 @@ anything else (another dtype, a view, an odd mask) goes to the NumPy reference.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from .kernels.common import Layers, Slots
 if TYPE_CHECKING:
     from ...plan import Plan
     from ..optimizers import OptimizerState
+    from ..workspace import Workspace
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -139,3 +140,30 @@ def slots_record(plan: Plan, optimizer: OptimizerState | None, dtype: Any) -> Sl
                  group("b", 0, every, vector), group("b", 1, every, vector),
                  group("gamma", 0, hidden, vector), group("gamma", 1, hidden, vector),
                  group("beta", 0, hidden, vector), group("beta", 1, hidden, vector))
+
+
+def remembered(workspace: Workspace, name: str, identity: tuple[Any, ...],
+               make: Callable[[], Any]) -> Any:
+    """``make()``, once per run for the same objects: kept in the run's workspace under
+    ``name`` while every object of ``identity`` (the plan, the live arrays a record wraps) is
+    the very one it was made for. The kernels update those arrays in place, so a run's
+    records are built in its first epoch and reused after (a record costs about as much to
+    build as a small set's epoch takes to train)."""
+
+    def same(kept: tuple[tuple[Any, ...], Any]) -> bool:
+        return len(kept[0]) == len(identity) and all(
+            a is b for a, b in zip(kept[0], identity, strict=True))
+
+    return workspace.buffer(("numba record", name), lambda: (identity, make()), same)[1]
+
+
+def live_arrays(params: Mapping[str, Any], running: Mapping[int, Any],
+                optimizer: OptimizerState | None) -> tuple[Any, ...]:
+    """Every array a run's records can wrap: parameters, running statistics, optimiser slots."""
+    arrays = [*params.values()]
+    for pair in running.values():
+        arrays.extend(pair)
+    if optimizer is not None:
+        for slots in optimizer.slots.values():
+            arrays.extend(slots)
+    return tuple(arrays)

@@ -11,7 +11,8 @@ Two threads: with two free threads or more, each training step is shared by two 
 rows forward, the rows of each W backward, a spin barrier between the phases; see
 `kernels.epoch`), then evaluation shares its blocks. The workspace option ``parallel``
 (FASTNN_NUMBA_PARALLEL) "overlap" trains on one thread instead while a trainer evaluates the
-previous epoch on another. Every choice gives the same bits: the parts of a step are the same
+previous epoch on another. An epoch smaller than ``split_min_work`` (rows x parameters) keeps
+its steps on one thread. Every choice gives the same bits: the parts of a step are the same
 with one thread or two.
 
 Sparse inputs (`inputs`): workspace options (from the environment when the workspace is made):
@@ -26,6 +27,7 @@ first-layer path each call took ("train_sparse", "evaluate_dense", ...), and
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -68,6 +70,11 @@ WORKSPACE_DEFAULTS: dict[str, Any] = {
     "sparse_threshold": 0.35,
     "sparse_train_dtypes": ("float32", "float64"),
     "eval_block": 2048,
+    # rows x parameters of an epoch below which its steps stay on one thread: starting the
+    # helper and meeting at the barriers costs more than it saves (measured: breast_cancer
+    # 398 x 3.3k 0.85 ms an epoch on one thread, 1.29 on two; digits 1257 x 7.5k 3.0 / 3.2;
+    # make_classification 14000 x 5.5k 21.3 / 16.5; MNIST 60000 x 89k gains 1.5x)
+    "split_min_work": 20_000_000,
     "parallel": "split",
 }
 #: how a run with two threads or more uses them (FASTNN_NUMBA_PARALLEL): "split" shares each
@@ -131,9 +138,12 @@ class NumbaOps(NumpyOps):
         thread while e + 1 trains on another. With "split", each step is shared instead."""
         return workspace.threads >= 2 and workspace.options.get("parallel") == "overlap"
 
-    def _splits_steps(self, workspace: Workspace) -> bool:
-        """Whether this epoch's steps are shared by two threads (two are free, "split")."""
-        return workspace.free_threads >= 2 and workspace.options.get("parallel") == "split"
+    def _splits_steps(self, workspace: Workspace, plan: Plan, rows: int) -> bool:
+        """Whether this epoch's steps are shared by two threads: two are free, "split", and
+        the epoch is worth a second thread (rows x parameters >= ``split_min_work``)."""
+        work = rows * sum(math.prod(shape) for shape in plan.param_shapes().values())
+        return (workspace.free_threads >= 2 and workspace.options.get("parallel") == "split"
+                and work >= workspace.options.get("split_min_work", 0))
 
     def blas_thread_count(self, threads: int) -> int:
         """One: a batch's products are too small to gain from a second BLAS thread, and a
@@ -466,7 +476,7 @@ class NumbaOps(NumpyOps):
         loop around the per-op kernels (`training`), for every optimiser, schedule and row
         weighting; the reference for what does not fit."""
         order = np.ascontiguousarray(np.asarray(order), dtype=np.int64)
-        threads = training.PARTS if self._splits_steps(workspace) else 1
+        threads = training.PARTS if self._splits_steps(workspace, plan, len(order)) else 1
         if not training.train_epoch(self.kernels, self._blas, plan, params, running, x, t,
                                     order, epoch, workspace, threads=threads,
                                     optimizer=optimizer, rate_factors=rate_factors,

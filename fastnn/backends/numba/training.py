@@ -18,7 +18,14 @@ import numpy as np
 from ..codes import BATCH_NORM_CODES, DECAY_CODES, OPTIMIZER_CODES, OUTPUT_CODES
 from ..optimizers import OptimizerState
 from ..workspace import Workspace
-from .fit import hidden_activations, layers_record, plan_fits, slots_record
+from .fit import (
+    hidden_activations,
+    layers_record,
+    live_arrays,
+    plan_fits,
+    remembered,
+    slots_record,
+)
 from .inputs import first_layer
 from .kernels.common import (
     PARTS,
@@ -150,8 +157,11 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
     if not (weights is None or (isinstance(weights, np.ndarray) and weights.dtype == x.dtype
                                 and weights.shape == (len(x),) and weights.flags.c_contiguous)):
         return False
-    layers = layers_record(plan, params, running, x.dtype, update_running)
-    slots = slots_record(plan, optimizer, x.dtype)
+    layers, slots = remembered(
+        workspace, "train", (plan, x.dtype, update_running, *live_arrays(params, running,
+                                                                         optimizer)),
+        lambda: (layers_record(plan, params, running, x.dtype, update_running),
+                 slots_record(plan, optimizer, x.dtype)))
     if layers is None or slots is None:
         return False
     options = workspace.options
@@ -162,9 +172,11 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
     plan_record = step_plan(plan, epoch, x.dtype, update_running,
                             step_rates(plan, n_steps, rate_factors, first_update),
                             weights is not None)
-    buffers, parts = step_buffers(
-        plan.sizes, min(plan.batch_size, len(order)), t.shape[1], x.dtype,
-        plan_record.keep_ratios, plan_record.inverted, csr.sparse)
+    shape = (plan.sizes, min(plan.batch_size, len(order)), t.shape[1], x.dtype,
+             tuple(plan_record.keep_ratios), plan_record.inverted, csr.sparse)
+    buffers, parts = workspace.buffer(  # every epoch of the run fills them anew
+        ("numba step buffers", *shape),
+        lambda: step_buffers(*shape[:4], plan_record.keep_ratios, *shape[5:]), lambda _: True)
     row_weights = np.ones(1, x.dtype) if weights is None else weights
     arguments = (Data(x, t, csr, row_weights), order, layers, slots, plan_record,
                  blas_for(x.dtype), buffers, parts)
