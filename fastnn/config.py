@@ -735,7 +735,8 @@ class Config:
     n_iter_no_change: int | None = _option(
         None,
         Integer(1, optional=True),
-        "stop after this many epochs without a lower training loss (converged)",
+        "stop after this many epochs in a row whose training loss is not below the best so "
+        "far minus tol (converged; scikit-learn's rule)",
         "--n-iter-no-change",
         metavar="EPOCHS",
     )

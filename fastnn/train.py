@@ -476,14 +476,16 @@ class Trainer:
                 if waited >= cfg.early_stopping:
                     history.events["stopped_early_at"] = epoch
         best_train, train_waited = state.best_train_loss, state.epochs_without_train_gain
-        if cfg.n_iter_no_change is not None:
+        if cfg.n_iter_no_change is not None:  # scikit-learn's rule for its MLPs
             loss = history.train_loss[-1]
-            if best_train is None or loss < best_train - cfg.tol:
-                best_train, train_waited = loss, 0
-            else:
+            if best_train is not None and loss > best_train - cfg.tol:
                 train_waited += 1
                 if train_waited >= cfg.n_iter_no_change:
                     history.events["converged_at"] = epoch
+            else:
+                train_waited = 0
+            if best_train is None or loss < best_train:  # any gain lowers the bar
+                best_train = loss
         plateau = state.plateau
         if cfg.lr_schedule == "plateau":
             watcher = Plateau.from_dict(plateau) if plateau else Plateau()

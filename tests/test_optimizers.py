@@ -232,9 +232,16 @@ def test_convergence_stops_a_run_with_tol_and_n_iter_no_change() -> None:
     history = Trainer(config).fit(x, y)
     stopped = history.events["converged_at"]
     assert stopped < 200 and history.epochs == stopped
-    losses = history.train_loss
-    best = min(losses[: stopped - 2])
-    assert all(loss >= best - 1e-3 for loss in losses[stopped - 2:])
+    # scikit-learn's rule, transcribed: a loss above best - tol counts an epoch without gain,
+    # any other resets the count; the best is the lowest loss so far
+    best, count, expected = math.inf, 0, None
+    for epoch, loss in enumerate(history.train_loss[1:], start=1):
+        count = count + 1 if loss > best - 1e-3 else 0
+        best = min(best, loss)
+        if count >= 3:
+            expected = epoch
+            break
+    assert stopped == expected
 
 
 def test_options_of_another_optimiser_or_schedule_are_refused() -> None:
