@@ -29,6 +29,7 @@ pickles; the network is rebuilt from it when needed.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import Config, default_of
+from .errors import MissingDependency
 from .history import History
 from .network import Network
 from .preprocessing import Normalizer
@@ -201,6 +203,7 @@ class _MLPBase:
     def _validate(self, x: Any, y: Any = "no_validation", *, reset: bool, **check: Any) -> Any:
         """``x`` (and ``y``) checked by scikit-learn; images (N, ...) are flattened; sets or
         checks ``n_features_in_``."""
+        _require_sklearn()
         if isinstance(x, np.ndarray) and x.ndim > 2:
             x = x.reshape(len(x), -1)
         try:
@@ -314,6 +317,7 @@ class _MLPBase:
     # ---- using the fitted network ----
     def _outputs(self, x: Any) -> np.ndarray:
         """Network outputs (float64) for raw inputs, normalised as in training."""
+        _require_sklearn()
         from sklearn.utils.validation import check_is_fitted
 
         check_is_fitted(self)
@@ -486,6 +490,13 @@ def _targets(y: np.ndarray) -> np.ndarray:
     """Regression targets as a float64 (N, k) array."""
     y = np.asarray(y, dtype=np.float64)
     return y.reshape(-1, 1) if y.ndim == 1 else y
+
+
+def _require_sklearn() -> None:
+    """Raise `MissingDependency`, saying what to install, when scikit-learn is missing."""
+    if importlib.util.find_spec("sklearn") is None:
+        raise MissingDependency(
+            "fastnn's MLPClassifier and MLPRegressor need scikit-learn: pip install scikit-learn")
 
 
 def _validate_data_compat(

@@ -390,3 +390,20 @@ def test_convergence_and_the_fitted_curves(capsys: pytest.CaptureFixture[str]) -
     assert len(lines) == clf.n_iter_ and lines[0].startswith("Iteration 1, loss = ")
     stopped = MLPClassifier(hidden=(16,), early_stopping=True, n_iter_no_change=3).fit(x, y)
     assert len(stopped.validation_loss_curve_) == stopped.n_iter_
+
+
+def test_without_scikit_learn_the_estimators_say_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from fastnn.errors import MissingDependency
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))
+    x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    for call in (lambda: fastnn.MLPClassifier().fit(x, y),
+                 lambda: fastnn.MLPRegressor().fit(x, y.astype(float)),
+                 lambda: fastnn.MLPClassifier().predict(x)):
+        with pytest.raises(MissingDependency, match="need scikit-learn: pip install scikit-learn"):
+            call()
