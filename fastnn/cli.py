@@ -26,6 +26,7 @@ from .runs import (
     SweepFolder,
     TrainingRun,
     check_checkpoint_dir,
+    check_distinct_outputs,
     check_output_file,
     check_output_folder,
     run_record,
@@ -285,6 +286,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_checkpoint_dir(args.checkpoint, "--checkpoint")
     elif args.resume:
         check_checkpoint_dir(args.resume, "--resume")
+    checkpoint_flag = "--checkpoint" if args.checkpoint else "--resume"
+    checkpoint_dir = args.checkpoint or args.resume
+    check_distinct_outputs({
+        "--out": args.out, "--save-model": args.save_model, "--log-csv": args.log_csv,
+        "--log-jsonl": args.log_jsonl,
+        checkpoint_flag: Path(checkpoint_dir) / ckpt.FILENAME if checkpoint_dir else None,
+    })
     run = TrainingRun.prepare(
         config, threads, args.data, resume=resume_state,
         checkpoint_dir=args.checkpoint or args.resume, checkpoint_every=args.checkpoint_every,
@@ -410,6 +418,8 @@ def _read_runs(paths: list[str]) -> list[_RunFile]:
             history = History.from_dict(record["history"])
             config = dict(record.get("config") or {})
             history.summary()
+        except RecursionError:  # JSON nested deeper than a run file ever is
+            raise DataError(f"{path}: not a fastnn run file (nested too deeply)") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{path}: not a fastnn run file ({exc.__class__.__name__}: {exc})"
@@ -710,8 +720,58 @@ COMMANDS = {
 }
 
 
+class _StdoutWithoutReader:
+    """sys.stdout that stops printing, never the command, once its reader has gone
+    (``fastnn train ... | head -1``): the run goes on and writes its outputs. The stream's
+    descriptor then points at the null device, so nothing fails at exit either."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._lose_reader()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._lose_reader()
+
+    def _lose_reader(self) -> None:
+        self.reader_gone = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self._stream.fileno())
+            finally:
+                os.close(null)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a test's capture)
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastnn`` command."""
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _StdoutWithoutReader(stdout)
+    try:
+        return _run_command(argv)
+    finally:
+        sys.stdout = stdout
+
+
+def _run_command(argv: list[str] | None) -> int:
+    """Parse and run one command; every failure becomes a one-line message and an exit code."""
     try:
         with stop_signals_as_interrupts():
             args = build_parser().parse_args(argv)

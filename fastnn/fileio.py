@@ -1,9 +1,11 @@
-"""Atomic file writes: a temporary file beside the target, flushed, fsynced, renamed over it."""
+"""Atomic file writes: a temporary file beside the target, flushed, fsynced, renamed over it
+(only ever over a regular file: links are followed, devices and pipes written in place)."""
 
 from __future__ import annotations
 
 import glob
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -35,8 +37,22 @@ def write_atomically(
     """Call ``write`` on a binary handle to a temporary file in path's folder, then rename it
     over ``path``. On any failure (a full disk, an interrupt) the temporary file is removed, a
     file already at ``path`` stays as it was, and the error is raised. ``mode`` sets the file's
-    permissions (default: what the umask gives a new file, 0o666 & ~umask, as ``open`` would)."""
-    path = Path(path)
+    permissions (default: what the umask gives a new file, 0o666 & ~umask, as ``open`` would).
+
+    Only a regular file (or nothing) is ever replaced: a symbolic link is written through to
+    the file it points to (the link stays), and anything else that exists at ``path`` (a
+    character device such as /dev/null, a FIFO) is written in place. Returns the path
+    written."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:  # a device or a pipe: never renamed over (open raises for a folder)
+        with open(path, "wb") as handle:
+            write(handle)
+            handle.flush()
+        return path
     if mode is None:
         mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PART_SUFFIX, dir=path.parent)

@@ -124,29 +124,53 @@ class History:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
-        """Inverse of `to_dict`."""
-        keys = (
-            "train_acc",
-            "train_loss",
-            "test_acc",
-            "test_loss",
-            "epoch_seconds",
-            "val_acc",
-            "val_loss",
-        )
-        history = cls(
-            **{
-                key: [float("nan") if v is None else float(v) for v in data.get(key, [])]
-                for key in keys
-            }
-        )
-        history.events = dict(data.get("events", {}))
+        """Inverse of `to_dict`; a `ValueError` naming the first thing that is not as
+        `to_dict` writes it (a list of numbers or nulls per figure, one entry per evaluation,
+        test and validation figures all there or all absent)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the history is a {type(data).__name__}, not an object")
+        history = cls(**{key: _numbers(data.get(key, []), key) for key in _FIGURES})
+        entries = len(history.train_acc)
+        for group, optional in ((("train_loss",), False), (("test_acc", "test_loss"), True),
+                                (("val_acc", "val_loss"), True), (("epoch_seconds",), True)):
+            lengths = {key: len(getattr(history, key)) for key in group}
+            if set(lengths.values()) != {entries} and not (
+                    optional and set(lengths.values()) == {0}):
+                key = next(k for k, n in lengths.items() if n != entries)
+                raise ValueError(f"history {key} has {lengths[key]} entries, train_acc "
+                                 f"{entries}")
+        events = data.get("events", {})
+        if not isinstance(events, dict):
+            raise ValueError(f"history events is a {type(events).__name__}, not an object")
+        history.events = dict(events)
         bn_params = data.get("bn_params") or {}
-        history.bn_params = {
-            str(name): [[float("nan") if v is None else float(v) for v in epoch] for epoch in rows]
-            for name, rows in bn_params.items()
-        }
+        if not isinstance(bn_params, dict):
+            raise ValueError(f"history bn_params is a {type(bn_params).__name__}, not an object")
+        for name, rows in bn_params.items():
+            if not isinstance(rows, list) or len(rows) != entries:
+                raise ValueError(f"history bn_params {name}: expected {entries} lists of values")
+            history.bn_params[str(name)] = [_numbers(row, f"bn_params {name}") for row in rows]
         return history
+
+
+#: the per-evaluation figures of a `History`, as `to_dict` names them
+_FIGURES = ("train_acc", "train_loss", "test_acc", "test_loss", "epoch_seconds", "val_acc",
+            "val_loss")
+
+
+def _numbers(values: Any, name: str) -> list[float]:
+    """A list of numbers (null: NaN) of a history; `ValueError` naming it otherwise."""
+    if not isinstance(values, list):
+        raise ValueError(f"history {name} is a {type(values).__name__}, not a list")
+    out = []
+    for value in values:
+        if value is None:
+            out.append(float("nan"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append(float(value))
+        else:
+            raise ValueError(f"history {name} holds a {type(value).__name__}, not a number")
+    return out
 
 
 def format_table(rows: Sequence[tuple[str | Mapping[str, str], Mapping[str, Any]]]) -> str:

@@ -23,10 +23,11 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import sys
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,26 @@ def check_output_file(path: str | None, flag: str) -> None:
     if target.is_dir():
         raise OutputError(f"{flag} {path}: is a directory; give a file name")
     check_output_folder(target.parent, flag, path)
+
+
+def check_distinct_outputs(outputs: Mapping[str, str | Path | None]) -> None:
+    """An `OutputError` when two outputs (flag -> path; None: not given) are one file, so that
+    one would silently replace the other. Paths are compared with links and relative parts
+    resolved; a device or a pipe (/dev/null) may take any number of them."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        resolved = Path(os.path.realpath(path))
+        try:
+            if not stat.S_ISREG(os.stat(resolved).st_mode):
+                continue
+        except OSError:  # not there yet (or unreadable: the other checks say so)
+            pass
+        if resolved in seen:
+            raise OutputError(f"{flag} {path}: the same file as {seen[resolved]}; give each "
+                              "output a file of its own")
+        seen[resolved] = f"{flag} {path}"
 
 
 def check_checkpoint_dir(path: str | None, flag: str) -> None:
@@ -424,7 +445,7 @@ def read_finished_run(path: Path, config: Config, data: str | None) -> dict[str,
         history.summary()
         same = record["config"] == json.loads(json.dumps(config.to_dict()))
         env = record.get("environment") or {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     events = history.events
     finished = len(history.test_acc) == config.epochs + 1 or any(

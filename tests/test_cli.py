@@ -472,7 +472,7 @@ def test_diverged_run_json_is_strict(idx_folder: Path, tmp_path: Path) -> None:
                 "epoch": 1,
                 "history": {"test_acc": [0.1]},
             },
-            "history lengths",
+            "history test_acc has 1 entries, train_acc 0",
         ),
     ],
 )

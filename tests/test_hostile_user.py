@@ -1,0 +1,167 @@
+"""What a careless or hostile user does to the files and streams of the command line: a device
+or a link as an output, one path for two outputs, a reader that goes away, crafted run files.
+Each test injects the fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import make_idx_folder
+
+from fastnn.cli import main
+from fastnn.fileio import write_atomically
+
+TINY = ["--hidden", "8", "--epochs", "1", "--batch-size", "50", "--quiet"]
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("forbid_downloads")
+
+
+@pytest.fixture
+def small_data(tmp_path: Path) -> Path:
+    return make_idx_folder(tmp_path / "data", n_train=200, n_test=50)
+
+
+# ---- outputs that are not regular files ----
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_output_is_written_in_place_not_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    write_atomically(fifo, lambda handle: handle.write(b"through the pipe"))
+    reader.join(timeout=10)
+    assert received == [b"through the pipe"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a FIFO, not a regular file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary left
+
+
+def test_a_symlink_output_is_written_through_to_its_target(tmp_path: Path) -> None:
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert write_atomically(link, lambda handle: handle.write(b"new")) == target
+    assert link.is_symlink() and target.read_text() == "new" and link.read_text() == "new"
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "made" )
+    write_atomically(dangling, lambda handle: handle.write(b"made"))
+    assert dangling.is_symlink() and (tmp_path / "made").read_text() == "made"
+
+
+def test_train_out_dev_null_keeps_the_device(small_data: Path) -> None:
+    """The up-front checks and the write leave /dev/null a character device."""
+    if not os.path.exists(os.devnull) or not os.access(os.devnull, os.W_OK):
+        pytest.skip("no writable null device")
+    assert main(["train", "--data", str(small_data), *TINY, "--out", os.devnull]) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+# ---- one path for two outputs ----
+
+
+@pytest.mark.parametrize("second", ["--save-model", "--log-jsonl", "--log-csv"])
+def test_one_path_for_two_outputs_is_exit_2_before_training(
+        small_data: Path, tmp_path: Path, second: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "x.json"
+    via_other_name = tmp_path / "sub" / ".." / "x.json"
+    (tmp_path / "sub").mkdir()
+    argv = ["train", "--data", str(small_data), *TINY, "--out", str(out), second,
+            str(via_other_name)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{second} {via_other_name}: the same file as --out {out}" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_an_output_inside_the_checkpoint_is_refused(small_data: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ck = tmp_path / "ck"
+    argv = ["train", "--data", str(small_data), *TINY, "--checkpoint", str(ck),
+            "--save-model", str(ck / "checkpoint.npz")]
+    assert main(argv) == 2
+    assert "the same file as --save-model" in capsys.readouterr().err
+
+
+def test_outputs_to_the_null_device_may_share_it(small_data: Path) -> None:
+    if not os.access(os.devnull, os.W_OK):
+        pytest.skip("no writable null device")
+    argv = ["train", "--data", str(small_data), *TINY, "--out", os.devnull, "--log-csv",
+            os.devnull]
+    assert main(argv) == 0
+
+
+# ---- a reader that goes away ----
+
+
+def test_a_closed_stdout_stops_the_printing_never_the_run(small_data: Path,
+                                                          tmp_path: Path) -> None:
+    """``fastnn train ... | head -1``: the run goes on to the end and writes --out, exit 0."""
+    out = tmp_path / "run.json"
+    command = [sys.executable, "-m", "fastnn", "train", "--data", str(small_data), "--hidden",
+               "8", "--epochs", "40", "--batch-size", "200", "--out",
+               str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), FASTNN_OFFLINE="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.readline()
+    process.stdout.close()  # as head does after its line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+    record = json.loads(out.read_text())
+    assert len(record["history"]["train_acc"]) == 41
+
+
+# ---- crafted run files ----
+
+
+def _run_file(path: Path, history: object) -> Path:
+    path.write_text(json.dumps({"config": {}, "history": history}))
+    return path
+
+
+@pytest.mark.parametrize(("history", "fragment"), [
+    ({"train_acc": [0.1, 0.2], "train_loss": [1.0]}, "train_loss has 1 entries, train_acc 2"),
+    ({"train_acc": [0.1], "train_loss": [1.0], "test_acc": [0.1, 0.2], "test_loss": [1.0]},
+     "test_acc has 2 entries, train_acc 1"),
+    ({"train_acc": [0.1], "train_loss": [1.0], "test_acc": ["x"], "test_loss": [1.0]},
+     "test_acc holds a str, not a number"),
+    ({"train_acc": 5, "train_loss": [1.0]}, "train_acc is a int, not a list"),
+    ({"train_acc": [0.1], "train_loss": [1.0], "events": []}, "events is a list"),
+    ({"train_acc": [0.1], "train_loss": [1.0], "bn_params": {"gamma1": [[1.0], [2.0]]}},
+     "bn_params gamma1: expected 1 lists"),
+    ([1, 2], "the history is a list"),
+])
+@pytest.mark.parametrize("command", ["summary", "plot"])
+def test_crafted_run_files_are_not_run_files(
+        tmp_path: Path, history: object, fragment: str, command: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    run = _run_file(tmp_path / "run.json", history)
+    argv = [command, str(run)] + (["--out", str(tmp_path / "c.png")] if command == "plot" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: not a fastnn run file" in err and fragment in err, err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["summary", "plot"])
+def test_a_deeply_nested_run_file_is_not_a_run_file(
+        tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "deep.json"
+    run.write_text("[" * 100_000 + "]" * 100_000)
+    argv = [command, str(run)] + (["--out", str(tmp_path / "c.png")] if command == "plot" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: not a fastnn run file (nested too deeply)" in err and err.count("\n") == 1
