@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from .backends.optimizers import STEPS_KEY
 from .config import Config
 from .errors import CheckpointError, ConfigError
-from .fileio import os_reason, remove_partial_files, write_atomically
+from .fileio import ARCHIVE_ERRORS, os_reason, remove_partial_files, write_atomically
 from .history import History
 from .train import TrainState
 
@@ -129,8 +130,9 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["__header__"]))
             arrays = {name: np.array(data[name]) for name in data.files if name != "__header__"}
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    except (OSError, *ARCHIVE_ERRORS) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint, damaged or cut short "
+                              f"({exc.__class__.__name__}: {exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastnn checkpoint")
     if header.get("version") != VERSION:
@@ -171,7 +173,46 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, TrainState]:
         raise CheckpointError(
             f"{path}: damaged checkpoint (history lengths {sorted(lengths)} for epoch {epoch})"
         )
+    problem = _arrays_problem(config, state.arrays) or (
+        _arrays_problem(config, state.best_arrays) if state.best_arrays else None)
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint ({problem})")
     return config, state
+
+
+def _arrays_problem(config: Config, arrays: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with a checkpoint's arrays for ``config`` (None: nothing): each array a
+    run of it writes, of its shape, real floating point and finite (the update count: one
+    integer >= 0); no other array. Population statistics are optional."""
+    from .network import POPULATION_PREFIX, Network
+
+    try:
+        expected = Network(config.replace(backend="numpy")).state_arrays()
+    except (ConfigError, ValueError, MemoryError) as exc:
+        return f"its config cannot be built: {exc}"
+    extra = sorted(name for name in arrays if name not in expected
+                   and not name.startswith(POPULATION_PREFIX))
+    if extra:
+        return f"arrays a run of its config does not have: {', '.join(extra[:5])}"
+    for name, want in expected.items():
+        if name not in arrays:
+            return f"array {name} is missing"
+        got = arrays[name]
+        if got.shape != want.shape:
+            return f"array {name} has shape {got.shape}, expected {want.shape}"
+        if name == STEPS_KEY:
+            if got.dtype.kind not in "iu" or int(got) < 0:
+                return f"{name} must be an integer >= 0"
+            continue
+        if got.dtype.kind != "f":
+            return f"array {name} holds {got.dtype}, not real floating-point numbers"
+        if not np.all(np.isfinite(got)):
+            return f"array {name} holds NaN or infinite values"
+    for name, got in arrays.items():
+        if name.startswith(POPULATION_PREFIX) and (
+                got.dtype.kind != "f" or not np.all(np.isfinite(got))):
+            return f"array {name} holds values that are not finite real numbers"
+    return None
 
 
 def check_compatible(saved: Config, wanted: Config, state: TrainState, where: Any) -> None:

@@ -8,6 +8,8 @@ import os
 import stat
 import tempfile
 import threading
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -15,6 +17,8 @@ from typing import BinaryIO
 _UMASK_LOCK = threading.Lock()
 #: the name ending of the temporary files `write_atomically` writes
 PART_SUFFIX = ".part"
+#: what reading a damaged or cut .npz file (a zip archive) can raise, besides `OSError`
+ARCHIVE_ERRORS = (ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def current_umask() -> int:

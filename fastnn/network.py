@@ -16,7 +16,7 @@ from .backends.optimizers import OptimizerState
 from .backends.workspace import Workspace
 from .config import Config
 from .errors import ConfigError, DataError
-from .fileio import write_atomically
+from .fileio import ARCHIVE_ERRORS, write_atomically
 from .functions import init_biases, init_weights
 from .plan import Plan
 from .preprocessing import labels_and_one_hot
@@ -422,8 +422,9 @@ def read_network_file(path: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
         with np.load(Path(path), allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"]))
             arrays = {name: data[name] for name in data.files if name != "__meta__"}
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise DataError(f"{path}: not a fastnn network file ({exc})") from None
+    except (OSError, *ARCHIVE_ERRORS) as exc:
+        raise DataError(f"{path}: not a fastnn network file, or a damaged one "
+                        f"({exc.__class__.__name__}: {exc})") from None
     return meta, arrays
 
 

@@ -165,3 +165,108 @@ def test_a_deeply_nested_run_file_is_not_a_run_file(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{run}: not a fastnn run file (nested too deeply)" in err and err.count("\n") == 1
+
+
+# ---- damaged checkpoints and model files ----
+
+
+def _checkpointed(small_data: Path, tmp_path: Path) -> Path:
+    ck = tmp_path / "ck"
+    assert main(["train", "--data", str(small_data), *TINY, "--checkpoint", str(ck),
+                 "--save-model", str(tmp_path / "model.npz")]) == 0
+    return ck
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "cut":
+        del data[len(data) // 2:]
+    else:  # flip bytes in the middle (inside a stored array)
+        for i in range(len(data) // 2, len(data) // 2 + 64):
+            data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["cut", "flipped"])
+def test_a_damaged_checkpoint_is_exit_2_naming_it(
+        small_data: Path, tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _checkpointed(small_data, tmp_path)
+    _damage(ck / "checkpoint.npz", how)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ck / 'checkpoint.npz'}: " in err and "internal error" not in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("how", ["cut", "flipped"])
+def test_a_damaged_model_file_is_refused(small_data: Path, tmp_path: Path, how: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from fastnn import Model
+    from fastnn.errors import DataError
+
+    _checkpointed(small_data, tmp_path)
+    model = tmp_path / "model.npz"
+    _damage(model, how)
+    with pytest.raises(DataError, match="model.npz"):
+        Model.load(model)
+    capsys.readouterr()
+    assert main(["plot", "--kind", "weights", str(model), "--out", str(tmp_path / "w.png")]) == 2
+    err = capsys.readouterr().err
+    assert "model.npz: not a fastnn model file" in err and err.count("\n") == 1
+
+
+def _rewrite_checkpoint(ck: Path, change: dict[str, object]) -> None:
+    import numpy as np
+
+    path = ck / "checkpoint.npz"
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: np.array(data[name]) for name in data.files}
+    for name, value in change.items():
+        if value is None:
+            arrays.pop(name)
+        else:
+            arrays[name] = value  # type: ignore[assignment]
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ("nan", "array W1 holds NaN or infinite values"),
+    ("complex", "array W1 holds complex128, not real floating-point numbers"),
+    ("int8", "array W1 holds int8, not real floating-point numbers"),
+    ("extra", "arrays a run of its config does not have: smuggled"),
+    ("missing", "array b2 is missing"),
+    ("shape", "array W2 has shape (3, 3), expected (8, 10)"),
+])
+def test_a_checkpoint_with_wrong_arrays_is_refused(
+        small_data: Path, tmp_path: Path, change: str, fragment: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    ck = _checkpointed(small_data, tmp_path)
+    with np.load(ck / "checkpoint.npz") as data:
+        w1 = np.array(data["W1"])
+    bad = {
+        "nan": {"W1": np.where(np.arange(w1.size).reshape(w1.shape) == 3, np.nan, w1)},
+        "complex": {"W1": w1.astype(np.complex128)},
+        "int8": {"W1": w1.astype(np.int8)},
+        "extra": {"smuggled": np.zeros(3)},
+        "missing": {"b2": None},
+        "shape": {"W2": np.zeros((3, 3))},
+    }[change]
+    _rewrite_checkpoint(ck, bad)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged checkpoint" in err and fragment in err, err
+
+
+def test_a_sweep_retrains_a_point_whose_checkpoint_is_damaged(small_data: Path,
+                                                              tmp_path: Path) -> None:
+    from fastnn import Config
+    from fastnn.runs import resumable_state
+
+    ck = _checkpointed(small_data, tmp_path)
+    _damage(ck / "checkpoint.npz", "cut")
+    config = Config(hidden=(8,), epochs=1, batch_size=50)
+    assert resumable_state(ck, config, str(small_data)) is None  # trained afresh, no abort
