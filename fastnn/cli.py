@@ -136,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-jsonl", metavar="LOG.jsonl", help="append each epoch's figures as JSON lines")
     add("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N epochs")
-    add("--resume", metavar="DIR", help="continue the run checkpointed in DIR")
+    add("--resume", metavar="DIR",
+        help="continue the run checkpointed in DIR (on its data, into its outputs unless "
+             "given)")
+    add("--resume-other-data", action="store_true",
+        help="with --resume: continue on --data that differs from the checkpoint's")
     add("--quiet", action="store_true", help="no per-epoch output")
     add_config_flags(train)
 
@@ -269,7 +273,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved, resume_state = ckpt.load_checkpoint(args.resume)
         config = config_from_args(args, base=saved)
         ckpt.check_compatible(saved, config, resume_state, args.resume)
+        for flag, path in (resume_state.extra.get("outputs") or {}).items():
+            if flag in OUTPUT_FLAGS and isinstance(path, str) and not getattr(args, flag):
+                setattr(args, flag, path)  # the outputs of the run it continues
     else:
+        if args.resume_other_data:
+            raise UsageError("--resume-other-data needs --resume DIR")
         config = config_from_args(args)
     if args.checkpoint_every is not None:
         if args.checkpoint_every < 1:
@@ -296,6 +305,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = TrainingRun.prepare(
         config, threads, args.data, resume=resume_state,
         checkpoint_dir=args.checkpoint or args.resume, checkpoint_every=args.checkpoint_every,
+        outputs={flag: str(Path(getattr(args, flag)).resolve())
+                 for flag in OUTPUT_FLAGS if getattr(args, flag)},
+        other_data=args.resume_other_data,
     )
     bar = _progress_bar(run.config, args, run.resume)
 
@@ -322,6 +334,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     return _finish(trainer, run, args)
+
+
+#: the output flags of ``fastnn train`` (argparse names) a checkpoint remembers for its resume
+OUTPUT_FLAGS = ("out", "save_model", "log_csv", "log_jsonl")
 
 
 def _loggers(args: argparse.Namespace) -> list[Any]:

@@ -725,6 +725,17 @@ def read_data_once(data_path: str | None) -> Data:
     return read_data(data_path)
 
 
+def data_checksum(data: Data) -> str:
+    """SHA-256 of a data set's four arrays (shapes, dtypes and bytes): what a checkpoint
+    records so that a resume on other data is noticed."""
+    digest = hashlib.sha256()
+    for array in data:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 def data_marker(data_path: str | None) -> str | None:
     """How run files and checkpoints name their data: the IDX folder's absolute path, or None
     for MNIST from the cache."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Config
-from .datasets import Data, data_marker, read_data, read_data_once, sized_for
+from .datasets import Data, data_checksum, data_marker, read_data, read_data_once, sized_for
 from .errors import CheckpointError, FastnnError
 from .fileio import check_writable_folder, os_reason, remove_partial_files, write_atomically
 from .history import History
@@ -290,18 +290,37 @@ class TrainingRun:
         resume: TrainState | None = None,
         checkpoint_dir: str | None = None,
         checkpoint_every: int | None = None,
+        outputs: dict[str, str] | None = None,
+        other_data: bool = False,
     ) -> TrainingRun:
         """Read the data (a resumed run's own, unless ``data_path`` names other), size a new
         run's config for it, and make the writer of checkpoints into ``checkpoint_dir`` (every
-        ``checkpoint_every`` epochs; default: as the resumed run did, else every epoch)."""
+        ``checkpoint_every`` epochs; default: as the resumed run did, else every epoch).
+
+        Checkpoints record the data (its folder and a checksum of its arrays) and the run's
+        ``outputs`` (output flag -> absolute path), so that a resume continues into them. A
+        resume on data whose checksum differs from the checkpoint's is a `CheckpointError`
+        unless ``other_data``."""
         from .checkpoint import CheckpointWriter
 
         saved = resume.extra if resume else {}
         every = checkpoint_every or saved.get("checkpoint_every") or 1
         if resume is not None and not data_path:
             data_path = saved.get("data")
-        extra = {"data": data_marker(data_path), "checkpoint_every": every}
         data = read_data(data_path)
+        extra: dict[str, Any] = {"data": data_marker(data_path), "checkpoint_every": every,
+                                 "outputs": dict(outputs or {})}
+        if checkpoint_dir or resume is not None:
+            extra["data_checksum"] = data_checksum(data)
+            recorded = saved.get("data_checksum")
+            if resume is not None and recorded not in (None, extra["data_checksum"]) and (
+                    not other_data):
+                where = data_path or "MNIST from the cache"
+                raise CheckpointError(
+                    f"--data {where}: not the data the checkpoint was trained on (it was "
+                    f"{saved.get('data') or 'MNIST from the cache'}, checksum "
+                    f"{str(recorded)[:12]}, this is {extra['data_checksum'][:12]}); add "
+                    "--resume-other-data to continue on it anyway")
         if resume is None:
             config = sized_for(config, data)
         writer = CheckpointWriter(checkpoint_dir, config, extra, every) if checkpoint_dir else None

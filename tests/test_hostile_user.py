@@ -270,3 +270,46 @@ def test_a_sweep_retrains_a_point_whose_checkpoint_is_damaged(small_data: Path,
     _damage(ck / "checkpoint.npz", "cut")
     config = Config(hidden=(8,), epochs=1, batch_size=50)
     assert resumable_state(ck, config, str(small_data)) is None  # trained afresh, no abort
+
+
+# ---- resuming ----
+
+
+def test_resume_on_other_data_is_refused_unless_asked_for(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _checkpointed(small_data, tmp_path)
+    other = make_idx_folder(tmp_path / "other", n_train=200, n_test=50, seed=5)
+    capsys.readouterr()
+    argv = ["train", "--resume", str(ck), "--data", str(other), "--epochs", "2", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--data {other}: not the data the checkpoint was trained on" in err
+    assert "--resume-other-data" in err and err.count("\n") == 1
+    moved = tmp_path / "moved"
+    small_data.rename(moved)  # the same data elsewhere: the checksum agrees
+    assert main(["train", "--resume", str(ck), "--data", str(moved), "--epochs", "2",
+                 "--quiet"]) == 0
+    argv[argv.index("--epochs") + 1] = "3"
+    assert main([*argv, "--resume-other-data"]) == 0
+
+
+def test_a_resume_continues_into_the_outputs_of_the_run(small_data: Path,
+                                                        tmp_path: Path) -> None:
+    ck, out, log = tmp_path / "ck", tmp_path / "run.json", tmp_path / "log.csv"
+    assert main(["train", "--data", str(small_data), *TINY, "--checkpoint", str(ck), "--out",
+                 str(out), "--log-csv", str(log)]) == 0
+    assert main(["train", "--resume", str(ck), "--epochs", "3", "--quiet"]) == 0
+    assert len(json.loads(out.read_text())["history"]["train_acc"]) == 4
+    epochs = [line.split(",")[0] for line in log.read_text().splitlines()[1:]]
+    assert epochs == ["0", "1", "2", "3"]
+    other = tmp_path / "other.json"  # an output given on the resume wins
+    assert main(["train", "--resume", str(ck), "--epochs", "4", "--quiet", "--out",
+                 str(other)]) == 0
+    assert len(json.loads(other.read_text())["history"]["train_acc"]) == 5
+    assert len(json.loads(out.read_text())["history"]["train_acc"]) == 4
+
+
+def test_resume_other_data_needs_resume(small_data: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(small_data), *TINY, "--resume-other-data"]) == 2
+    assert "--resume-other-data needs --resume DIR" in capsys.readouterr().err
