@@ -639,6 +639,7 @@ def _train_points(
     values = {point.name: point.values for point in points}
     unsaved: list[str] = []
     with ExitStack() as stack:
+        stack.enter_context(folder.locked())
         client = stack.enter_context(dask_client(args.dask)) if args.dask else None
         loaded = read_data_once(data)  # data errors (and the first-use download) before any run
         records = folder.kept_runs(points, loaded, redo=args.redo)

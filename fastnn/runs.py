@@ -477,6 +477,10 @@ def read_finished_run(path: Path, config: Config, data: str | None) -> dict[str,
     return record
 
 
+#: the lock file a sweep holds in its --out-dir
+SWEEP_LOCK = ".fastnn-sweep.lock"
+
+
 class SweepFolder:
     """The folder of a sweep: one run file per point (``NAME.json``), and, when its runs
     checkpoint (local runs), a checkpoint folder per running point under `SWEEP_CHECKPOINTS`.
@@ -493,6 +497,36 @@ class SweepFolder:
     def run_file(self, name: str) -> Path:
         """The run file of point ``name``."""
         return self.folder / f"{name}.json"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock (`SWEEP_LOCK`, with this process's id in it) while a sweep
+        writes there: a second sweep into the same folder is an `OutputError` naming the
+        first. The operating system drops the lock when its process ends, so a killed sweep
+        leaves none behind."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here (Windows): nothing to hold
+            yield
+            return
+        path = self.folder / SWEEP_LOCK
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the whole sweep
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise OutputError(
+                    f"--out-dir {self.folder}: another sweep ({owner}) is writing there; wait "
+                    "for it to end or give another --out-dir") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {platform.node() or 'this machine'}")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
 
     def kept_runs(
         self, points: Iterable[Any], data: Data, redo: bool

@@ -313,3 +313,41 @@ def test_resume_other_data_needs_resume(small_data: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--data", str(small_data), *TINY, "--resume-other-data"]) == 2
     assert "--resume-other-data needs --resume DIR" in capsys.readouterr().err
+
+
+# ---- two sweeps into one folder ----
+
+
+def test_a_second_sweep_into_a_locked_folder_is_exit_2(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("fcntl")
+    from fastnn.runs import SweepFolder
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    argv = ["sweep", "--data", str(small_data), "--grid", "eta=0.1,0.2", "--hidden", "8",
+            "--epochs", "1", "--batch-size", "50", "--quiet", "--out-dir", str(out)]
+    with SweepFolder(out, str(small_data), checkpointing=True).locked():
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--out-dir {out}: another sweep (pid {os.getpid()} on" in err
+        assert err.count("\n") == 1 and not list(out.glob("*.json"))
+    assert main(argv) == 0  # released with its holder
+    assert len(list(out.glob("*.json"))) == 2
+
+
+def test_a_killed_sweeps_lock_is_no_obstacle(small_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fcntl")
+    out = tmp_path / "runs"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from fastnn.runs import SweepFolder; lock = SweepFolder(Path(sys.argv[1]), None, "
+         "True).locked(); lock.__enter__(); print('held', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+    holder.kill()
+    holder.wait(timeout=30)
+    argv = ["sweep", "--data", str(small_data), "--grid", "eta=0.1", "--hidden", "8",
+            "--epochs", "1", "--batch-size", "50", "--quiet", "--out-dir", str(out)]
+    assert main(argv) == 0
