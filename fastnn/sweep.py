@@ -17,6 +17,8 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -166,12 +168,25 @@ def run_sweep(
                 yield run_point(name, config, path, per_run, checkpoint_dir)
 
 
-def _ignore_stop_signals() -> None:
+#: seconds between a worker's looks at whether the sweep that started it still runs
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _start_worker(parent: int) -> None:
     """Worker-process initializer: Ctrl-C, SIGTERM and SIGHUP sent to the whole process group
-    reach the parent, which stops the workers; a worker never dies half-way on its own."""
+    reach the parent, which stops the workers; a worker never dies half-way on its own, except
+    when the sweep that started it (process ``parent``) is gone (``kill -9``): then it exits
+    within `PARENT_CHECK_SECONDS`, instead of training on for nobody."""
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="fastnn-parent-watch").start()
 
 
 def _in_processes(
@@ -185,7 +200,8 @@ def _in_processes(
 
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_ignore_stop_signals
+        max_workers=workers, mp_context=context, initializer=_start_worker,
+        initargs=(os.getpid(),),
     )
     try:
         with _environment(worker_environment(threads)):  # the workers start as jobs are given

@@ -351,3 +351,65 @@ def test_a_killed_sweeps_lock_is_no_obstacle(small_data: Path, tmp_path: Path) -
     argv = ["sweep", "--data", str(small_data), "--grid", "eta=0.1", "--hidden", "8",
             "--epochs", "1", "--batch-size", "50", "--quiet", "--out-dir", str(out)]
     assert main(argv) == 0
+
+
+# ---- a sweep's workers outlive no parent ----
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat_line.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_the_workers_of_a_killed_sweep_exit(small_data: Path, tmp_path: Path) -> None:
+    import time
+
+    command = [sys.executable, "-m", "fastnn", "sweep", "--data", str(small_data), "--grid",
+               "eta=0.1,0.2", "--hidden", "8", "--epochs", "100000", "--batch-size", "50",
+               "--quiet", "--workers", "2", "--out-dir", str(tmp_path / "runs")]
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=dict(os.environ, PYTHONPATH=str(REPO), FASTNN_OFFLINE="1"))
+    tracked: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.2)
+            # the workers, not the resource tracker: they run fastnn's code
+            workers = [pid for pid in _children(sweep.pid)
+                       if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) >= 2, "the sweep did not start its workers"
+        tracked = _children(sweep.pid)
+        sweep.kill()
+        sweep.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in tracked):
+            time.sleep(0.2)
+        assert not [pid for pid in tracked if _alive(pid)], "orphaned workers still run"
+    finally:  # leave nothing running, whatever happened
+        if sweep.poll() is None:
+            tracked += _children(sweep.pid)
+            sweep.kill()
+        for pid in tracked:
+            if _alive(pid):
+                os.kill(pid, 9)
