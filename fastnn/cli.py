@@ -69,10 +69,19 @@ def _text_reader(name: str) -> Any:
 
 
 def _threads(text: str) -> int:
+    """--threads as a count >= 1, capped at the usable CPUs with a one-line notice."""
+    from .threads import ThreadsCapped, within_cpus
+
     try:
-        return check_threads(text, "--threads")
+        count = check_threads(text, "--threads")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ThreadsCapped)
+        count = within_cpus(count, "--threads")
+    for warning in caught:
+        print(f"notice: {warning.message}", file=sys.stderr, flush=True)
+    return count
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -305,7 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = TrainingRun.prepare(
         config, threads, args.data, resume=resume_state,
         checkpoint_dir=args.checkpoint or args.resume, checkpoint_every=args.checkpoint_every,
-        outputs={flag: str(Path(getattr(args, flag)).resolve())
+        outputs={flag: os.path.abspath(getattr(args, flag))
                  for flag in OUTPUT_FLAGS if getattr(args, flag)},
         other_data=args.resume_other_data,
     )

@@ -179,7 +179,7 @@ def _read_header(stream: BinaryIO, path: Path, ndim: int | None) -> _IdxHeader:
             f"{path}: header truncated ({count} dimensions need {4 * count} bytes, "
             f"found {len(raw_dims)})"
         )
-    dims = struct.unpack(f">{count}i", raw_dims)
+    dims = struct.unpack(f">{count}I", raw_dims)  # sizes are counts: read unsigned
     _check_dims(path, dims)
     return _IdxHeader(dims=dims, header_len=4 + 4 * count)
 
@@ -739,7 +739,13 @@ def data_checksum(data: Data) -> str:
 def data_marker(data_path: str | None) -> str | None:
     """How run files and checkpoints name their data: the IDX folder's absolute path, or None
     for MNIST from the cache."""
-    return str(Path(data_path).resolve()) if data_path else None
+    if not data_path:
+        return None
+    try:
+        return str(Path(data_path).resolve())
+    except (RuntimeError, OSError) as exc:  # a loop of symbolic links (RuntimeError < 3.13)
+        raise DataError(f"{data_path}: cannot follow its symbolic links ({exc}); give the "
+                        "data folder itself") from None
 
 
 def sized_for(config: Config, data: Data) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from .config import Config
 from .errors import ConfigError, DataError
 from .fileio import ARCHIVE_ERRORS, write_atomically
 from .functions import init_biases, init_weights
+from .memory import check_memory
 from .plan import Plan
 from .preprocessing import labels_and_one_hot
 from .threads import blas_threads
@@ -53,6 +55,11 @@ class Network:
         self.sizes = config.layer_sizes
         self.n_layers = config.n_layers
         self.specs = list(self.plan.hidden)
+        count = sum(math.prod(shape) for shape in self.plan.param_shapes().values())
+        # the float64 initial draw, then parameters, gradients and the optimiser's slots
+        check_memory(count * (8 + np.dtype(self.dtype).itemsize
+                              * (2 + len(self.plan.optimizer.slots))),
+                     f"the network ({count:,} parameters in {self.dtype})")
         #: running (mean, var) per hidden layer, used when config.bn_eval == "running"
         self.running: dict[int, tuple[Array, Array]] = {}
         self._params: dict[str, Array] = {}

@@ -88,6 +88,12 @@ def check_output_file(path: str | None, flag: str) -> None:
     if not path:
         return
     target = Path(path)
+    try:
+        os.stat(target)
+    except FileNotFoundError:  # a new file (or a link to one to be made)
+        pass
+    except OSError as exc:  # a loop of links, a component that is not a folder, ...
+        raise OutputError(f"{flag} {path}: cannot be written ({os_reason(exc)})") from None
     if target.is_dir():
         raise OutputError(f"{flag} {path}: is a directory; give a file name")
     check_output_folder(target.parent, flag, path)

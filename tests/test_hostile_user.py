@@ -413,3 +413,79 @@ def test_the_workers_of_a_killed_sweep_exit(small_data: Path, tmp_path: Path) ->
         for pid in tracked:
             if _alive(pid):
                 os.kill(pid, 9)
+
+
+# ---- small ones ----
+
+
+def test_an_idx_size_of_2_31_is_read_unsigned(tmp_path: Path) -> None:
+    import struct
+
+    from fastnn.datasets import read_idx
+    from fastnn.errors import DataError
+
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 2**31) + b"\x00")
+    with pytest.raises(DataError) as caught:
+        read_idx(path)
+    assert "2147483648" in str(caught.value) and "-2147483648" not in str(caught.value)
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_symlink_loop_as_data_is_exit_2(tmp_path: Path, command: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    argv = ["train", "--data", str(a), *TINY] if command == "train" else [
+        "sweep", "--data", str(a), "--grid", "eta=0.1", "--epochs", "1", "--out-dir",
+        str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{a}: " in err and "internal error" not in err and err.count("\n") == 1
+
+
+def test_a_symlink_loop_as_an_output_is_exit_2(small_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    assert main(["train", "--data", str(small_data), *TINY, "--out", str(a)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {a}: cannot be written" in err and err.count("\n") == 1
+
+
+def test_more_threads_than_cpus_are_capped_with_a_notice(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastnn.threads import usable_cpus
+
+    out = tmp_path / "run.json"
+    assert main(["train", "--data", str(small_data), *TINY, "--threads", "100000", "--out",
+                 str(out)]) == 0
+    err = capsys.readouterr().err
+    usable = usable_cpus()
+    assert (f"notice: --threads 100000 is more than the {usable} CPU(s) this process may "
+            f"use; using {usable}") in err
+    assert json.loads(out.read_text())["environment"]["threads"] == usable
+
+
+def test_the_api_caps_threads_too() -> None:
+    from fastnn.backends import get_backend
+    from fastnn.threads import ThreadsCapped, usable_cpus
+
+    with pytest.warns(ThreadsCapped, match="threads 100000 is more than"):
+        workspace = get_backend("numpy").workspace(threads=100000)
+    assert workspace.threads == usable_cpus()
+
+
+def test_a_network_too_large_for_memory_is_exit_2_before_work(
+        small_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    start = time.monotonic()
+    assert main(["train", "--data", str(small_data), *TINY[2:], "--hidden", "100000,100000"]) \
+        == 2
+    assert time.monotonic() - start < 30  # refused, not attempted
+    err = capsys.readouterr().err
+    assert "the network (10,079,600,010 parameters in float32) needs about" in err, err
+    assert "GiB, more than the" in err and err.count("\n") == 1

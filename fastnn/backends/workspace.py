@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..threads import check_threads, default_threads
+from ..threads import check_threads, default_threads, within_cpus
 
 Array = Any
 
@@ -24,7 +24,8 @@ class Workspace:
 
     def __init__(self, threads: int | None = None, options: Mapping[str, Any] | None = None):
         #: CPU threads this run may use (BLAS and backend threads together)
-        self.threads = default_threads() if threads is None else check_threads(threads)
+        self.threads = default_threads() if threads is None else within_cpus(
+            check_threads(threads))
         #: backend-specific settings of this run (e.g. the numba backend's sparse mode)
         self.options: dict[str, Any] = dict(options or {})
         #: how often each code path ran ("train_sparse", "evaluate_dense", ...); see `count`
