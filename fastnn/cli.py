@@ -253,9 +253,12 @@ def _plural(count: int, word: str) -> str:
 
 
 def _epoch_line(history: Any, epoch: int) -> str:
+    """One epoch's figures; with early stopping also the validation loss that decides."""
+    validation = (f"  val acc {history.val_acc[-1]:.4f} loss {history.val_loss[-1]:.5f}"
+                  if history.val_loss else "")
     return (
         f"epoch {epoch:3d}  train acc {history.train_acc[-1]:.4f} loss {history.train_loss[-1]:.5f}"
-        f"  test acc {history.test_acc[-1]:.4f} loss {history.test_loss[-1]:.5f}"
+        f"  test acc {history.test_acc[-1]:.4f} loss {history.test_loss[-1]:.5f}{validation}"
         f"  {history.epoch_seconds[-1]:.2f}s"
     )
 
@@ -380,6 +383,24 @@ def _progress_bar(config: Config, args: argparse.Namespace, resume_state: Any) -
     return tqdm(total=config.epochs, initial=done, unit="epoch", desc="training")
 
 
+def _run_label(config: Config) -> str:
+    """A run's label in its table: backend/dtype and every option that is not the default
+    (sizes from the data aside), e.g. ``numba/float32 batch_norm=bn eta=0.5``."""
+    from .config import default_of
+
+    changed = []
+    for name, value in config.to_dict().items():
+        if name in ("backend", "dtype", "n_inputs", "n_outputs"):
+            continue
+        default = default_of(name)
+        if isinstance(default, tuple):
+            default = list(default)
+        if value != default:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            changed.append(f"{name}={text}")
+    return " ".join([f"{config.backend}/{config.dtype}", *changed])
+
+
 def _finish(trainer: Any, run: TrainingRun, args: argparse.Namespace) -> int:
     """Write --out and --save-model, print the events and the table; `EXIT_UNSAVED` (the
     record on stdout, the reasons on stderr) when an output could not be written."""
@@ -395,7 +416,7 @@ def _finish(trainer: Any, run: TrainingRun, args: argparse.Namespace) -> int:
     for event in ("stopped_early_at", "stopped_on_divergence_at", "restored_best_epoch"):
         if event in history.events:
             print(f"{event.replace('_', ' ')} {history.events[event]}")
-    print(format_table([(f"{config.backend}/{config.dtype}", history.summary())]))
+    print(format_table([(_run_label(config), history.summary())]))
     print(
         f"total {history.total_seconds:.2f}s for {_plural(history.epochs, 'epoch')} "
         f"({history.total_seconds / max(history.epochs, 1):.3f}s per epoch)",

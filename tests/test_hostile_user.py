@@ -489,3 +489,23 @@ def test_a_network_too_large_for_memory_is_exit_2_before_work(
     err = capsys.readouterr().err
     assert "the network (10,079,600,010 parameters in float32) needs about" in err, err
     assert "GiB, more than the" in err and err.count("\n") == 1
+
+
+# ---- what a new user sees ----
+
+
+def test_the_table_labels_a_run_by_its_options(small_data: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(small_data), "--hidden", "8", "--epochs", "1",
+                 "--batch-size", "50", "--batch-norm", "bn", "--eta", "0.5", "--quiet"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith("numpy/float32 hidden=8 eta=0.5 batch_size=50 epochs=1 "
+                              "batch_norm=bn ")
+
+
+def test_epoch_lines_show_the_validation_loss_that_decides(
+        small_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(small_data), "--hidden", "8", "--epochs", "2",
+                 "--batch-size", "50", "--early-stopping", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and all(" val acc " in line and " loss " in line for line in lines)
