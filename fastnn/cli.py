@@ -1,4 +1,5 @@
-"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot``, ``data`` and ``info``.
+"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot``, ``predict``, ``data`` and
+``info``.
 
 Exit codes: 0 success; 2 usage/config/data errors (one line on stderr); 1 internal error;
 3 the run finished but its results file (``--out``, a sweep's run file) or ``--save-model``
@@ -195,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
         help='run the points on a Dask cluster (needs pip install "dask[distributed]")',
     )
     add_config_flags(sweep)
+    predict = sub.add_parser(
+        "predict", help="labels (or probabilities) of a saved model for the rows of a file")
+    predict.add_argument("model", metavar="MODEL.npz", help="a file of fastnn train --save-model")
+    predict.add_argument("inputs", metavar="INPUTS",
+                         help="an IDX images file (raw or .gz), a .npy array or a .csv file")
+    predict.add_argument("--out", metavar="FILE",
+                         help="write the predictions there (default: stdout)")
+    predict.add_argument("--proba", action="store_true",
+                         help="class probabilities (comma separated) instead of labels")
     summary = sub.add_parser("summary", help="the article-style table of runs")
     summary.add_argument("runs", nargs="+", metavar="RUN.json")
     from .plots import KINDS
@@ -534,6 +544,28 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """One line per input row: the saved model's label, regression values, or (--proba) class
+    probabilities; to --out (written whole) or stdout."""
+    from .model import Model
+    from .predict import prediction_lines, read_inputs
+
+    check_output_file(args.out, "--out")
+    model = Model.load(args.model)
+    x = read_inputs(args.inputs)
+    lines = prediction_lines(model, x, args.proba)
+    text = "".join(f"{line}\n" for line in lines)
+    if args.out:
+        try:
+            write_atomically(args.out, lambda handle: handle.write(text.encode()))
+        except OSError as exc:
+            raise UsageError(f"--out {args.out}: cannot be written ({os_reason(exc)})") from None
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """List the backends (and why any is unavailable), the optimisers and the learning-rate
     schedules."""
@@ -763,6 +795,7 @@ COMMANDS = {
     "summary": cmd_summary,
     "plot": cmd_plot,
     "info": cmd_info,
+    "predict": cmd_predict,
     "data": cmd_data,
 }
 

@@ -509,3 +509,64 @@ def test_epoch_lines_show_the_validation_loss_that_decides(
                  "--batch-size", "50", "--early-stopping", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and all(" val acc " in line and " loss " in line for line in lines)
+
+
+# ---- fastnn predict ----
+
+
+@pytest.fixture
+def saved_model(small_data: Path, tmp_path: Path) -> Path:
+    model = tmp_path / "model.npz"
+    assert main(["train", "--data", str(small_data), *TINY, "--save-model", str(model)]) == 0
+    return model
+
+
+def test_predict_gives_the_models_labels_for_idx_npy_and_csv(
+        saved_model: Path, small_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from fastnn import Model
+    from fastnn.datasets import read_idx
+
+    images = next(small_data.glob("t10k-images-idx3-ubyte*"))
+    x = read_idx(images)
+    expected = [str(v) for v in Model.load(saved_model).predict(x)]
+    capsys.readouterr()
+    assert main(["predict", str(saved_model), str(images)]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    np.save(tmp_path / "x.npy", x[:7])
+    out = tmp_path / "labels.txt"
+    assert main(["predict", str(saved_model), str(tmp_path / "x.npy"), "--out", str(out)]) == 0
+    assert out.read_text().splitlines() == expected[:7]
+    header = ",".join(f"p{i}" for i in range(784))
+    np.savetxt(tmp_path / "x.csv", x[:5].reshape(5, -1), delimiter=",", fmt="%d",
+               header=header, comments="")
+    assert main(["predict", str(saved_model), str(tmp_path / "x.csv"), "--proba"]) == 0
+    rows = [list(map(float, line.split(","))) for line in capsys.readouterr().out.splitlines()]
+    np.testing.assert_allclose(rows, Model.load(saved_model).predict_proba(x[:5]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    ("1,2\n3\n", "rows of [1, 2] values"),
+    ("a,b\n", "no rows of numbers"),
+    ("1,2,3\n", "expected shape (N, 784); got (1, 3)"),
+])
+def test_predict_refuses_bad_inputs_with_exit_2(
+        saved_model: Path, tmp_path: Path, content: str, fragment: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(content)
+    capsys.readouterr()
+    assert main(["predict", str(saved_model), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1, err
+
+
+def test_predict_refuses_a_file_that_is_no_model(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    fake = tmp_path / "fake.npz"
+    fake.write_bytes(b"not a zip")
+    (tmp_path / "x.csv").write_text("1,2\n")
+    assert main(["predict", str(fake), str(tmp_path / "x.csv")]) == 2
+    assert "fake.npz: not a fastnn network file" in capsys.readouterr().err
