@@ -251,8 +251,26 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
         changes[name] = value
     with flag_names():
         if base is None:
-            return Config(**{**CLI_DEFAULTS, **changes})
+            return Config(**{**CLI_DEFAULTS, "backend": default_backend(), **changes})
         return base.replace(**changes)
+
+
+#: the environment variable that sets the command line's default backend
+BACKEND_ENV = "FASTNN_BACKEND"
+
+
+def default_backend() -> str:
+    """The command line's backend when --backend is not given: $FASTNN_BACKEND, else numba
+    when it loads here, else numpy (a GPU is never picked without being asked)."""
+    from .backends import available
+
+    named = os.environ.get(BACKEND_ENV, "").strip()
+    if named:
+        if named not in available():
+            raise UsageError(f"{BACKEND_ENV}={named}: no such backend; backends: "
+                             f"{', '.join(available())}")
+        return named
+    return "numba" if available()["numba"] is None else "numpy"
 
 
 # ---- output ----
@@ -621,7 +639,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         )
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1; got {args.seeds}")
-    backend = args.backend or _fastest_backend()
+    backend = args.backend or default_backend()
     with flag_names():
         base = Config(**{**CLI_DEFAULTS, "backend": backend, "dtype": args.dtype})
     points = preset.points(base, args.seeds)
@@ -647,13 +665,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     code = _unsaved_code(unsaved)
     return code if code or tables_saved else EXIT_UNSAVED
-
-
-def _fastest_backend() -> str:
-    """numba when it loads here, else numpy (a GPU is never picked without being asked)."""
-    from .backends import available
-
-    return "numba" if available()["numba"] is None else "numpy"
 
 
 def _check_points(points: list[Any], args: argparse.Namespace) -> None:

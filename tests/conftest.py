@@ -13,6 +13,10 @@ import pytest
 from fastnn import DataError, load_mnist
 from fastnn.datasets import MNIST_FILES, cache_dir
 
+# the command line's default backend is the fastest one installed; the tests' command lines
+# run on the reference unless they ask (test_the_command_line_defaults_to_the_fastest_backend)
+os.environ.setdefault("FASTNN_BACKEND", "numpy")
+
 
 def make_blobs(
     n: int, n_inputs: int, n_classes: int, seed: int = 0

@@ -570,3 +570,23 @@ def test_predict_refuses_a_file_that_is_no_model(tmp_path: Path,
     (tmp_path / "x.csv").write_text("1,2\n")
     assert main(["predict", str(fake), str(tmp_path / "x.csv")]) == 2
     assert "fake.npz: not a fastnn network file" in capsys.readouterr().err
+
+
+def test_the_command_line_defaults_to_the_fastest_backend(
+        small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from fastnn.backends import available
+    from fastnn.cli import default_backend
+
+    monkeypatch.delenv("FASTNN_BACKEND", raising=False)
+    fastest = "numba" if available()["numba"] is None else "numpy"
+    assert default_backend() == fastest
+    out = tmp_path / "run.json"
+    assert main(["train", "--data", str(small_data), *TINY, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["backend"] == fastest
+    monkeypatch.setenv("FASTNN_BACKEND", "numpy")
+    assert default_backend() == "numpy"
+    monkeypatch.setenv("FASTNN_BACKEND", "fortran")
+    capsys.readouterr()
+    assert main(["train", "--data", str(small_data), *TINY]) == 2
+    assert "FASTNN_BACKEND=fortran: no such backend" in capsys.readouterr().err
