@@ -11,6 +11,7 @@ the partial results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("name", nargs="?", metavar="NAME", help="the preset (see --list)")
     reproduce.add_argument("--list", action="store_true", help="name every preset and its size")
     reproduce.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1")
+    reproduce.add_argument("--epochs", type=int, metavar="N",
+                           help="train N epochs instead of the article's (a quick look; the "
+                                "table says so)")
     reproduce.add_argument("--out-dir", metavar="DIR",
                            help="run files and the tables (default: reproduce/NAME)")
     reproduce.add_argument("--backend", choices=("numpy", "numba", "cupy"),
@@ -639,6 +643,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         )
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1; got {args.seeds}")
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1; got {args.epochs}")
+        preset = dataclasses.replace(preset, epochs=args.epochs, article_epochs=preset.epochs)
     backend = args.backend or default_backend()
     with flag_names():
         base = Config(**{**CLI_DEFAULTS, "backend": backend, "dtype": args.dtype})

@@ -54,6 +54,8 @@ class Preset:
     columns: tuple[str, ...]
     cells: tuple[Cell, ...]
     epochs: int = 50
+    #: the article's epochs when this run of the table trains fewer or more (``--epochs``)
+    article_epochs: int | None = None
 
     def points(self, base: Config, seeds: int) -> list[Point]:
         """Every (cell, seed) run, named by the options it changes (shared names across
@@ -257,9 +259,12 @@ def markdown(preset: Preset, rows: list[tuple[Cell, dict[str, Stat]]], seeds: in
     figure of the article outside our mean ± 2 sd."""
     labels = [key for key, _ in preset.cells[0].label]
     header = [*labels, *(f"{c} {who}" for c in preset.columns for who in ("ours", "article"))]
+    other = preset.article_epochs not in (None, preset.epochs)
+    note = (f"; **{preset.epochs} epochs, not the article's {preset.article_epochs}**: its "
+            "figures are for its own length" if other else "")
     lines = [f"**{preset.title}** ({preset.epochs} epochs, {seeds} seed"
              f"{'' if seeds == 1 else 's'}; ours: mean ± sd over the seeds, (k/n): reached in k "
-             "of n; ! the article's figure lies outside our mean ± 2 sd)", "",
+             f"of n; ! the article's figure lies outside our mean ± 2 sd{note})", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cell, stats in rows:
         figures = []

@@ -96,3 +96,18 @@ def test_list_and_mistakes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["reproduce", "baseline", "--seeds", "0"]) == 2
     assert main(["reproduce"]) == 2
+
+
+def test_epochs_gives_a_quick_look_and_the_table_says_so(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["reproduce", "l2", "--data", str(small_data), "--out-dir", str(out),
+                 "--backend", "numpy", "--quiet", "--threads", "1", "--epochs", "2"]) == 0
+    runs = sorted(out.glob("*seed=0.json"))
+    assert runs and all(len(json.loads(run.read_text())["history"]["test_acc"]) == 3
+                        for run in runs)
+    table = (out / "l2.md").read_text()
+    assert "(2 epochs, 1 seed" in table and "**2 epochs, not the article's 50**" in table
+    capsys.readouterr()
+    assert main(["reproduce", "l2", "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1; got 0" in capsys.readouterr().err
