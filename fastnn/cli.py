@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the image; its extension names the format (.png, .pdf, .svg, ...)")
     plot.add_argument("--title", help="a title over the chart")
     plot.add_argument("--full-range", action="store_true",
-                      help="curves, loss-direction: show every value (default: zoom the y-axis "
-                      "on where the runs differ)")
+                      help="curves, loss-direction: show every value, epoch 0's included "
+                      "(default: the y-axis zoomed on where the runs differ; epoch 0's untrained "
+                      "loss, and the lowest accuracies, may be off the chart)")
     sub.add_parser("info", help="backends (and why any is unavailable), optimizers and "
                                "learning-rate schedules")
     data = sub.add_parser("data", help="check or repair the MNIST cache")

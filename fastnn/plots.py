@@ -148,8 +148,9 @@ def _set_ylim(ax: Any, limits: tuple[float, float] | None) -> None:
 
 def curves_figure(runs: Runs, *, full_range: bool = False, title: str | None = None) -> Any:
     """Accuracy and loss per epoch of several runs (test solid, train dashed, validation
-    dotted; one color per run). The y-ranges focus on where the runs differ (see
-    `accuracy_range`, `loss_range`) unless ``full_range``."""
+    dotted; one color per run). Unless ``full_range`` the y-ranges focus on where the runs
+    differ: accuracy from a low percentile up (`accuracy_range`), loss over every value after
+    epoch 0 (`loss_range` at percentile 100), so no loss line is cut off after epoch 0."""
     from matplotlib.lines import Line2D
 
     fig, axes = _figure(2, width=6.0, height=4.5)
@@ -176,12 +177,11 @@ def curves_figure(runs: Runs, *, full_range: bool = False, title: str | None = N
         for split, style in styles
         if split in used
     ]
-    zoom = "" if full_range else " (zoomed; --full-range: all)"
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy" + zoom)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss" + zoom)
-    if not full_range:
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    if not full_range:  # every line whole after epoch 0 (the untrained loss is off the top)
         _set_ylim(acc_ax, accuracy_range(accuracies))
-        _set_ylim(loss_ax, loss_range(losses))
+        _set_ylim(loss_ax, loss_range(losses, percentile=100))
     for ax in (acc_ax, loss_ax):
         _integer_ticks(ax)
         ax.grid(alpha=0.3)
@@ -398,6 +398,10 @@ def gamma_beta_hist_figure(
             if everything.size == 0:
                 ax.set(title=name)
                 continue
+            if all(d[3].size <= 1 for d in drawn):  # BN: one value per layer, as points
+                _scalar_points(ax, drawn, kind)
+                ax.set(title=name)
+                continue
             edges = np.histogram_bin_edges(everything, bins=bins)
             for label, color, epoch, v, outline in drawn:
                 style = (
@@ -415,6 +419,29 @@ def gamma_beta_hist_figure(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _scalar_points(ax: Any, drawn: list[tuple[Any, ...]], kind: str) -> None:
+    """One value per run and epoch (the BN variant's scalar gamma or beta) as a point on its
+    own row, labelled with its value: a count-1 bar would hide beside per-node histograms.
+    The final epoch is a filled point, epoch 1 a hollow one."""
+    labels = list(dict.fromkeys(label for label, *_ in drawn))
+    for label, color, epoch, v, outline in drawn:
+        if v.size == 0:
+            continue
+        row = labels.index(label)
+        ax.plot(v, [row], "o", markersize=8, color=color,
+                markerfacecolor="none" if outline else color,
+                label=f"{label} epoch {epoch}")
+        ax.annotate(f"{float(v[0]):.4g}", (float(v[0]), row), textcoords="offset points",
+                    xytext=(0, 8), ha="center", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(-0.7, len(labels) - 0.3)
+    ax.margins(x=0.2)
+    ax.set(xlabel=kind)
+    ax.grid(alpha=0.3, axis="x")
+    if len(labels) <= LEGEND_INSIDE_MAX:
+        ax.legend(fontsize=8)
 
 
 def plot_runs(

@@ -349,3 +349,21 @@ def test_focused_ranges_leave_out_epoch_0_and_non_finite_values() -> None:
     assert high == 1.0 and 0.85 < low < 0.9
     low, high = plots.loss_range([[2.3, 0.5, float("inf"), 0.3]], percentile=100)
     assert low == pytest.approx(0.3 - 0.01) and high == pytest.approx(0.5 + 0.01)
+
+
+def test_bn_scalars_are_points_and_no_loss_line_is_cut_after_epoch_0() -> None:
+    scalar = _bn_history({"gamma1": [[1.0], [1.1], [1.2], [1.3]],
+                          "beta1": [[0.0], [0.1], [0.2], [0.3]]})
+    node = _bn_history({"gamma1": [[1.0] * 4, [0.9, 1.0, 1.1, 1.2]] * 2,
+                        "beta1": [[0.0] * 4] * 4})
+    gamma1 = plots.gamma_beta_hist_figure([("bn", scalar)]).axes[0]
+    assert gamma1.get_title() == "gamma1"
+    assert not gamma1.patches  # no count-1 bar
+    points = [line for line in gamma1.get_lines() if line.get_marker() == "o"]
+    assert [tuple(p.get_xdata()) for p in points] == [(1.3,), (1.1,)]  # final, epoch 1
+    assert {t.get_text() for t in gamma1.texts} == {"1.3", "1.1"}
+    assert plots.gamma_beta_hist_figure([("node", node)]).axes[0].patches  # per node: bars
+    spiky = _history([0.1, 0.9, 0.95, 0.96], [2.3, 1.9, 0.2, 0.15])  # one high epoch-1 loss
+    acc_ax, loss_ax = plots.curves_figure([("a", spiky)]).axes
+    assert loss_ax.get_ylim()[1] >= 1.9 and loss_ax.get_ylim()[1] < 2.3
+    assert loss_ax.get_title() == "loss" and acc_ax.get_title() == "accuracy"
