@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .rng import SEED_MAX
 
 WEIGHT_INITS = (
     "lecun_normal",
@@ -213,10 +214,13 @@ class Choice(Rule):
 
 @dataclass(frozen=True)
 class Integer(Rule):
-    """An integer >= ``minimum`` (or None when ``optional``)."""
+    """An integer >= ``minimum`` and, when ``maximum`` is given, <= it (or None when
+    ``optional``). ``maximum_text`` is how messages write the maximum (e.g. ``2**64 - 1``)."""
 
     minimum: int
     optional: bool = False
+    maximum: int | None = None
+    maximum_text: str = ""
 
     def describe(self) -> str:
         return f"an integer >= {self.minimum}" + (", or none" if self.optional else "")
@@ -225,6 +229,12 @@ class Integer(Rule):
         if value is None and self.optional:
             return None
         number = _integer(name, value)
+        if self.maximum is not None and not self.minimum <= number <= self.maximum:
+            top = self.maximum_text or str(self.maximum)
+            raise ConfigError(
+                f"{name} must be an integer in [{self.minimum}, {top}] "
+                f"({self.minimum}..{self.maximum}); got {value!r}"
+            )
         if number < self.minimum:
             raise ConfigError(f"{name} must be an integer >= {self.minimum}; got {value!r}")
         return number
@@ -704,7 +714,12 @@ class Config:
         "numpy", BackendName(), "array backend", "--backend", metavar="NAME", learn="backend"
     )
     seed: int = _option(
-        0, Integer(0), "seed of initialisation, shuffling and dropout", "--seed", learn="seed"
+        0,
+        # the random streams fold the seed into 64 bits: a larger one would repeat a smaller's
+        Integer(0, maximum=SEED_MAX, maximum_text="2**64 - 1"),
+        "seed of initialisation, shuffling and dropout",
+        "--seed",
+        learn="seed",
     )
     n_inputs: int = _option(
         784, Integer(1), "inputs per example", None, sweep=False

@@ -9,9 +9,12 @@ Written against an array module ``xp`` so NumPy, CuPy and Numba kernels produce 
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 MASK64 = (1 << 64) - 1
+#: the largest seed (and counter) `fold_key` takes: larger ones would wrap onto smaller ones
+SEED_MAX = MASK64
 GOLDEN = 0x9E3779B97F4A7C15
 MUL1 = 0xBF58476D1CE4E5B9
 MUL2 = 0x94D049BB133111EB
@@ -35,10 +38,16 @@ def mix64_int(x: int) -> int:
 
 
 def fold_key(*counters: int) -> int:
-    """Fold counters (seed, stream, epoch, ...) into one 64-bit key."""
+    """Fold counters (seed, stream, epoch, ...), each in 0..2**64 - 1, into one 64-bit key.
+
+    A counter outside that range is a ValueError, not wrapped: seed 2**64 + s (or -1) would
+    otherwise draw exactly the numbers of seed s (or 2**64 - 1)."""
     key = 0
-    for counter in counters:
-        key = mix64_int((key ^ (counter & MASK64)) + GOLDEN)
+    for counter in map(operator.index, counters):
+        if not 0 <= counter <= MASK64:
+            raise ValueError(f"random-stream counter {counter!r} is outside 0..2**64 - 1 (a "
+                             "seed must be an integer in [0, 2**64 - 1])")
+        key = mix64_int((key ^ counter) + GOLDEN)
     return key
 
 

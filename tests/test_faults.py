@@ -590,3 +590,37 @@ def test_usable_cpus_honours_the_cgroup_quota(
     monkeypatch.setattr(threads, "_cgroup_quota", lambda: quota)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert threads.usable_cpus() == expected
+
+
+# ---- seeds beyond 64 bits (they wrapped onto smaller seeds) ----
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70, 2**64 + 5, -1])
+def test_a_seed_outside_64_bits_is_refused_not_wrapped(seed: int) -> None:
+    import fastnn
+    from fastnn import rng
+    from fastnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\]"):
+        fastnn.Config(seed=seed)
+    with pytest.raises(ValueError, match="outside 0..2"):
+        rng.fold_key(seed, rng.STREAM_INIT)
+    assert fastnn.Config(seed=2**64 - 1).seed == 2**64 - 1  # the largest seed still works
+
+
+def test_a_seed_outside_64_bits_is_exit_2_before_any_data_is_read(capsys) -> None:
+    assert main(["train", "--seed", str(2**70), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("fastnn: error: --seed must be an integer in [0, 2**64 - 1]")
+
+
+def test_an_estimators_seed_outside_64_bits_is_refused() -> None:
+    pytest.importorskip("sklearn")
+    from fastnn import MLPClassifier
+    from fastnn.errors import ConfigError
+
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\]"):
+        estimator = MLPClassifier(hidden=(4,), max_iter=1, seed=2**70, backend="numpy")
+        estimator.fit(x, np.arange(20) % 2)
