@@ -132,13 +132,17 @@ class History:
         history = cls(**{key: _numbers(data.get(key, []), key) for key in _FIGURES})
         entries = len(history.train_acc)
         for group, optional in ((("train_loss",), False), (("test_acc", "test_loss"), True),
-                                (("val_acc", "val_loss"), True), (("epoch_seconds",), True)):
+                                (("epoch_seconds",), True)):
             lengths = {key: len(getattr(history, key)) for key in group}
             if set(lengths.values()) != {entries} and not (
                     optional and set(lengths.values()) == {0}):
                 key = next(k for k, n in lengths.items() if n != entries)
                 raise ValueError(f"history {key} has {lengths[key]} entries, train_acc "
                                  f"{entries}")
+        # validation: from epoch 0 on, for as long as it ran (partial_fit goes on without)
+        if len(history.val_acc) != len(history.val_loss) or len(history.val_acc) > entries:
+            raise ValueError(f"history val_acc and val_loss have {len(history.val_acc)} and "
+                             f"{len(history.val_loss)} entries, train_acc {entries}")
         events = data.get("events", {})
         if not isinstance(events, dict):
             raise ValueError(f"history events is a {type(events).__name__}, not an object")
