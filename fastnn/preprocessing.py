@@ -73,15 +73,24 @@ def standard_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return shift, scale
 
 
-def labels_and_one_hot(t: Any, n_outputs: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(integer labels, float64 one-hot) from either integer labels or one-hot rows."""
+def labels_and_one_hot(
+    t: Any, n_outputs: int, what: str, output: str = "softmax_cross_entropy"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(integer labels, float64 one-hot) from either integer labels or one-hot rows, checked.
+
+    Targets must be real and finite; integer labels in 0..n_outputs-1; one-hot rows (a
+    classifier, ``output`` softmax_cross_entropy) one 1 and zeros otherwise. A regression
+    (``output`` identity_mse) takes any finite real (N, n_outputs) rows as they are."""
     t = np.asarray(t)
+    if np.iscomplexobj(t):
+        raise DataError(f"{what}: complex values; give real numbers")
     if not (np.issubdtype(t.dtype, np.number) or t.dtype == np.bool_):
         raise DataError(
             f"{what}: numeric targets expected (integer labels 0..{n_outputs - 1} or one-hot "
             f"rows); got dtype {t.dtype} (encode string labels as integers first)"
         )
     if t.ndim == 1:
+        _require_finite(t, what)
         if t.size and (not np.issubdtype(t.dtype, np.integer) and not np.all(t == np.round(t))):
             raise DataError(f"{what}: integer labels expected; got non-integer values")
         labels = t.astype(np.int64)
@@ -94,22 +103,53 @@ def labels_and_one_hot(t: Any, n_outputs: int, what: str) -> tuple[np.ndarray, n
         return labels, one_hot
     if t.ndim == 2 and t.shape[1] == n_outputs:
         one_hot = t.astype(np.float64)
+        _require_finite(one_hot, what)
+        if output != "identity_mse":
+            _require_one_hot(one_hot, what)
         return one_hot.argmax(axis=1), one_hot
     raise DataError(
         f"{what}: expected integer labels (N,) or one-hot (N, {n_outputs}); got shape {t.shape}"
     )
 
 
+def _require_finite(values: np.ndarray, what: str) -> None:
+    """`DataError` saying how many values are NaN or infinite, and the first one's row."""
+    finite = np.isfinite(values)
+    if not np.all(finite):
+        bad = np.flatnonzero(~finite.reshape(len(values), -1).all(axis=1))
+        count = int(finite.size - np.count_nonzero(finite))
+        raise DataError(f"{what}: {count} value{'s are' if count != 1 else ' is'} NaN or "
+                        f"infinite (first at row {bad[0]})")
+
+
+def _require_one_hot(rows: np.ndarray, what: str) -> None:
+    """`DataError` naming the first row that is not one 1 and zeros otherwise."""
+    binary = (rows == 0.0) | (rows == 1.0)
+    ones = np.count_nonzero(rows == 1.0, axis=1)
+    bad = np.flatnonzero(~binary.all(axis=1) | (ones != 1))
+    if bad.size == 0:
+        return
+    row = int(bad[0])
+    if not binary[row].all():
+        found = f"holds {rows[row][~binary[row]][0]:g}"
+    else:
+        found = "holds no 1" if ones[row] == 0 else f"holds {ones[row]} ones"
+    others = f" ({bad.size} such rows)" if bad.size > 1 else ""
+    raise DataError(f"{what}: one-hot rows must hold one 1 and zeros otherwise; row {row} "
+                    f"{found}{others}")
+
+
 def as_inputs(x: Any, n_inputs: int, what: str) -> np.ndarray:
-    """Inputs as a 2-D float64 array (N, n_inputs); images are flattened."""
+    """Inputs as a 2-D float64 array (N, n_inputs), real and finite; images are flattened."""
     x = np.asarray(x)
     if x.ndim > 2:
         x = x.reshape(x.shape[0], -1)
     if x.ndim != 2 or x.shape[1] != n_inputs:
         raise DataError(f"{what}: expected shape (N, {n_inputs}); got {x.shape}")
+    if np.iscomplexobj(x):
+        raise DataError(f"{what}: complex values; give real numbers")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{what}: numeric inputs expected; got dtype {x.dtype}")
     x = x.astype(np.float64)
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{what}: inputs contain NaN or infinity")
+    _require_finite(x, what)
     return x

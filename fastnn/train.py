@@ -109,11 +109,11 @@ class Trainer:
         if (x_test is None) != (t_test is None):
             raise DataError("give both x_test and t_test, or neither")
         xs = [as_inputs(x_train, cfg.n_inputs, "x_train")]
-        ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train")]
+        ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train", cfg.output)]
         weights = None if sample_weight is None else sample_weights(sample_weight, len(xs[0]))
         if x_test is not None:
             xs.append(as_inputs(x_test, cfg.n_inputs, "x_test"))
-            ts.append(labels_and_one_hot(t_test, cfg.n_outputs, "t_test"))
+            ts.append(labels_and_one_hot(t_test, cfg.n_outputs, "t_test", cfg.output))
         for name, x, (labels, _) in zip(("train", "test")[: len(xs)], xs, ts, strict=True):
             if len(x) != len(labels):
                 raise DataError(f"{name}: {len(x)} inputs but {len(labels)} targets")
@@ -349,7 +349,8 @@ class Trainer:
     def accuracy_and_loss(self, x: Any, t: Any) -> tuple[float, float]:
         """(accuracy, loss with the weight-decay penalty) of raw inputs and their targets
         (integer labels or one-hot rows), in evaluation mode."""
-        labels, one_hot = labels_and_one_hot(t, self.config.n_outputs, "t")
+        labels, one_hot = labels_and_one_hot(t, self.config.n_outputs, "t",
+                                             self.config.output)
         inputs = self._raw_inputs(x)
         if len(labels) != len(inputs):
             raise DataError(f"{len(inputs)} inputs but {len(labels)} targets")

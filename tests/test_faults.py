@@ -624,3 +624,104 @@ def test_an_estimators_seed_outside_64_bits_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\]"):
         estimator = MLPClassifier(hidden=(4,), max_iter=1, seed=2**70, backend="numpy")
         estimator.fit(x, np.arange(20) % 2)
+
+
+# ---- targets and inputs a Trainer used to train on (the estimators refuse them) ----
+
+
+def _small_data(rows: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    gen = np.random.default_rng(0)
+    return gen.normal(size=(rows, 4)), np.arange(rows) % 3
+
+
+def _trainer(**options: Any) -> Any:
+    import fastnn
+    from fastnn.train import Trainer
+
+    options = {"hidden": (8,), "n_inputs": 4, "n_outputs": 3, "epochs": 1, **options}
+    return Trainer(fastnn.Config(backend="numpy", **options), threads=1)
+
+
+def _damaged(kind: str) -> tuple[dict[str, np.ndarray], str]:
+    """Arguments of Trainer.fit with one fault, and the message it must raise."""
+    x, labels = _small_data()
+    one_hot = np.eye(3)[labels]
+    args = {"x_train": x, "t_train": one_hot, "x_test": x[:10], "t_test": labels[:10]}
+    if kind == "minus five":
+        args["t_train"][3] = [-5, 0, 0]
+        return args, "t_train: one-hot rows must hold one 1 and zeros otherwise; row 3 holds -5"
+    if kind == "two":
+        args["t_train"][5] = [0, 2, 0]
+        return args, "t_train: one-hot rows must hold one 1 and zeros otherwise; row 5 holds 2"
+    if kind == "zero row":
+        args["t_train"][2] = 0
+        return args, "t_train: one-hot rows must hold one 1 and zeros otherwise; row 2 holds no 1"
+    if kind == "two ones":
+        args["t_train"][4] = [1, 1, 0]
+        return args, "t_train: one-hot rows must hold one 1 and zeros otherwise; row 4 holds 2 ones"
+    if kind == "nan x":
+        args["x_train"] = x.copy()
+        args["x_train"][7, 1] = args["x_train"][9, 0] = np.nan
+        return args, r"x_train: 2 values are NaN or infinite \(first at row 7\)"
+    if kind == "inf x_test":
+        args["x_test"] = x[:10].copy()
+        args["x_test"][4, 2] = -np.inf
+        return args, r"x_test: 1 value is NaN or infinite \(first at row 4\)"
+    if kind == "nan one-hot":
+        args["t_train"][6, 0] = np.nan
+        return args, r"t_train: 1 value is NaN or infinite \(first at row 6\)"
+    if kind == "nan labels":
+        args["t_test"] = labels[:10].astype(np.float64)
+        args["t_test"][8] = np.nan
+        return args, r"t_test: 1 value is NaN or infinite \(first at row 8\)"
+    if kind == "complex x":
+        args["x_train"] = x + 1j
+        return args, "x_train: complex values; give real numbers"
+    assert kind == "complex t"
+    args["t_test"] = labels[:10] + 0j
+    return args, "t_test: complex values; give real numbers"
+
+
+@pytest.mark.parametrize("kind", [
+    "minus five", "two", "zero row", "two ones", "nan x", "inf x_test", "nan one-hot",
+    "nan labels", "complex x", "complex t",
+])
+def test_trainer_fit_refuses_bad_targets_and_inputs_naming_them(kind: str) -> None:
+    import warnings
+
+    from fastnn.errors import DataError
+
+    args, message = _damaged(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ComplexWarning, no RuntimeWarning: one DataError
+        with pytest.raises(DataError, match=message):
+            _trainer().fit(**args)
+
+
+def test_accuracy_and_loss_checks_targets_as_fit_does() -> None:
+    from fastnn.errors import DataError
+
+    x, labels = _small_data()
+    trainer = _trainer()
+    trainer.fit(x, labels)  # integer labels: the normal case
+    assert trainer.fit(x, np.eye(3)[labels]).train_loss[-1] > 0  # proper one-hot rows too
+    one_hot = np.eye(3)[labels]
+    one_hot[3] = [-5, 0, 0]
+    with pytest.raises(DataError, match="t: one-hot rows must hold one 1 .* row 3 holds -5"):
+        trainer.accuracy_and_loss(x, one_hot)
+    bad_x = x.copy()
+    bad_x[1, 1] = np.nan
+    with pytest.raises(DataError, match=r"x: 1 value is NaN or infinite \(first at row 1\)"):
+        trainer.accuracy_and_loss(bad_x, labels)
+
+
+def test_a_regression_takes_real_targets_but_only_finite_ones() -> None:
+    from fastnn.errors import DataError
+
+    x, _ = _small_data()
+    targets = np.column_stack([x.sum(axis=1), -2.5 * x[:, 0]])
+    trainer = _trainer(n_outputs=2, output="identity_mse", eta=0.01)
+    assert np.isfinite(trainer.fit(x, targets).train_loss[-1])
+    targets[11, 1] = np.inf
+    with pytest.raises(DataError, match=r"t_train: 1 value is NaN or infinite \(first at row 11\)"):
+        trainer.fit(x, targets)
