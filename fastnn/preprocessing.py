@@ -30,47 +30,77 @@ class Normalizer:
     shift: Any = 0.0
     scale: Any = 1.0
 
-    def fit(self, x: np.ndarray) -> Normalizer:
-        """Fit the statistics on (training) inputs, in float64."""
+    def fit(self, x: np.ndarray, what: str = "the data") -> Normalizer:
+        """Fit the statistics on (training) inputs, in float64; `DataError` (naming ``what``
+        and, per column, the column) when a shift or scale is not finite: values whose range
+        or spread overflows float64 would otherwise all become 0 or NaN."""
         x = np.asarray(x, dtype=np.float64)
-        if self.method == "standard":
-            self.shift, self.scale = standard_statistics(x)
-        elif self.method == "min_max":
-            low, high = x.min(axis=self.axis), x.max(axis=self.axis)
-            self.shift, self.scale = low, np.maximum(high - low, STAT_FLOOR)
-        elif self.method == "z_score":
-            self.shift, self.scale = (
-                x.mean(axis=self.axis),
-                np.maximum(x.std(axis=self.axis), STAT_FLOOR),
-            )
-        else:
-            self.shift, self.scale = 0.0, 1.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.method == "standard":
+                self.shift, self.scale = standard_statistics(x, what)
+            elif self.method == "min_max":
+                low, high = x.min(axis=self.axis), x.max(axis=self.axis)
+                self.shift, self.scale = low, np.maximum(high - low, STAT_FLOOR)
+            elif self.method == "z_score":
+                self.shift, self.scale = (
+                    x.mean(axis=self.axis),
+                    np.maximum(x.std(axis=self.axis), STAT_FLOOR),
+                )
+            else:
+                self.shift, self.scale = 0.0, 1.0
+        require_finite_statistics(self.shift, self.scale, self.method, what)
         return self
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
         """Undo `transform` (a regressor's scaled outputs back in the target's units)."""
         return np.asarray(y, dtype=np.float64) * self.scale + self.shift
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Apply the fitted statistics (float64)."""
-        return (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
+    def transform(self, x: np.ndarray, what: str | None = None) -> np.ndarray:
+        """Apply the fitted statistics (float64); with ``what`` (e.g. "x_test"), `DataError`
+        if a normalised value overflows float64 (rows far outside the training range)."""
+        if what is None:
+            return (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
+        finite = np.isfinite(out)
+        if not np.all(finite):
+            row = int(np.flatnonzero(~finite.reshape(len(out), -1).all(axis=1))[0])
+            raise DataError(f"{what}: inputs too large to normalise ({self.method}): row {row} "
+                            "overflows float64 with the training set's statistics")
+        return out
 
 
-def standard_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def standard_statistics(x: np.ndarray, what: str = "the data") -> tuple[np.ndarray, np.ndarray]:
     """Per-column (shift, scale) of "standard": mean and standard deviation; a constant
     column's scale is 1 (its values become 0, and later rows that vary are not blown up), and
-    an already standardised column's shift and scale are exactly 0 and 1."""
+    an already standardised column's shift and scale are exactly 0 and 1. `DataError` naming
+    the first column whose mean or spread is not finite in float64."""
     with np.errstate(over="ignore", invalid="ignore"):
         mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
         std = x.std(axis=0) if len(x) else np.ones(x.shape[1])
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise DataError("inputs too large to standardise: a column's mean or spread is not "
-                        "finite in float64")
+    require_finite_statistics(mean, std, "standard", what, positive=False)  # std 0: scale 1
     constant = std <= CONSTANT_SPREAD * np.maximum(np.abs(mean), 1.0)
     standard = (np.abs(mean) <= ALREADY_STANDARD) & (np.abs(std - 1.0) <= ALREADY_STANDARD)
     shift = np.where(standard, 0.0, mean)
     scale = np.where(standard | constant, 1.0, std)
     return shift, scale
+
+
+def require_finite_statistics(
+    shift: Any, scale: Any, method: str, what: str, positive: bool = True
+) -> None:
+    """`DataError` unless every shift is finite and every scale finite (and > 0 when
+    ``positive``); per column, the message names the first bad column."""
+    shift, scale = np.asarray(shift, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+    usable = np.isfinite(scale) & (scale > 0) if positive else np.isfinite(scale)
+    for name, values, bad in (("shift", shift, ~np.isfinite(shift)), ("scale", scale, ~usable)):
+        if np.any(bad):
+            where = f"column {int(np.flatnonzero(bad.ravel())[0])}'s" if values.ndim else "the"
+            found = values.ravel()[np.flatnonzero(bad.ravel())[0]]
+            raise DataError(
+                f"{what}: cannot normalise ({method}): {where} {name} is {found:g}, not a "
+                "finite number in float64 (values too large? rescale them first)"
+            )
 
 
 def labels_and_one_hot(

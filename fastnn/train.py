@@ -135,22 +135,24 @@ class Trainer:
                 if not weights.sum() > 0:
                     raise DataError("sample_weight: every training row outside the validation "
                                     "split has weight 0")
-        self.normalizer = Normalizer(cfg.normalize, cfg.normalize_axis).fit(xs[0])
+        self.normalizer = Normalizer(cfg.normalize, cfg.normalize_axis).fit(xs[0], "x_train")
         ops = self._ops()
-        train = self._split(ops, xs[0], ts[0])
+        train = self._split(ops, xs[0], ts[0], "x_train")
         if weights is not None:
             train.weights = ops.asarray(weights, cfg.dtype)
-        test = self._split(ops, xs[1], ts[1]) if len(xs) > 1 else None
-        val = self._split(ops, *val_parts) if val_parts else None
+        test = self._split(ops, xs[1], ts[1], "x_test") if len(xs) > 1 else None
+        val = self._split(ops, *val_parts, "x_train") if val_parts else None
         if workspace is not None:
             for split in (train, test, val):
                 if split is not None:
                     ops.prepare_inputs(split.x, workspace)
         return train, test, val
 
-    def _split(self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray]) -> Split:
+    def _split(
+        self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray], what: str
+    ) -> Split:
         dtype = self.config.dtype
-        x = self.normalizer.transform(x)
+        x = self.normalizer.transform(x, what)
         return Split(ops.asarray(x, dtype), ops.asarray(target[1], dtype), target[0])
 
     def _ops(self) -> Any:
@@ -322,7 +324,7 @@ class Trainer:
     def _raw_inputs(self, x: Any) -> Any:
         if self.network is None or self.normalizer is None:
             raise DataError("the trainer has not been fitted: call fit first")
-        inputs = self.normalizer.transform(as_inputs(x, self.config.n_inputs, "x"))
+        inputs = self.normalizer.transform(as_inputs(x, self.config.n_inputs, "x"), "x")
         return self.network.ops.asarray(inputs, self.config.dtype)
 
     def outputs(self, x: Any) -> np.ndarray:

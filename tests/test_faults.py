@@ -725,3 +725,41 @@ def test_a_regression_takes_real_targets_but_only_finite_ones() -> None:
     targets[11, 1] = np.inf
     with pytest.raises(DataError, match=r"t_train: 1 value is NaN or infinite \(first at row 11\)"):
         trainer.fit(x, targets)
+
+
+# ---- inputs whose range or spread overflows float64 ----
+
+
+@pytest.mark.parametrize("method, axis, scale, message", [
+    ("min_max", None, 1e308, r"x_train: cannot normalise \(min_max\): the scale is inf"),
+    ("min_max", 0, 1e308, r"x_train: cannot normalise \(min_max\): column 2's scale is inf"),
+    ("z_score", None, 1e300, r"x_train: cannot normalise \(z_score\): the scale is inf"),
+    ("z_score", 0, 1e300, r"x_train: cannot normalise \(z_score\): column 2's scale is inf"),
+    ("standard", None, 1e300, r"x_train: cannot normalise \(standard\): column 2's scale is inf"),
+])
+def test_inputs_whose_statistics_overflow_are_refused_naming_the_column(
+    method: str, axis: int | None, scale: float, message: str
+) -> None:
+    import warnings
+
+    from fastnn.errors import DataError
+
+    x, labels = _small_data()
+    x[:, 2] = np.sign(x[:, 2]) * scale  # +-scale: the range (or spread) is beyond float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning and no NaN training: one DataError
+        with pytest.raises(DataError, match=message):
+            _trainer(normalize=method, normalize_axis=axis).fit(x, labels)
+
+
+def test_test_rows_that_overflow_when_normalised_are_refused() -> None:
+    from fastnn.errors import DataError
+
+    x, labels = _small_data()
+    x[:, 0] = -np.abs(x[:, 0]) * 1e307  # training range of column 0: about [-2e307, 0]
+    x[0, 0] = -1e308
+    x_test = x[:10].copy()
+    x_test[3, 0] = 1.7e308  # 1.7e308 - (-1e308) overflows
+    with pytest.raises(DataError, match=r"x_test: inputs too large to normalise .* row 3"):
+        _trainer(normalize_axis=0).fit(x, labels, x_test, labels[:10])
+
