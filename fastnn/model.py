@@ -78,12 +78,30 @@ class Model:
         if settings is not None:
             if not (isinstance(settings, dict) and _SHIFT in arrays and _SCALE in arrays):
                 raise DataError(f"{path}: damaged normaliser in the model file")
+            _check_statistics(path, arrays[_SHIFT], arrays[_SCALE])
             normalizer = Normalizer(settings.get("method", "none"), settings.get("axis"),
                                     arrays[_SHIFT], arrays[_SCALE])
         classes = meta.get("classes")
         if classes is not None and not isinstance(classes, list):
             raise DataError(f"{path}: damaged class labels in the model file")
         return cls(network, normalizer, classes)
+
+
+def _check_statistics(path: str | Path, shift: np.ndarray, scale: np.ndarray) -> None:
+    """`DataError` unless the saved normaliser's shift is finite and its scale finite and > 0
+    (a zero scale divides every input by 0; a non-finite one makes them 0 or NaN)."""
+    for name, values in (("shift", shift), ("scale", scale)):
+        if values.dtype.kind not in "fiu":
+            raise DataError(f"{path}: damaged normaliser in the model file: its {name} holds "
+                            f"{values.dtype}, not real numbers")
+        values = values.astype(np.float64)
+        bad = ~np.isfinite(values) if name == "shift" else ~(np.isfinite(values) & (values > 0))
+        if np.any(bad):
+            first = int(np.flatnonzero(bad.ravel())[0])
+            where = f"column {first}'s {name}" if values.ndim else f"its {name}"
+            need = "finite" if name == "shift" else "finite and > 0"
+            raise DataError(f"{path}: damaged normaliser in the model file: {where} is "
+                            f"{values.ravel()[first]:g} (must be {need})")
 
 
 def _plain(label: Any) -> Any:

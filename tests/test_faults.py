@@ -763,3 +763,29 @@ def test_test_rows_that_overflow_when_normalised_are_refused() -> None:
     with pytest.raises(DataError, match=r"x_test: inputs too large to normalise .* row 3"):
         _trainer(normalize_axis=0).fit(x, labels, x_test, labels[:10])
 
+
+@pytest.mark.parametrize("scale, message", [
+    (0.0, "column 1's scale is 0 "), (np.inf, "column 1's scale is inf"),
+    (np.nan, "column 1's scale is nan"), (-1.0, "column 1's scale is -1 "),
+])
+def test_a_model_file_whose_normaliser_scale_is_unusable_is_refused(
+    tmp_path: Path, scale: float, message: str
+) -> None:
+    import fastnn
+    from fastnn.errors import DataError
+
+    x, labels = _small_data()
+    trainer = _trainer(normalize="z_score", normalize_axis=0)
+    trainer.fit(x, labels)
+    path = tmp_path / "model.npz"
+    trainer.save(path)
+    assert np.array_equal(fastnn.Model.load(path).predict(x), trainer.predict(x))
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    arrays["normalizer_scale"] = arrays["normalizer_scale"].copy()
+    arrays["normalizer_scale"][1] = scale
+    damaged = tmp_path / "damaged.npz"
+    np.savez(damaged, **arrays)
+    with pytest.raises(DataError, match=f"damaged.npz: damaged normaliser in the model file: "
+                                        f"{message}"):
+        fastnn.Model.load(damaged)
