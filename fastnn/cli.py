@@ -1,5 +1,5 @@
-"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot``, ``predict``, ``data`` and
-``info``.
+"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot``, ``predict``, ``export``,
+``data`` and ``info``.
 
 Exit codes: 0 success; 2 usage/config/data errors (one line on stderr); 1 internal error;
 3 the run finished but its results file (``--out``, a sweep's run file) or ``--save-model``
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the predictions there (default: stdout)")
     predict.add_argument("--proba", action="store_true",
                          help="class probabilities (comma separated) instead of labels")
+    export = sub.add_parser("export", help="a saved model as an ONNX graph (needs onnx)")
+    export.add_argument("model", metavar="MODEL.npz", help="a file of fastnn train --save-model")
+    export.add_argument("out", metavar="MODEL.onnx", help="the ONNX file to write")
     summary = sub.add_parser("summary", help="the article-style table of runs")
     summary.add_argument("runs", nargs="+", metavar="RUN.json")
     from .plots import KINDS
@@ -589,6 +592,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a saved model as an ONNX graph (inputs: raw rows; outputs y and label)."""
+    from .model import Model
+    from .onnx_export import _onnx
+
+    _onnx()  # a missing onnx is said before anything is read
+    check_output_file(args.out, "MODEL.onnx")
+    check_distinct_outputs({"MODEL.npz": args.model, "MODEL.onnx": args.out})
+    model = Model.load(args.model)
+    try:
+        model.to_onnx(args.out)
+    except OSError as exc:
+        raise UsageError(f"{args.out}: cannot be written ({os_reason(exc)})") from None
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """List the backends (and why any is unavailable), the optimisers and the learning-rate
     schedules."""
@@ -816,6 +836,7 @@ COMMANDS = {
     "plot": cmd_plot,
     "info": cmd_info,
     "predict": cmd_predict,
+    "export": cmd_export,
     "data": cmd_data,
 }
 

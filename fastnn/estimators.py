@@ -314,6 +314,23 @@ class _MLPBase:
         callbacks = [_VerboseEpochs()] if self.verbose else []
         trainer.fit(x, t, resume=resume, callbacks=callbacks, sample_weight=sample_weight)
 
+    def to_onnx(self, path: Any) -> Any:
+        """Write the fitted estimator as an ONNX graph (needs ``onnx``): input ``x`` raw rows
+        (the fit's dtype), output ``y`` (a classifier's probabilities in the order of
+        ``classes_`` and its ``label``; a regressor's predictions, (N, k), in the target's
+        units)."""
+        from sklearn.utils.validation import check_is_fitted
+
+        from . import onnx_export
+        from .model import Model
+
+        check_is_fitted(self)
+        classes = getattr(self, "classes_", None)
+        model = Model(self._network(), self._normalizer,
+                      None if classes is None else list(classes))
+        graph = onnx_export.model_graph(model, getattr(self, "_target_scaler", None))
+        return onnx_export.save(graph, path)
+
     # ---- using the fitted network ----
     def _outputs(self, x: Any) -> np.ndarray:
         """Network outputs (float64) for raw inputs, normalised as in training."""

@@ -57,6 +57,14 @@ class Model:
         index = outputs.argmax(axis=1)
         return index if self.classes is None else np.asarray(self.classes)[index]
 
+    def to_onnx(self, path: str | Path) -> Path:
+        """Write the model as an ONNX graph (needs ``onnx``; see `fastnn.onnx_export`): input
+        ``x`` raw rows in the network's dtype, outputs ``y`` (probabilities or values) and,
+        for a classifier, ``label``."""
+        from . import onnx_export
+
+        return onnx_export.save(onnx_export.model_graph(self), path)
+
     # ---- one file ----
     def save(self, path: str | Path) -> None:
         """Write network, normaliser and class labels to one .npz file (no pickle)."""

@@ -30,9 +30,13 @@ def test_the_readme_has_python_snippets() -> None:
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
 def test_readme_snippet_runs_as_written(snippet: str, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                        capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
     monkeypatch.setattr(fastnn, "load_mnist", small_mnist)
     monkeypatch.setattr(fastnn.datasets, "load_mnist", small_mnist)
     if "backend=\"numba\"" in snippet:
         pytest.importorskip("numba")
+    if "onnxruntime" in snippet:
+        pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)  # files a snippet writes
     exec(compile(snippet, str(README), "exec"), {"__name__": "readme"})  # noqa: S102
