@@ -1,5 +1,5 @@
-"""The ``fastnn`` command: ``train``, ``sweep``, ``summary``, ``plot``, ``predict``, ``export``,
-``data`` and ``info``.
+"""The ``fastnn`` command: ``train``, ``sweep``, ``tune``, ``summary``, ``plot``, ``predict``,
+``export``, ``data`` and ``info``.
 
 Exit codes: 0 success; 2 usage/config/data errors (one line on stderr); 1 internal error;
 3 the run finished but its results file (``--out``, a sweep's run file) or ``--save-model``
@@ -209,6 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the predictions there (default: stdout)")
     predict.add_argument("--proba", action="store_true",
                          help="class probabilities (comma separated) instead of labels")
+    tune = sub.add_parser("tune", help="search hyper-parameters with Optuna (needs optuna)")
+    add_run_flags(tune)
+    tune.add_argument("--space", action="append", required=True,
+                      metavar="OPTION=LOW..HIGH[:log] | OPTION=V1,V2,...",
+                      help="an option to search: a range (eta=1e-3..1:log, batch_size=16..256) "
+                      "or choices (batch_norm=off,n,bn,node); repeatable")
+    tune.add_argument("--trials", type=int, default=20, metavar="N",
+                      help="trials to add to the study (default 20)")
+    tune.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="stop starting trials after this long")
+    tune.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
+    tune.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+                      help="stops trials whose validation loss lags (default median)")
+    tune.add_argument("--out-dir", default="tune", metavar="DIR",
+                      help="one run file per trial, and the study (study.db) unless --storage")
+    tune.add_argument("--storage", metavar="URL",
+                      help="an Optuna storage URL (default sqlite:///DIR/study.db)")
+    tune.add_argument("--study", default="fastnn", metavar="NAME", help="the study's name")
+    tune.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    add_config_flags(tune)
     export = sub.add_parser("export", help="a saved model as an ONNX graph (needs onnx)")
     export.add_argument("model", metavar="MODEL.npz", help="a file of fastnn train --save-model")
     export.add_argument("out", metavar="MODEL.onnx", help="the ONNX file to write")
@@ -592,6 +612,56 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Add --trials trials to the study (in --out-dir, or --storage), each a run file; print
+    the best trial and the command that trains it."""
+    from . import tune
+    from .datasets import read_data_once
+
+    tune.optuna_module()  # a missing optuna is said before anything is read
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1; got {args.trials}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1; got {args.workers}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0; got {args.timeout}")
+    base = config_from_args(args)
+    _check_backend(base.backend)
+    with flag_names():
+        space = tuple(tune.parse_space(args.space))
+    out_dir = Path(args.out_dir)
+    check_output_folder(out_dir, "--out-dir")
+    read_data_once(args.data or None)  # data errors (and the first-use download) first
+    search = tune.Search(base.to_dict(), space, args.data or None, str(out_dir),
+                         tune.storage_url(args.storage, out_dir), args.study, None,
+                         args.timeout, args.sampler, args.pruner, args.threads)
+    study = tune.open_study(search, base.seed)
+    before = tune.finished_trials(study)
+    search = dataclasses.replace(search, trials=before + args.trials)
+    print(f"tuning {', '.join(dim.name for dim in space)}: {args.trials} trial(s) into "
+          f"{search.storage} (study {args.study}, {before} trial(s) there)", flush=True)
+    if args.workers == 1:
+        tune.optimize(search, base.seed)
+    else:
+        from .sweep import threads_per_run, tune_in_processes
+
+        per_run = threads_per_run(args.threads, args.workers)
+        tune_in_processes(dataclasses.replace(search, threads=per_run), base.seed,
+                          args.workers)
+    study = tune.open_study(search, base.seed)
+    finished = tune.finished_trials(study)
+    print(f"{finished} trial(s) in the study, {finished - before} new; run files in {out_dir}")
+    try:
+        best = study.best_trial
+    except ValueError:
+        print("no trial completed (every one was pruned or refused)")
+        return 0
+    params = " ".join(f"{name}={value}" for name, value in best.params.items())
+    print(f"best: trial {best.number}, validation loss {best.value:.5f}, {params}")
+    print(f"train it with: {best.user_attrs.get('command', '?')}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a saved model as an ONNX graph (inputs: raw rows; outputs y and label)."""
     from .model import Model
@@ -837,6 +907,7 @@ COMMANDS = {
     "info": cmd_info,
     "predict": cmd_predict,
     "export": cmd_export,
+    "tune": cmd_tune,
     "data": cmd_data,
 }
 

@@ -217,6 +217,27 @@ def _in_processes(
     pool.shutdown(wait=True)
 
 
+def tune_in_processes(search: Any, seed: int, workers: int) -> None:
+    """`fastnn.tune.optimize` in ``workers`` fresh processes sharing the search's study (each
+    its own sampler seed), as sweep workers start; any exception or interrupt kills them."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .tune import optimize
+
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                               initializer=_start_worker, initargs=(os.getpid(),))
+    try:
+        with _environment(worker_environment(search.threads)):
+            futures = [pool.submit(optimize, search, seed + k) for k in range(workers)]
+        for future in futures:
+            future.result()
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _stop_workers(pool: Any) -> None:
     """Cancel what has not started and kill the worker processes of a process pool now."""
     if hasattr(pool, "kill_workers"):  # Python 3.14+
