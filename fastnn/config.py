@@ -223,7 +223,12 @@ class Integer(Rule):
     maximum_text: str = ""
 
     def describe(self) -> str:
-        return f"an integer >= {self.minimum}" + (", or none" if self.optional else "")
+        if self.maximum is not None:
+            top = self.maximum_text or str(self.maximum)
+            text = f"an integer in [{self.minimum}, {top}]"
+        else:
+            text = f"an integer >= {self.minimum}"
+        return text + (", or none" if self.optional else "")
 
     def check(self, name: str, value: Any) -> int | None:
         if value is None and self.optional:

@@ -424,7 +424,7 @@ class MLPRegressor(_MLPBase):
         x, y = self._validate(X, y, reset=True, multi_output=True, y_numeric=True)
         self._y_1d = y.ndim == 1
         t = _targets(y)
-        self._target_scaler = Normalizer("standard").fit(t)
+        self._target_scaler = Normalizer("standard").fit(t, "y")
         t = self._target_scaler.transform(t)
         self._train(x, t, t.shape[1], more=False, sample_weight=sample_weight)
         return self
@@ -437,7 +437,7 @@ class MLPRegressor(_MLPBase):
         t = _targets(y)
         if not fitted:
             self._y_1d = y.ndim == 1
-            self._target_scaler = Normalizer("standard").fit(t)
+            self._target_scaler = Normalizer("standard").fit(t, "y")
         elif t.shape[1] != self.n_outputs_:
             raise ValueError(f"MLPRegressor was fitted with {self.n_outputs_} outputs; got "
                              f"targets with {t.shape[1]}")

@@ -280,7 +280,7 @@ class Network:
         if isinstance(t, np.ndarray) or not hasattr(t, "__cuda_array_interface__"):
             host = np.asarray(t)
             if host.ndim == 1 or not np.issubdtype(host.dtype, np.floating):
-                host = labels_and_one_hot(host, self.sizes[-1], what)[1]
+                host = labels_and_one_hot(host, self.sizes[-1], what, self.config.output)[1]
             elif host.shape != (rows, self.sizes[-1]):
                 raise DataError(f"{what}: expected shape ({rows}, {self.sizes[-1]}); "
                                 f"got {host.shape}")

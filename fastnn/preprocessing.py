@@ -111,7 +111,7 @@ def labels_and_one_hot(
     Targets must be real and finite; integer labels in 0..n_outputs-1; one-hot rows (a
     classifier, ``output`` softmax_cross_entropy) one 1 and zeros otherwise. A regression
     (``output`` identity_mse) takes any finite real (N, n_outputs) rows as they are."""
-    t = np.asarray(t)
+    t = _dense(t, what)
     if np.iscomplexobj(t):
         raise DataError(f"{what}: complex values; give real numbers")
     if not (np.issubdtype(t.dtype, np.number) or t.dtype == np.bool_):
@@ -123,11 +123,10 @@ def labels_and_one_hot(
         _require_finite(t, what)
         if t.size and (not np.issubdtype(t.dtype, np.integer) and not np.all(t == np.round(t))):
             raise DataError(f"{what}: integer labels expected; got non-integer values")
+        if t.size and (t.min() < 0 or t.max() >= n_outputs):  # in t's own type: no wrap
+            low, high = (v.item() if isinstance(v, np.generic) else v for v in (t.min(), t.max()))
+            raise DataError(f"{what}: labels must be in 0..{n_outputs - 1}; got {low}..{high}")
         labels = t.astype(np.int64)
-        if labels.size and (labels.min() < 0 or labels.max() >= n_outputs):
-            raise DataError(
-                f"{what}: labels must be in 0..{n_outputs - 1}; got {labels.min()}..{labels.max()}"
-            )
         one_hot = np.zeros((labels.size, n_outputs))
         one_hot[np.arange(labels.size), labels] = 1.0
         return labels, one_hot
@@ -169,9 +168,26 @@ def _require_one_hot(rows: np.ndarray, what: str) -> None:
                     f"{found}{others}")
 
 
+def _dense(values: Any, what: str) -> np.ndarray:
+    """``values`` as a NumPy array; `DataError` for a sparse matrix or rows of different
+    lengths (which NumPy would make an object array, or refuse with its own message)."""
+    if hasattr(values, "toarray") and hasattr(values, "nnz"):  # scipy.sparse
+        raise DataError(f"{what}: a sparse matrix ({type(values).__name__}); fastnn trains "
+                        f"dense arrays: pass {what}.toarray() (the numba backend skips the "
+                        "zeros of dense inputs by itself)")
+    try:
+        array = np.asarray(values)
+    except ValueError as exc:  # ragged rows, NumPy >= 1.24
+        raise DataError(f"{what}: rows of different lengths, or not an array ({exc})") from None
+    if array.dtype == object:
+        raise DataError(f"{what}: not an array of numbers (rows of different lengths, or "
+                        f"objects); got {type(values).__name__}")
+    return array
+
+
 def as_inputs(x: Any, n_inputs: int, what: str) -> np.ndarray:
     """Inputs as a 2-D float64 array (N, n_inputs), real and finite; images are flattened."""
-    x = np.asarray(x)
+    x = _dense(x, what)
     if x.ndim > 2:
         x = x.reshape(x.shape[0], -1)
     if x.ndim != 2 or x.shape[1] != n_inputs:

@@ -590,3 +590,26 @@ def test_the_command_line_defaults_to_the_fastest_backend(
     capsys.readouterr()
     assert main(["train", "--data", str(small_data), *TINY]) == 2
     assert "FASTNN_BACKEND=fortran: no such backend" in capsys.readouterr().err
+
+
+def test_sparse_and_ragged_inputs_and_huge_labels_are_named() -> None:
+    import numpy as np
+
+    from fastnn import Config, Trainer
+    from fastnn.errors import DataError
+
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    config = Config(hidden=(4,), n_inputs=3, n_outputs=2, epochs=1)
+    cases = [
+        (scipy_sparse.csr_matrix(np.ones((4, 3))), [0, 1, 0, 1],
+         "x_train: a sparse matrix (csr_matrix); fastnn trains dense arrays: pass "
+         "x_train.toarray()"),
+        ([[1.0, 2.0, 3.0], [1.0, 2.0]], [0, 1], "x_train: rows of different lengths"),
+        (np.ones((4, 3)), np.array([0, 1, 0, 2**63], dtype=np.uint64),
+         "t_train: labels must be in 0..1; got 0..9223372036854775808"),
+    ]
+    for x, t, message in cases:
+        with pytest.raises(DataError) as caught:
+            Trainer(config).fit(x, t)
+        assert message in str(caught.value)
+        assert "got ()" not in str(caught.value)
