@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from .tracking import MLflowLogger, TensorBoardLogger  # noqa: F401 - callbacks of fit too
+
 FIELDS = ("epoch", "train_acc", "train_loss", "test_acc", "test_loss", "val_acc", "val_loss",
           "seconds")
 

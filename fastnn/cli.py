@@ -131,6 +131,40 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    """--mlflow [URI], --mlflow-experiment NAME, --tensorboard DIR."""
+    from .tracking import DEFAULT_EXPERIMENT, DEFAULT_MLFLOW_URI
+
+    parser.add_argument("--mlflow", nargs="?", const=DEFAULT_MLFLOW_URI, metavar="URI",
+                        help="log to MLflow: options as parameters, every epoch's figures as "
+                        f"metrics, files as artifacts (default URI {DEFAULT_MLFLOW_URI}; needs "
+                        "mlflow)")
+    parser.add_argument("--mlflow-experiment", default=DEFAULT_EXPERIMENT, metavar="NAME",
+                        help=f"the MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="write TensorBoard event files there (needs tensorboardX)")
+
+
+def _tracking(args: argparse.Namespace) -> Any:
+    """The `Tracking` the flags ask for, its packages checked before any work."""
+    from .tracking import Tracking
+
+    tracking = Tracking(args.mlflow, args.mlflow_experiment, args.tensorboard)
+    if tracking.mlflow is not None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise UsageError("--mlflow needs mlflow: pip install mlflow") from None
+    if tracking.tensorboard is not None:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise UsageError("--tensorboard needs tensorboardX: pip install tensorboardX") \
+                from None
+        check_output_folder(Path(tracking.tensorboard), "--tensorboard")
+    return tracking
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="fastnn", description="Article-exact, fast MLP training on MNIST.")
@@ -153,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume-other-data", action="store_true",
         help="with --resume: continue on --data that differs from the checkpoint's")
     add("--quiet", action="store_true", help="no per-epoch output")
+    add_tracking_flags(train)
     add_config_flags(train)
 
     reproduce = sub.add_parser(
@@ -174,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--dask", metavar="ADDRESS|local", help="run the points on Dask")
     reproduce.add_argument("--redo", action="store_true", help="train finished points again")
     reproduce.add_argument("--quiet", action="store_true", help="no line per finished run")
+    add_tracking_flags(reproduce)
 
     sweep = sub.add_parser("sweep", help="train every point of a grid of options, then tabulate")
     add_run_flags(sweep)
@@ -188,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out-dir", default="runs", metavar="DIR", help="one RUN.json per point")
     sweep.add_argument("--quiet", action="store_true", help="no line per finished run")
     sweep.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    add_tracking_flags(sweep)
     sweep.add_argument(
         "--redo",
         action="store_true",
@@ -228,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an Optuna storage URL (default sqlite:///DIR/study.db)")
     tune.add_argument("--study", default="fastnn", metavar="NAME", help="the study's name")
     tune.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    add_tracking_flags(tune)
     add_config_flags(tune)
     export = sub.add_parser("export", help="a saved model as an ONNX graph (needs onnx)")
     export.add_argument("model", metavar="MODEL.npz", help="a file of fastnn train --save-model")
@@ -370,6 +408,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "--log-jsonl": args.log_jsonl,
         checkpoint_flag: Path(checkpoint_dir) / ckpt.FILENAME if checkpoint_dir else None,
     })
+    tracking = _tracking(args)
     run = TrainingRun.prepare(
         config, threads, args.data, resume=resume_state,
         checkpoint_dir=args.checkpoint or args.resume, checkpoint_every=args.checkpoint_every,
@@ -387,21 +426,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif not args.quiet:
             print(_epoch_line(trainer.history, epoch), flush=True)
 
+    from .tracking import finish
+
+    trackers = tracking.loggers(run.config)
     trainer = Trainer(run.config, on_epoch=on_epoch, threads=threads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             warnings.showwarning = _show_warning
             warnings.simplefilter("always", _divergence_warning())
-            trainer.fit(*run.data, resume=run.resume, callbacks=_loggers(args))
+            trainer.fit(*run.data, resume=run.resume, callbacks=[*_loggers(args), *trackers])
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
         if bar is not None:
             bar.close()
         print(run.save_stopped(trainer, args.out, exc), file=sys.stderr, flush=True)
+        finish(trackers, [args.out], status="KILLED")
         return stop_code(exc)
     if bar is not None:
         bar.close()
-    return _finish(trainer, run, args)
+    code = _finish(trainer, run, args)
+    finish(trackers, [args.out, args.save_model])
+    return code
 
 
 #: the output flags of ``fastnn train`` (argparse names) a checkpoint remembers for its resume
@@ -632,9 +677,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     check_output_folder(out_dir, "--out-dir")
     read_data_once(args.data or None)  # data errors (and the first-use download) first
+    tracking = _tracking(args)
     search = tune.Search(base.to_dict(), space, args.data or None, str(out_dir),
                          tune.storage_url(args.storage, out_dir), args.study, None,
-                         args.timeout, args.sampler, args.pruner, args.threads)
+                         args.timeout, args.sampler, args.pruner, args.threads,
+                         tracking or None)
     study = tune.open_study(search, base.seed)
     before = tune.finished_trials(study)
     search = dataclasses.replace(search, trials=before + args.trials)
@@ -804,8 +851,10 @@ def _train_points(
     file could not be written), or the exit code of a stopped run."""
     from .datasets import read_data_once
     from .sweep import dask_client, run_sweep
+    from .tracking import attach
 
     check_output_folder(out_dir, "--out-dir")
+    tracking = _tracking(args)
     data = args.data or None
     folder = SweepFolder(out_dir, data, checkpointing=not args.dask)
     values = {point.name: point.values for point in points}
@@ -822,7 +871,7 @@ def _train_points(
         print(f"sweeping {_plural(len(points), 'run')} into {out_dir}{kept_text}", flush=True)
         results = run_sweep(
             todo, data, workers=args.workers, client=client, threads=args.threads,
-            checkpoints=folder.checkpoints,
+            checkpoints=folder.checkpoints, tracking=tracking or None,
         )
         try:
             with closing(results):  # an interrupt stops the worker processes at once
@@ -832,6 +881,8 @@ def _train_points(
                     if failure is not None:
                         print(f"warning: {failure}", file=sys.stderr, flush=True)
                         unsaved.append(name)
+                    else:
+                        attach(tracking, record, folder.run_file(name))
                     if not args.quiet:
                         where = " ".join(f"{key}={text}" for key, text in values[name].items())
                         test_acc = record["history"]["test_acc"][-1]

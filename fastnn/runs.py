@@ -429,8 +429,13 @@ def run_point(
     data_path: str | None,
     threads: int | None = None,
     checkpoint_dir: str | None = None,
+    tracking: Any = None,
 ) -> tuple[str, dict[str, Any]]:
     """Train one point of a sweep (in any process); return its name and run record.
+
+    ``tracking``: a `fastnn.tracking.Tracking` the run logs to, as a run named ``name``
+    (its MLflow run's id goes into the record's ``tracking``, so that the run file can be
+    attached to it once written).
 
     ``threads`` None: ``FASTNN_THREADS`` of this process, else its usable CPUs.
     ``checkpoint_dir``: write a checkpoint there after every epoch, and continue from the one
@@ -452,10 +457,19 @@ def run_point(
             if writer.due(epoch):
                 writer.save(trainer.state)
 
+    from .tracking import MLflowLogger, finish
+
+    trackers = tracking.loggers(cfg, name) if tracking else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # divergence is recorded in the history's events
-        history = Trainer(cfg, on_epoch=on_epoch, threads=used).fit(*data, resume=resume)
-    return name, run_record(cfg, history, {"threads": used, "data": data_marker(data_path)})
+        history = Trainer(cfg, on_epoch=on_epoch, threads=used).fit(*data, resume=resume,
+                                                                   callbacks=trackers)
+    finish(trackers)
+    record = run_record(cfg, history, {"threads": used, "data": data_marker(data_path)})
+    runs = [t.run_id for t in trackers if isinstance(t, MLflowLogger) and t.run_id]
+    if runs:
+        record["tracking"] = {"mlflow_run": runs[0]}
+    return name, record
 
 
 # ---- the folder of a sweep's run files ----

@@ -136,6 +136,7 @@ def run_sweep(
     client: Any = None,
     threads: int | None = None,
     checkpoints: str | Path | None = None,
+    tracking: Any = None,
 ) -> Iterator[tuple[str, dict]]:
     """Run every point (a `Point` or a (name, Config) pair), yielding (name, record): on Dask
     (a ``client``, or the scheduler at address ``dask``) when given, in grid order; else in
@@ -146,7 +147,8 @@ def run_sweep(
     `run_point`); Dask runs do not checkpoint.
 
     Closing the iterator (``close()``), or an exception raised while it waits (Ctrl-C),
-    stops the local worker processes at once; their checkpoints stay.
+    stops the local worker processes at once; their checkpoints stay. ``tracking``: a
+    `fastnn.tracking.Tracking` every run logs to (each point its own run, named by it).
     """
     pairs = [(p.name, p.config) if isinstance(p, Point) else p for p in points]
     jobs = [(name, config.to_dict(), data_path) for name, config in pairs]
@@ -154,18 +156,19 @@ def run_sweep(
         return
     if client is None and dask:
         with dask_client(dask) as own_client:
-            yield from _on_dask(own_client, jobs, threads)
+            yield from _on_dask(own_client, jobs, threads, tracking)
     elif client is not None:
-        yield from _on_dask(client, jobs, threads)
+        yield from _on_dask(client, jobs, threads, tracking)
     else:
         folder = None if checkpoints is None else Path(checkpoints)
-        local = [(*job, None if folder is None else str(folder / job[0])) for job in jobs]
+        local = [(*job, None if folder is None else str(folder / job[0]), tracking)
+                 for job in jobs]
         if workers > 1:
             yield from _in_processes(local, workers, threads_per_run(threads, workers))
         else:
             per_run = threads_per_run(threads, 1)
-            for name, config, path, checkpoint_dir in local:
-                yield run_point(name, config, path, per_run, checkpoint_dir)
+            for name, config, path, checkpoint_dir, track in local:
+                yield run_point(name, config, path, per_run, checkpoint_dir, track)
 
 
 #: seconds between a worker's looks at whether the sweep that started it still runs
@@ -205,7 +208,7 @@ def _in_processes(
     )
     try:
         with _environment(worker_environment(threads)):  # the workers start as jobs are given
-            pending = [pool.submit(run_point, *job[:3], None, job[3]) for job in jobs]
+            pending = [pool.submit(run_point, *job[:3], None, *job[3:]) for job in jobs]
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in [future for future in pending if future in done]:  # in grid order
@@ -330,6 +333,7 @@ def _run_on_dask_worker(
     data_path: str | None,
     threads: int | None,
     threads_by_worker: dict[str, int],
+    tracking: Any = None,
 ) -> tuple[str, dict]:
     """`run_point` on a Dask worker, with ``threads`` or this worker's share of the CPUs."""
     if threads is None:
@@ -339,10 +343,11 @@ def _run_on_dask_worker(
         threads = threads_by_worker.get(worker.address) or max(
             1, usable_cpus() // max(1, worker.state.nthreads)
         )
-    return run_point(name, config, data_path, threads)
+    return run_point(name, config, data_path, threads, None, tracking)
 
 
-def _on_dask(client: Any, jobs: list[tuple], threads: int | None) -> Iterator[tuple[str, dict]]:
+def _on_dask(client: Any, jobs: list[tuple], threads: int | None, tracking: Any = None
+             ) -> Iterator[tuple[str, dict]]:
     threads_by_worker = {} if threads is not None else _dask_threads(client)
     names, configs, paths = zip(*jobs, strict=True)
     futures = client.map(
@@ -352,6 +357,7 @@ def _on_dask(client: Any, jobs: list[tuple], threads: int | None) -> Iterator[tu
         paths,
         [threads] * len(jobs),
         [threads_by_worker] * len(jobs),
+        [tracking] * len(jobs),
         pure=False,
     )
     for future in futures:

@@ -192,6 +192,7 @@ class Search:
     sampler: str
     pruner: str
     threads: int | None
+    tracking: Any = None  # a fastnn.tracking.Tracking: each trial a run of its experiment
 
 
 def open_study(search: Search, seed: int) -> Any:
@@ -223,15 +224,21 @@ def run_trial(trial: Any, search: Search) -> float:
     except ConfigError as exc:  # a combination the options refuse (e.g. beta1 without adam)
         trial.set_user_attr("refused", str(exc))
         raise optuna.TrialPruned(f"refused: {exc}") from None
+    from .tracking import finish
+
     threads = search.threads or default_threads()
     pruning = PruneOnValidation(trial)
+    name = f"trial-{trial.number:04d}"
+    trackers = search.tracking.loggers(config, name) if search.tracking else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # divergence is in the history's events
-        history = Trainer(config, threads=threads).fit(*data, callbacks=[pruning])
+        history = Trainer(config, threads=threads).fit(*data, callbacks=[pruning, *trackers])
     record = run_record(config, history, {"threads": threads, "data": data_marker(search.data)})
     record["trial"] = {"number": trial.number, "params": dict(trial.params),
                        "pruned": pruning.pruned}
-    write_run_file(Path(search.out_dir) / f"trial-{trial.number:04d}.json", record, "trial")
+    path = Path(search.out_dir) / f"{name}.json"
+    write_run_file(path, record, "trial")
+    finish(trackers, [path])
     trial.set_user_attr("command", command_line(config, search.data))
     if pruning.pruned:
         raise optuna.TrialPruned(f"pruned at epoch {history.epochs}")
