@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--kind", choices=KINDS, default=KINDS[0],
                       help="curves: accuracy and loss; loss-direction: test loss marked fell/rose; "
                       "weights: weight histograms of models; gamma-beta: batch-norm gamma and "
-                      "beta per epoch; gamma-beta-hist: their final per-node histograms")
+                      "beta per epoch; gamma-beta-hist: their final per-node histograms; "
+                      "tune: a tune study's history and option importances (give its "
+                      "--out-dir)")
     plot.add_argument("--out", default="runs.png", metavar="CHART.png",
                       help="the image; its extension names the format (.png, .pdf, .svg, ...)")
     plot.add_argument("--title", help="a title over the chart")
@@ -612,7 +614,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UsageError(f"--out {exc}") from None
     labels = plots.labels_for(args.runs)
-    if args.kind == "weights":
+    if args.kind == "tune":
+        if len(args.runs) != 1:
+            raise UsageError("--kind tune draws one study: give one tune --out-dir")
+        fig = plots.tune_figure(plots.read_study(args.runs[0]), title=args.title)
+    elif args.kind == "weights":
         models = [(label, plots.read_weights(path))
                   for label, path in zip(labels, args.runs, strict=True)]
         fig = plots.weights_figure(models, title=args.title)
@@ -682,19 +688,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
                          tune.storage_url(args.storage, out_dir), args.study, None,
                          args.timeout, args.sampler, args.pruner, args.threads,
                          tracking or None)
-    study = tune.open_study(search, base.seed)
-    before = tune.finished_trials(study)
-    search = dataclasses.replace(search, trials=before + args.trials)
-    print(f"tuning {', '.join(dim.name for dim in space)}: {args.trials} trial(s) into "
-          f"{search.storage} (study {args.study}, {before} trial(s) there)", flush=True)
-    if args.workers == 1:
-        tune.optimize(search, base.seed)
-    else:
-        from .sweep import threads_per_run, tune_in_processes
+    with SweepFolder(out_dir, None, checkpointing=False).locked("tune"):
+        study = tune.open_study(search, base.seed)
+        if args.storage is None:  # the folder's own study: no one else runs its trials now
+            stale = tune.fail_interrupted_trials(search)
+            if stale:
+                print(f"{stale} trial(s) of an interrupted tune marked failed; the study goes "
+                      "on", flush=True)
+        before = tune.finished_trials(study)
+        search = dataclasses.replace(search, trials=before + args.trials)
+        print(f"tuning {', '.join(dim.name for dim in space)}: {args.trials} trial(s) into "
+              f"{search.storage} (study {args.study}, {before} trial(s) there)", flush=True)
+        try:
+            if args.workers == 1:
+                tune.optimize(search, base.seed)
+            else:
+                from .sweep import threads_per_run, tune_in_processes
 
-        per_run = threads_per_run(args.threads, args.workers)
-        tune_in_processes(dataclasses.replace(search, threads=per_run), base.seed,
-                          args.workers)
+                per_run = threads_per_run(args.threads, args.workers)
+                tune_in_processes(dataclasses.replace(search, threads=per_run), base.seed,
+                                  args.workers)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
+            done = tune.finished_trials(tune.open_study(search, base.seed)) - before
+            print(f"fastnn: {stop_text(exc)}: {done} new trial(s) are in the study; the same "
+                  "command goes on with it", file=sys.stderr, flush=True)
+            return stop_code(exc)
     study = tune.open_study(search, base.seed)
     finished = tune.finished_trials(study)
     print(f"{finished} trial(s) in the study, {finished - before} new; run files in {out_dir}")

@@ -21,7 +21,7 @@ from .fileio import write_atomically
 from .history import History
 
 #: the charts of ``fastnn plot --kind`` (the first is the default)
-KINDS = ("curves", "loss-direction", "weights", "gamma-beta", "gamma-beta-hist")
+KINDS = ("curves", "loss-direction", "weights", "gamma-beta", "gamma-beta-hist", "tune")
 #: more runs than this put the legend outside the axes
 LEGEND_INSIDE_MAX = 4
 #: focused y-ranges: accuracy from this low percentile, loss up to this high one
@@ -442,6 +442,69 @@ def _scalar_points(ax: Any, drawn: list[tuple[Any, ...]], kind: str) -> None:
     ax.grid(alpha=0.3, axis="x")
     if len(labels) <= LEGEND_INSIDE_MAX:
         ax.legend(fontsize=8)
+
+
+def tune_figure(study: Any, *, title: str | None = None) -> Any:
+    """A `fastnn tune` study: each trial's score by trial number (completed points, pruned
+    crosses at their last reported value) with the best so far as a line, and the searched
+    options' importances (Optuna's fANOVA) as bars."""
+    from optuna.importance import get_param_importances
+    from optuna.trial import TrialState
+
+    fig, axes = _figure(2, width=6.0, height=4.0)
+    history_ax, importance_ax = axes[0]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.value is not None]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    if done:
+        numbers = [t.number for t in done]
+        values = [t.value for t in done]
+        history_ax.plot(numbers, values, "o", color="C0", label="completed")
+        best, running = [], math.inf
+        for value in values:
+            running = min(running, value)
+            best.append(running)
+        history_ax.step(numbers, best, where="post", color="C1", label="best so far")
+    if pruned:
+        history_ax.plot([t.number for t in pruned],
+                        [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                        "x", color="0.5", label="pruned (last report)")
+    history_ax.set(xlabel="trial", ylabel="validation loss", title="search history")
+    _integer_ticks(history_ax)
+    history_ax.grid(alpha=0.3)
+    if done or pruned:
+        history_ax.legend(fontsize=8)
+    importances = get_param_importances(study) if len(done) >= 2 else {}
+    if importances:
+        names = list(importances)[::-1]
+        importance_ax.barh(names, [importances[n] for n in names], color="C0")
+    else:
+        importance_ax.text(0.5, 0.5, "needs two completed trials", ha="center",
+                           transform=importance_ax.transAxes)
+    importance_ax.set(xlabel="importance (fANOVA)", title="option importance")
+    importance_ax.grid(alpha=0.3, axis="x")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def read_study(path: str | Path) -> Any:
+    """The study of a `fastnn tune` output folder (or its ``study.db``); `DataError`
+    naming the path when there is none."""
+    from .tune import optuna_module
+
+    optuna = optuna_module()
+    path = Path(path)
+    database = path / "study.db" if path.is_dir() else path
+    if not database.is_file():
+        raise DataError(f"{path}: no tune study (give a fastnn tune --out-dir or its study.db)")
+    storage = f"sqlite:///{database.resolve()}"
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - Optuna raises many kinds for a foreign file
+        raise DataError(f"{database}: not an Optuna study database ({exc})") from None
+    if len(names) != 1:
+        raise DataError(f"{database}: {len(names)} studies; this chart draws one")
+    return optuna.load_study(study_name=names[0], storage=storage)
 
 
 def plot_runs(

@@ -519,7 +519,7 @@ class SweepFolder:
         return self.folder / f"{name}.json"
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, command: str = "sweep") -> Iterator[None]:
         """Hold the folder's lock (`SWEEP_LOCK`, with this process's id in it) while a sweep
         writes there: a second sweep into the same folder is an `OutputError` naming the
         first. The operating system drops the lock when its process ends, so a killed sweep
@@ -538,8 +538,8 @@ class SweepFolder:
                 handle.seek(0)
                 owner = handle.read().strip() or "another process"
                 raise OutputError(
-                    f"--out-dir {self.folder}: another sweep ({owner}) is writing there; wait "
-                    "for it to end or give another --out-dir") from None
+                    f"--out-dir {self.folder}: another {command} ({owner}) is writing there; "
+                    "wait for it to end or give another --out-dir") from None
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {platform.node() or 'this machine'}")

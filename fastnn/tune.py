@@ -264,3 +264,17 @@ def finished_trials(study: Any) -> int:
     optuna = optuna_module()
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return sum(1 for trial in study.trials if trial.state in done)
+
+
+def fail_interrupted_trials(search: Search) -> int:
+    """Mark the study's trials still "running" failed (a killed tune leaves them so; call
+    only while no other process runs the study's trials); returns how many."""
+    optuna = optuna_module()
+    storage = optuna.storages.get_storage(search.storage)
+    study_id = storage.get_study_id_from_name(search.study)
+    running = optuna.trial.TrialState.RUNNING
+    stale = storage.get_all_trials(study_id, deepcopy=False, states=(running,))
+    for trial in stale:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)

@@ -134,3 +134,76 @@ def test_importing_fastnn_never_imports_optuna() -> None:
                            "print('optuna' in sys.modules)"], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_an_interrupted_tune_resumes_its_study(small_data: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-trial leaves a "running" trial; the same command marks it failed and adds
+    its trials to the study (the finished ones kept)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "tune"
+    argv = ["tune", "--data", str(small_data), "--hidden", "8", "--epochs", "2000",
+            "--batch-size", "50", "--space", "eta=0.01,0.1", "--trials", "3", "--pruner",
+            "none", "--out-dir", str(out)]
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "-m", "fastnn", *argv],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, PYTHONPATH=str(repo), FASTNN_OFFLINE="1"))
+    storage = f"sqlite:///{out / 'study.db'}"
+    deadline = time.monotonic() + 60
+    running = []
+    while time.monotonic() < deadline and not running:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name="fastnn", storage=storage)
+        except Exception:  # noqa: BLE001 - not created yet
+            continue
+        running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert running, "the tune never started a trial"
+    short = [arg if arg != "2000" else "2" for arg in argv]
+    assert main(short) == 0
+    study = optuna.load_study(study_name="fastnn", storage=storage)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+
+
+def test_a_second_tune_into_a_busy_folder_is_exit_2(small_data: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("fcntl")
+    from fastnn.runs import SweepFolder
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    with SweepFolder(out, None, checkpointing=False).locked():
+        assert main(["tune", "--data", str(small_data), *SMALL, "--space", "eta=0.1,1",
+                     "--out-dir", str(out)]) == 2
+    assert f"--out-dir {out}: another tune (pid" in capsys.readouterr().err
+
+
+def test_plot_kind_tune_draws_the_history_and_importances(
+        small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(small_data), *SMALL, "--space", "eta=1e-3..1:log",
+                 "--space", "batch_norm=off,bn", "--trials", "4", "--pruner", "none",
+                 "--out-dir", str(out)]) == 0
+    chart = tmp_path / "tune.png"
+    assert main(["plot", "--kind", "tune", str(out), "--out", str(chart)]) == 0
+    assert chart.stat().st_size > 0
+    from fastnn import plots
+
+    fig = plots.tune_figure(plots.read_study(out))
+    history, importance = fig.axes
+    assert len(history.get_lines()[0].get_xdata()) == 4  # the completed trials
+    assert sorted(t.get_text() for t in importance.get_yticklabels()) == ["batch_norm", "eta"]
+    capsys.readouterr()
+    assert main(["plot", "--kind", "tune", str(tmp_path), "--out", str(chart)]) == 2
+    assert "no tune study" in capsys.readouterr().err
