@@ -155,6 +155,13 @@ def _tracking(args: argparse.Namespace) -> Any:
             import mlflow  # noqa: F401
         except ImportError:
             raise UsageError("--mlflow needs mlflow: pip install mlflow") from None
+        from .tracking import prepare_mlflow
+
+        try:
+            prepare_mlflow(tracking.mlflow, tracking.experiment)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a bad store
+            raise UsageError(f"--mlflow {tracking.mlflow}: cannot use this tracking store "
+                             f"({exc.__class__.__name__}: {exc})") from None
     if tracking.tensorboard is not None:
         try:
             import tensorboardX  # noqa: F401
@@ -265,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an Optuna storage URL (default sqlite:///DIR/study.db)")
     tune.add_argument("--study", default="fastnn", metavar="NAME", help="the study's name")
     tune.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    tune.add_argument("--dask", metavar="ADDRESS|local",
+                      help="run the trials on a Dask cluster (its workers must reach the "
+                      "study's storage)")
     add_tracking_flags(tune)
     add_config_flags(tune)
     export = sub.add_parser("export", help="a saved model as an ONNX graph (needs onnx)")
@@ -700,7 +710,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"tuning {', '.join(dim.name for dim in space)}: {args.trials} trial(s) into "
               f"{search.storage} (study {args.study}, {before} trial(s) there)", flush=True)
         try:
-            if args.workers == 1:
+            if args.dask:
+                from .sweep import dask_client, tune_on_dask
+
+                if args.workers != 1:
+                    raise UsageError("--workers and --dask exclude each other: the Dask "
+                                     "cluster's workers run the trials")
+                with dask_client(args.dask) as client:
+                    tune_on_dask(client, search, base.seed)
+            elif args.workers == 1:
                 tune.optimize(search, base.seed)
             else:
                 from .sweep import threads_per_run, tune_in_processes

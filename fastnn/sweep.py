@@ -241,6 +241,33 @@ def tune_in_processes(search: Any, seed: int, workers: int) -> None:
     pool.shutdown(wait=True)
 
 
+def tune_on_dask(client: Any, search: Any, seed: int) -> None:
+    """`fastnn.tune.optimize` on every thread of a Dask cluster's workers (each its own
+    sampler seed), sharing the search's study; each trial takes ``search.threads``, else its
+    worker's share of the host's CPUs."""
+    threads_by_worker = {} if search.threads is not None else _dask_threads(client)
+    slots = sum(int(w["nthreads"]) for w in client.scheduler_info()["workers"].values())
+    futures = [client.submit(_tune_on_dask_worker, search, seed + k, threads_by_worker,
+                             pure=False) for k in range(max(1, slots))]
+    for future in futures:
+        future.result()
+
+
+def _tune_on_dask_worker(search: Any, seed: int, threads_by_worker: dict[str, int]) -> None:
+    import dataclasses
+
+    from .tune import optimize
+
+    if search.threads is None:
+        from dask.distributed import get_worker
+
+        worker = get_worker()
+        threads = threads_by_worker.get(worker.address) or max(
+            1, usable_cpus() // max(1, worker.state.nthreads))
+        search = dataclasses.replace(search, threads=threads)
+    optimize(search, seed)
+
+
 def _stop_workers(pool: Any) -> None:
     """Cancel what has not started and kill the worker processes of a process pool now."""
     if hasattr(pool, "kill_workers"):  # Python 3.14+

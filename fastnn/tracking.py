@@ -51,6 +51,21 @@ def _parameters(config: Mapping[str, Any]) -> dict[str, str]:
             for name, value in config.items()}
 
 
+def prepare_mlflow(uri: str, experiment: str) -> str:
+    """Create the tracking store (a new SQLite file gets its tables) and the experiment, once,
+    before runs in several processes log to them at once (they would race to create both);
+    returns the experiment's id."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found is not None else client.create_experiment(experiment)
+
+
 class MLflowLogger:
     """One MLflow run of a training (see the module). ``config``: the run's options (a
     `Config` or its dict); ``tags``: extra tags (a sweep names its point)."""

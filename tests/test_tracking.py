@@ -110,3 +110,19 @@ def test_tune_trials_are_runs_of_its_experiment(small_data: Path, tmp_path: Path
     experiment = client.get_experiment_by_name("search")
     names = {run.info.run_name for run in client.search_runs([experiment.experiment_id])}
     assert names == {"trial-0000", "trial-0001"}
+
+
+def test_sweep_points_on_dask_log_to_mlflow(small_data: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("dask.distributed")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"  # the workers' working folder may differ
+    assert main(["sweep", "--data", str(small_data), "--grid", "eta=0.1,0.2", *TINY,
+                 "--out-dir", str(tmp_path / "runs"), "--dask", "local", "--threads", "1",
+                 "--mlflow", uri]) == 0
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("fastnn")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["eta=0.1", "eta=0.2"]
+    assert all(run.info.status == "FINISHED" for run in runs)

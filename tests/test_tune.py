@@ -207,3 +207,15 @@ def test_plot_kind_tune_draws_the_history_and_importances(
     capsys.readouterr()
     assert main(["plot", "--kind", "tune", str(tmp_path), "--out", str(chart)]) == 2
     assert "no tune study" in capsys.readouterr().err
+
+
+def test_tune_runs_its_trials_on_dask(small_data: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("dask.distributed")
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(small_data), *SMALL, "--space", "eta=1e-2..1:log",
+                 "--trials", "3", "--dask", "local", "--threads", "1",
+                 "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    files = len(list(out.glob("trial-*.json")))
+    assert files >= 3 and f"{files} trial(s) in the study, {files} new" in printed
