@@ -123,3 +123,9 @@ def mnist():
         if not cached and str(exc).startswith(UNREACHABLE):
             pytest.skip(f"real MNIST cannot be fetched here: {exc}")
         raise
+
+
+@pytest.fixture
+def small_data(tmp_path: Path) -> Path:
+    """An IDX folder of 200 training and 50 test rows (command-line tests)."""
+    return make_idx_folder(tmp_path / "data", n_train=200, n_test=50)

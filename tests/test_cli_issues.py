@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_idx_folder
 
 import fastnn.datasets as datasets
 import fastnn.sweep as sweep
@@ -24,11 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("forbid_downloads")
-
-
-@pytest.fixture
-def small_data(tmp_path: Path) -> Path:
-    return make_idx_folder(tmp_path / "data", n_train=200, n_test=50)
 
 
 def _summary(test_acc: list[float]) -> dict:

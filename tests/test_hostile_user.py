@@ -24,11 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("forbid_downloads")
 
 
-@pytest.fixture
-def small_data(tmp_path: Path) -> Path:
-    return make_idx_folder(tmp_path / "data", n_train=200, n_test=50)
-
-
 # ---- outputs that are not regular files ----
 
 

@@ -7,17 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_idx_folder
 
 from fastnn.cli import main
 
 pytestmark = pytest.mark.usefixtures("forbid_downloads")
 TINY = ["--hidden", "8", "--epochs", "3", "--batch-size", "50", "--quiet"]
-
-
-@pytest.fixture
-def small_data(tmp_path: Path) -> Path:
-    return make_idx_folder(tmp_path / "data", n_train=200, n_test=50)
 
 
 def test_train_logs_an_mlflow_run(small_data: Path, tmp_path: Path,
