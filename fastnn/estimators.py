@@ -38,7 +38,6 @@ import numpy as np
 
 from .config import Config, default_of
 from .errors import MissingDependency
-from .history import History
 from .network import Network
 from .preprocessing import Normalizer
 from .train import STOP_EVENTS, Trainer, TrainState
@@ -61,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "n_iter_no_change": 10,
     "early_stopping": False,
     "backend": "auto",
+    "dtype": "float32",
 }
 #: rows per batch with batch_size "auto": min(AUTO_BATCH, rows)
 AUTO_BATCH = 200
@@ -113,7 +113,7 @@ class _MLPBase:
         batch_norm_eta: float | None = None,
         bn_eval: str = "batch",
         bn_momentum: float = 0.9,
-        dtype: str = "float64",
+        dtype: str = "float32",
         backend: str = "auto",
         seed: int = 0,
         early_stopping: bool | int = False,
@@ -278,7 +278,7 @@ class _MLPBase:
                 epochs=epoch + 1, **single_run,
                 **({"batch_size": batch} if self.batch_size == "auto" else {}),
             )
-            history = History.from_dict(self.history_.to_dict())
+            history = self.history_.copy()
             for event in (*STOP_EVENTS, "restored_best_epoch"):  # the run goes on
                 history.events.pop(event, None)
             resume = TrainState(epoch, history, self._arrays, plateau=self._plateau)
@@ -383,8 +383,10 @@ class MLPClassifier(_MLPBase):
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities (N, n_classes), columns in the order of ``classes_``."""
-        return self._outputs(X)
+        """Class probabilities (N, n_classes), columns in the order of ``classes_``; each row
+        sums to 1 in float64 (a float32 network's softmax is renormalised)."""
+        probabilities = self._outputs(X)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
         """Logarithm of `predict_proba`."""

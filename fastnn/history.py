@@ -53,6 +53,14 @@ class History:
             self.val_acc.append(val[0])
             self.val_loss.append(val[1])
 
+    def copy(self) -> History:
+        """A copy that later records leave as it is (each list copied; values are numbers)."""
+        return History(
+            *(list(getattr(self, name)) for name in _FIGURES),
+            events=dict(self.events),
+            bn_params={name: list(rows) for name, rows in self.bn_params.items()},
+        )
+
     @property
     def epochs(self) -> int:
         """Epochs trained (entries minus the initial one)."""
@@ -157,7 +165,7 @@ class History:
         return history
 
 
-#: the per-evaluation figures of a `History`, as `to_dict` names them
+#: the per-evaluation figures of a `History`, as `to_dict` names them (constructor order)
 _FIGURES = ("train_acc", "train_loss", "test_acc", "test_loss", "epoch_seconds", "val_acc",
             "val_loss")
 

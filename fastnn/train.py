@@ -204,7 +204,7 @@ class Trainer:
                     self._call_back(0)
                     self.state = self._snapshot(0, None)
                 else:
-                    self.history = History.from_dict(resume.history.to_dict())
+                    self.history = resume.history.copy()
                     net.load_state_arrays(resume.arrays)
                     self.state = resume
                 self._loop(net, workspace, train, test, val)
@@ -505,7 +505,7 @@ class Trainer:
         net: Network | None = None,
     ) -> TrainState:
         """The state after ``epoch`` (``net``: the network as it was then; default the live one)."""
-        history = History.from_dict(self.history.to_dict())  # frozen copy
+        history = self.history.copy()  # frozen
         source = self.network if net is None else net
         return TrainState(epoch, history, source.state_arrays(), best_arrays, best_loss, waited)
 

@@ -142,14 +142,14 @@ def test_classifier_string_labels_and_same_run_as_trainer() -> None:
     codes = np.searchsorted(clf.classes_, y)
     config = Config(hidden=(16,), epochs=20, batch_size=10, dropout_hidden=0.8, n_inputs=6,
                     n_outputs=3, init="glorot_uniform", normalize="standard", optimizer="adam",
-                    eta=1e-3, tol=1e-4, n_iter_no_change=10,
+                    eta=1e-3, tol=1e-4, n_iter_no_change=10, dtype="float32",
                     backend=clf._resolved_backend())
     trainer = Trainer(config)
     history = trainer.fit(x, codes)
     assert clf.history_.train_loss == history.train_loss
     proba = clf.predict_proba(x)
-    np.testing.assert_array_equal(proba, trainer.predict_proba(x))
-    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_allclose(proba, trainer.predict_proba(x), rtol=1e-6)  # renormalised
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-15)
     np.testing.assert_allclose(clf.predict_log_proba(x), np.log(proba))
     predicted = clf.predict(x)
     np.testing.assert_array_equal(predicted, clf.classes_[proba.argmax(axis=1)])

@@ -92,13 +92,16 @@ def test_the_estimators_export_labels_and_target_units(tmp_path: Path) -> None:
     x = x * 50.0 + 7.0
     classes = np.array([10, 20, 30])[labels]
     clf = MLPClassifier(hidden=(6,), max_iter=5, backend="numpy").fit(x, classes)
-    probabilities, label = _run(clf.to_onnx(tmp_path / "clf.onnx"), x)
-    _assert_close(probabilities, clf.predict_proba(x), "float64", "probabilities")
+    probabilities, label = _run(clf.to_onnx(tmp_path / "clf.onnx"), x.astype(np.float32))
+    _assert_close(probabilities, clf.predict_proba(x), "float32", "probabilities")
     np.testing.assert_array_equal(label, clf.predict(x))
     target = x[:, 0] * 3.0 + 1000.0  # raw units, far from 0
     reg = MLPRegressor(hidden=(6,), max_iter=5, backend="numpy").fit(x, target)
-    (values,) = _run(reg.to_onnx(tmp_path / "reg.onnx"), x)
-    _assert_close(values[:, 0], reg.predict(x), "float64", "predictions")
+    (values,) = _run(reg.to_onnx(tmp_path / "reg.onnx"), x.astype(np.float32))
+    _assert_close(values[:, 0], reg.predict(x), "float32", "predictions")
+    reg64 = MLPRegressor(hidden=(6,), max_iter=5, backend="numpy", dtype="float64").fit(x, target)
+    (values,) = _run(reg64.to_onnx(tmp_path / "reg64.onnx"), x)
+    _assert_close(values[:, 0], reg64.predict(x), "float64", "predictions")
 
 
 def test_fastnn_export_writes_a_graph_and_refuses_bad_files(
