@@ -1,4 +1,4 @@
-"""Side-by-side time of one article epoch: NumPy vs Numba backends vs a PyTorch CPU peer.
+"""Side-by-side time of one article epoch: NumPy vs Numba backends vs PyTorch and JAX CPU peers.
 
 One "article epoch" = SGD over 60 000 training rows at batch size 100 with hidden (100, 50),
 then evaluating the whole training set and the 10 000-row test set (what `Trainer` times).
@@ -8,6 +8,7 @@ medians.
 
     python benchmarks/compare.py [--epochs-repeat N] [--data synthetic,mnist] [--rounds R]
         [--loop trainer|ops] [--hidden 100,50;1024,512] [--batch-sizes 100,1000]
+        [--jax-python PATH]
 
 ``--hidden`` and ``--batch-sizes`` make a scaling table (the article's network is 100,50 at
 batch 100; the article/numba column is shown for it alone).
@@ -21,9 +22,13 @@ while the previous one is evaluated on the other), shown in extra columns.
 ``--data`` takes one kind or a comma-separated list (one table each). MNIST's inputs are ~81%
 exact zeros after min-max scaling, so the numba backend takes its sparse (CSR) first layer
 there; the table header says which first-layer path numba used (FASTNN_NUMBA_SPARSE=0/1/auto
-in the environment forces it). PyTorch is optional: when it cannot be imported its column
-says so. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the workers' environment
-unless ``--keep-openblas-env``.
+in the environment forces it). PyTorch and JAX are optional: when one cannot be imported its
+column says so. The JAX peer (`jax_peer.py`) jits the whole epoch as one ``lax.scan`` over the
+batches plus the evaluations, the strongest CPU peer measured; JAX is best kept in its own
+environment: ``--jax-python /path/to/venv/bin/python`` runs its worker with that interpreter
+(it needs numpy and jax; fastnn comes from this checkout for ``--data mnist``).
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the workers' environment unless
+``--keep-openblas-env``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import numpy as np
 from torch_peer import build_model, epoch_order, epoch_runner
 
 ARTICLE_SECONDS_PER_EPOCH = {"off": 229.0 / 50, "bn": 299.0 / 50}  # 3:49 and 4:59 for 50 epochs
-IMPLEMENTATIONS = ("numpy", "numba", "torch")
+IMPLEMENTATIONS = ("numpy", "numba", "torch", "jax")
 #: also accepted by --impls: the numba backend with FASTNN_NUMBA_PARALLEL=overlap (training on
 #: one thread while the previous epoch is evaluated on the other), for a before/after column
 OVERLAP = "numba-overlap"
@@ -142,6 +147,17 @@ def time_torch(dtype: str, batch_norm: str, data: str, repeats: int,
     return seconds
 
 
+def time_jax(dtype: str, batch_norm: str, data: str, repeats: int,
+             hidden: tuple[int, ...] = (100, 50), batch_size: int = 100) -> list[float]:
+    """The same network, batch size, plain SGD and evaluation work in JAX, the epoch jitted."""
+    from jax_peer import time_jax as run
+
+    x, _, labels, x_test, _, labels_test = load_data(data, dtype)
+    orders = [epoch_order(number, len(x)) for number in range(repeats + 1)]
+    return run(x, labels, x_test, labels_test, hidden, N_CLASSES, batch_norm, batch_size,
+               repeats, orders)
+
+
 def blas_description() -> str:
     """Which BLAS NumPy uses, its core type and threads (threadpoolctl when installed)."""
     try:
@@ -173,7 +189,10 @@ def worker(arguments: argparse.Namespace) -> None:
     implementation, dtype, batch_norm, hidden_text, batch_text = arguments.worker
     hidden, batch_size = parse_hidden(hidden_text), int(batch_text)
     path = ""
-    if implementation == "torch":
+    if implementation == "jax":
+        seconds = time_jax(dtype, batch_norm, arguments.data, arguments.epochs_repeat, hidden,
+                           batch_size)
+    elif implementation == "torch":
         seconds = time_torch(dtype, batch_norm, arguments.data, arguments.epochs_repeat, hidden,
                              batch_size)
     else:
@@ -198,7 +217,12 @@ def run_worker(implementation: str, config: Setup, data: str,
     if implementation == OVERLAP:
         env["FASTNN_NUMBA_PARALLEL"] = "overlap"
     hidden, batch, dtype, batch_norm = config
-    command = [sys.executable, __file__, "--worker", implementation, dtype, batch_norm, hidden,
+    python = sys.executable
+    if implementation == "jax":
+        python = arguments.jax_python or python
+        root = str(Path(__file__).resolve().parents[1])  # fastnn's loader, for --data mnist
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    command = [python, __file__, "--worker", implementation, dtype, batch_norm, hidden,
                str(batch), "--epochs-repeat", str(arguments.epochs_repeat), "--data", data,
                "--loop", arguments.loop]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -208,9 +232,13 @@ def run_worker(implementation: str, config: Setup, data: str,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def torch_available() -> str | None:
-    """None when torch imports in a fresh process, else why not."""
-    done = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True)
+def importable(module: str, python: str | None = None) -> str | None:
+    """None when ``module`` imports in a fresh process of ``python``, else why not."""
+    try:
+        done = subprocess.run([python or sys.executable, "-c", f"import {module}"],
+                              capture_output=True, text=True)
+    except OSError as error:
+        return str(error)
     if done.returncode == 0:
         return None
     return (done.stderr.strip().splitlines() or ["import failed"])[-1]
@@ -243,6 +271,8 @@ def main() -> None:
     parser.add_argument("--hidden", default="100,50",
                         help="hidden sizes; several networks separated by ';' (100,50;1024,512)")
     parser.add_argument("--batch-sizes", default="100", help="comma-separated (100,1000)")
+    parser.add_argument("--jax-python", help="the interpreter of an environment with jax "
+                        "(default: this one)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
@@ -254,9 +284,11 @@ def main() -> None:
     if unknown or not kinds:
         parser.error(f"--data: synthetic and/or mnist, not {','.join(unknown) or 'nothing'}")
     implementations = [i for i in arguments.impls.split(",") if i]
-    torch_missing = torch_available() if "torch" in implementations else None
-    if torch_missing:
-        implementations.remove("torch")
+    missing = {peer: importable(peer, arguments.jax_python if peer == "jax" else None)
+               for peer in ("torch", "jax") if peer in implementations}
+    missing = {peer: why for peer, why in missing.items() if why}
+    for peer in missing:
+        implementations.remove(peer)
     configs = [(hidden, int(batch), dtype, bn)
                for hidden in arguments.hidden.split(";") if hidden
                for batch in arguments.batch_sizes.split(",") if batch
@@ -281,15 +313,16 @@ def main() -> None:
                         paths[kind].add(result.get("first_layer") or "unknown")
     for kind in kinds:
         print_table(kind, configs, seconds, paths[kind], blas, arguments)
-    if torch_missing:
-        print(f"torch: skipped, not importable ({torch_missing})")
+    for peer, why in missing.items():
+        print(f"{peer}: skipped, not importable ({why})")
     for (kind, implementation, *config), message in errors.items():
         print(f"{kind} {implementation} {' '.join(map(str, config))}: failed: {message}")
 
 
 def print_table(kind: str, configs: list[Setup], seconds: dict[tuple[Any, ...], list[float]],
                 paths: set[str], blas: str, arguments: argparse.Namespace) -> None:
-    """The medians of one data kind, numba/torch, numba/numpy and article/numba ratios."""
+    """The medians of one data kind, numba/torch, numba/jax, numba/numpy and article/numba
+    ratios."""
     def median(implementation: str, config: Setup) -> float | None:
         values = seconds.get((kind, implementation, *config))
         return statistics.median(values) if values else None
@@ -302,19 +335,21 @@ def print_table(kind: str, configs: list[Setup], seconds: dict[tuple[Any, ...], 
           f"{os.environ.get('FASTNN_NUMBA_SPARSE', 'auto')})")
     overlap = any(key[:2] == (kind, OVERLAP) for key in seconds)
     header = (f"{'hidden':<9} {'batch':>5} {'dtype':<8} {'BN':<4} {'numpy s':>8} {'numba s':>8} "
-              f"{'torch s':>8} {'numba/torch':>11} {'numba/numpy':>11} {'article/numba':>13}")
+              f"{'torch s':>8} {'jax s':>8} {'numba/torch':>11} {'numba/jax':>9} "
+              f"{'numba/numpy':>11} {'article/numba':>13}")
     if overlap:
         header += f" {'overlap s':>9} {'overlap/torch':>13}"
     print(header)
     print("-" * len(header))
     for config in configs:
         hidden, batch, dtype, bn = config
-        numpy_s, numba_s, torch_s = (median(i, config) for i in IMPLEMENTATIONS)
+        numpy_s, numba_s, torch_s, jax_s = (median(i, config) for i in IMPLEMENTATIONS)
         article = ARTICLE_SECONDS_PER_EPOCH["bn" if bn != "off" else "off"]
         is_article = hidden == "100,50" and batch == 100
         print(f"{hidden:<9} {batch:>5} {dtype:<8} {bn:<4} {format_seconds(numpy_s):>8} "
               f"{format_seconds(numba_s):>8} {format_seconds(torch_s):>8} "
-              f"{format_ratio(numba_s, torch_s):>11} {format_ratio(numba_s, numpy_s):>11} "
+              f"{format_seconds(jax_s):>8} {format_ratio(numba_s, torch_s):>11} "
+              f"{format_ratio(numba_s, jax_s):>9} {format_ratio(numba_s, numpy_s):>11} "
               f"{format_ratio(article, numba_s) if is_article else '-':>13}"
               + (f" {format_seconds(median(OVERLAP, config)):>9} "
                  f"{format_ratio(median(OVERLAP, config), torch_s):>13}" if overlap else ""))
