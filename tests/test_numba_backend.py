@@ -20,6 +20,7 @@ from fastnn import Config, Network, Trainer  # noqa: E402
 from fastnn.backends import HiddenSpec, get_backend  # noqa: E402
 from fastnn.backends.numba import ops as backend_module  # noqa: E402
 from fastnn.backends.numba import training  # noqa: E402
+from fastnn.backends.numba.kernels import common  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity", "softplus", "softsign", "step")
 BATCH_NORMS = ("off", "n", "bn", "node")
@@ -542,23 +543,52 @@ class _Terminal:
         pass
 
 
-def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
     """The notice comes only when warm-up takes long (compiling), on a line of its own; a
     warm-up that finds everything compiled says nothing."""
     terminal = _Terminal()
     monkeypatch.setattr(backend_module.sys, "stderr", terminal)
     ops = backend_module.NumbaOps()
     plan = Network(small_config("numpy", batch_norm="node")).plan
+    monkeypatch.setattr(common, "cache_folder", lambda: tmp_path)  # no earlier records
     monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 0.0)
     monkeypatch.setattr(ops, "run_probe", lambda plan, dtype: __import__("time").sleep(0.3))
     ops.warm_up(plan)
-    assert terminal.text == "\ncompiling kernels (first run only)\n"
+    depth = f"{plan.n_layers - 1} hidden layers"
+    assert terminal.text == (f"\ncompiling kernels for {plan.dtype}, {depth} (first run only; "
+                             "about a minute on 2 cores)\n")
     ops.warm_up(plan)  # already warm: no second notice
     assert terminal.text.count("compiling") == 1
     monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 5.0)
     fresh = backend_module.NumbaOps()
     fresh.warm_up(plan)  # a fast (cached) warm-up
     assert terminal.text.count("compiling") == 1
+
+
+def test_compiled_kernels_are_recorded_beside_the_cache(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A warm-up records which kernel set it compiled and how long it took; `fastnn info`'s
+    list reads the records back; a record of other kernel sources (an upgrade) is not
+    listed; the next compile notice quotes the time compiling took here."""
+    monkeypatch.setattr(common, "cache_folder", lambda: tmp_path)
+    terminal = _Terminal()
+    monkeypatch.setattr(backend_module.sys, "stderr", terminal)
+    plan = Network(small_config("numpy")).plan
+    assert backend_module.compiled_kernels() == {}
+    ops = backend_module.NumbaOps()
+    monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 0.1)
+    monkeypatch.setattr(ops, "run_probe", lambda plan, dtype: __import__("time").sleep(0.4))
+    ops.warm_up(plan)
+    name = f"{plan.dtype}, {plan.n_layers - 1} hidden layers"
+    compiled = backend_module.compiled_kernels()
+    assert list(compiled) == [name] and 0.3 <= compiled[name] < 5
+    deeper = Network(small_config("numpy", hidden=(8, 8, 8))).plan
+    ops.warm_up(deeper)
+    assert terminal.text.endswith("(first run only; about 0 s, as before on this machine)\n")
+    assert len(backend_module.compiled_kernels()) == 2
+    monkeypatch.setattr(common, "_sources_digest", lambda: "other sources")
+    assert backend_module.compiled_kernels() == {}
 
 
 # ---- the kernels' exp (no libm call) ----

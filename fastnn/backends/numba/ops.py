@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,7 @@ from . import evaluation, training
 from .batch_norm_cache import LazyBatchNormCache, forward_values
 from .fit import FLOAT_DTYPES, as_multiplier, same_float_arrays
 from .inputs import prepare_csr
+from .kernels import common
 from .kernels.common import (
     Activation,
     BatchNorm,
@@ -157,16 +160,23 @@ class NumbaOps(NumpyOps):
         key = (dtype.name, plan.n_layers, plan.batch_norm, plan.dropout_mode, plan.output)
         if dtype not in FLOAT_DTYPES or key in self._warmed:
             return
+        variant = warm_variant(dtype.name, plan.n_layers - 1)
+        known = common.warm_records()
         notice = None
         if sys.stderr is not None and sys.stderr.isatty():
-            notice = threading.Timer(COMPILE_NOTICE_AFTER, _say_compiling)
+            notice = threading.Timer(COMPILE_NOTICE_AFTER, _say_compiling,
+                                     (variant, list(known.values())))
             notice.daemon = True
             notice.start()
+        start = time.perf_counter()
         try:
             self.run_probe(plan, dtype)
         finally:
             if notice is not None:
                 notice.cancel()
+        seconds = time.perf_counter() - start
+        if variant not in known or seconds > COMPILE_NOTICE_AFTER:
+            common.record_warm(variant, seconds)
         with self._lock:
             self._warmed.add(key)
 
@@ -497,6 +507,27 @@ class NumbaOps(NumpyOps):
         return result
 
 
-def _say_compiling() -> None:
-    """Tell a person at a terminal why the first run waits (on its own line)."""
-    print("\ncompiling kernels (first run only)", file=sys.stderr, flush=True)
+def warm_variant(dtype: str, hidden_layers: int) -> str:
+    """The name of the kernels a plan compiles: one set per dtype and network depth."""
+    return f"{dtype}-{hidden_layers}-hidden"
+
+
+def compiled_kernels() -> dict[str, float]:
+    """The kernel sets compiled on this machine for this fastnn ("float32, 2 hidden layers")
+    and the seconds compiling each took (what `fastnn info` lists)."""
+    return {describe_variant(name): seconds for name, seconds in common.warm_records().items()}
+
+
+def describe_variant(variant: str) -> str:
+    """``float32-2-hidden`` as "float32, 2 hidden layers"."""
+    dtype, layers, _ = variant.split("-")
+    return f"{dtype}, {layers} hidden layer{'' if layers == '1' else 's'}"
+
+
+def _say_compiling(variant: str, earlier: list[float]) -> None:
+    """Tell a person at a terminal why the first run waits and for about how long (what
+    compiling took here before, else what it takes on a 2-core machine), on its own line."""
+    took = (f"about {round(statistics.median(earlier))} s, as before on this machine" if earlier
+            else "about a minute on 2 cores")
+    print(f"\ncompiling kernels for {describe_variant(variant)} (first run only; {took})",
+          file=sys.stderr, flush=True)

@@ -13,7 +13,9 @@ never run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import tempfile
 from collections import namedtuple
@@ -26,6 +28,8 @@ _HERE = Path(__file__).resolve().parent
 #: sources outside this folder whose constants the kernels compile in
 _CONSTANT_SOURCES = (_HERE.parent.parent / "codes.py",)
 _STAMP = "fastnn-kernels.digest"
+#: a record, beside the cached kernels, that a plan's kernels were compiled (and how long it took)
+_WARM_RECORD = "fastnn-warm-{}.json"
 
 
 def _writable_folder(folder: Path) -> bool:
@@ -39,6 +43,7 @@ def _writable_folder(folder: Path) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
 def _sources_digest() -> str:
     """A digest of every kernel module's source and of the codes they compile in (what
     compiled entries depend on)."""
@@ -55,7 +60,8 @@ def _drop_stale_entries(folder: Path, digest: str) -> None:
     try:
         if stamp.exists() and stamp.read_text() == digest:
             return
-        for entry in (*folder.glob("*.nbi"), *folder.glob("*.nbc")):
+        for entry in (*folder.glob("*.nbi"), *folder.glob("*.nbc"),
+                      *folder.glob(_WARM_RECORD.format("*"))):
             entry.unlink(missing_ok=True)
         stamp.write_text(digest)
     except OSError:
@@ -80,6 +86,46 @@ def _configure_cache() -> bool:
 
 
 CACHE_ENABLED = _configure_cache()
+
+
+def cache_folder() -> Path | None:
+    """The folder compiled kernels are cached in (None: nowhere writable, nothing is kept)."""
+    if not CACHE_ENABLED:
+        return None
+    chosen = numba.config.CACHE_DIR or os.environ.get("NUMBA_CACHE_DIR")
+    return Path(chosen) if chosen else _HERE / "__pycache__"
+
+
+def record_warm(name: str, seconds: float) -> None:
+    """Note that the kernels of ``name`` (a plan's variant) are in the cache, and how long
+    compiling them took (best effort: an unwritable cache records nothing)."""
+    folder = cache_folder()
+    if folder is None:
+        return
+    record = {"digest": _sources_digest(), "seconds": round(seconds, 1),
+              "numba": numba.__version__}
+    try:
+        (folder / _WARM_RECORD.format(name)).write_text(json.dumps(record))
+    except OSError:
+        pass
+
+
+def warm_records() -> dict[str, float]:
+    """The variants whose kernels this machine has compiled for these sources, with the
+    seconds compiling took (stale or unreadable records are left out)."""
+    folder = cache_folder()
+    if folder is None:
+        return {}
+    digest, found = _sources_digest(), {}
+    prefix, suffix = _WARM_RECORD.split("{}")
+    for path in sorted(folder.glob(_WARM_RECORD.format("*"))):
+        try:
+            record = json.loads(path.read_text())
+            if record["digest"] == digest:
+                found[path.name[len(prefix):-len(suffix)]] = float(record["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
 
 
 def jit(function: Any) -> Any:
