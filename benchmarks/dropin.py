@@ -2,8 +2,9 @@
 
 For each data set: a 70/30 split (stratified for classifiers, ``random_state=0``), each
 estimator fitted bare and behind a ``StandardScaler`` in a ``Pipeline``, scored on the 30 %
-(accuracy, or R^2 for regressors), fit time measured around ``fit`` (the median of
-``--repeats`` fits). scikit-learn's ``MLPClassifier()`` / ``MLPRegressor(random_state=0)``
+(accuracy, or R^2 for regressors) and fit time measured around ``fit``, each the median of
+``--repeats`` fits (default 3; scikit-learn's unseeded classifier differs from fit to fit).
+scikit-learn's ``MLPClassifier()`` / ``MLPRegressor(random_state=0)``
 against fastnn's ``MLPClassifier()`` / ``MLPRegressor()`` on each backend of ``--backends``
 (the default backend, ``auto``, and numba). The numba backend is warmed up once per network
 shape before timing (its kernels compile once per machine and are cached on disk).
@@ -91,12 +92,13 @@ def _fastnn(classifier: bool, backend: str) -> Any:
 
 def _fit_and_score(make: Callable[[], Any], scaled: bool, split: tuple[np.ndarray, ...],
                    repeats: int) -> tuple[float, float]:
-    """(score on the test rows, median fit seconds)."""
+    """(median score on the test rows, median fit seconds) of ``repeats`` fits (scikit-learn's
+    MLPClassifier() is unseeded: each fit starts elsewhere; fastnn's are all the same)."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     x_train, x_test, y_train, y_test = split
-    times, score = [], float("nan")
+    times, scores = [], []
     for _ in range(repeats):
         model = make_pipeline(StandardScaler(), make()) if scaled else make()
         with warnings.catch_warnings():
@@ -104,8 +106,8 @@ def _fit_and_score(make: Callable[[], Any], scaled: bool, split: tuple[np.ndarra
             start = time.perf_counter()
             model.fit(x_train, y_train)
             times.append(time.perf_counter() - start)
-            score = float(model.score(x_test, y_test))
-    return score, statistics.median(times)
+            scores.append(float(model.score(x_test, y_test)))
+    return statistics.median(scores), statistics.median(times)
 
 
 def _warm_up(backend: str, rows: list[Row]) -> None:
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="auto,numba",
                         help="fastnn backends, comma-separated (auto: the estimators' default)")
-    parser.add_argument("--repeats", type=int, default=1, help="fits per cell (median time)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fits per cell (median score and time)")
     parser.add_argument("--rows", default="", help="data sets to run (default: all)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
