@@ -54,12 +54,14 @@ def _parameters(config: Mapping[str, Any]) -> dict[str, str]:
 def prepare_mlflow(uri: str, experiment: str) -> str:
     """Create the tracking store (a new SQLite file gets its tables) and the experiment, once,
     before runs in several processes log to them at once (they would race to create both);
-    returns the experiment's id."""
+    returns the experiment's id. `MissingDependency` without mlflow."""
     import logging
 
-    from mlflow.tracking import MlflowClient
-
-    for name in ("mlflow", "alembic"):
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise MissingDependency("--mlflow needs mlflow: pip install mlflow") from None
+    for name in ("mlflow", "alembic"):  # a new store's set-up is not news
         logging.getLogger(name).setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
@@ -81,18 +83,10 @@ class MLflowLogger:
         self._client: Any = None
 
     def _start(self) -> None:
-        import logging
+        experiment_id = prepare_mlflow(self.uri, self.experiment)
+        from mlflow.tracking import MlflowClient
 
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise MissingDependency("--mlflow needs mlflow: pip install mlflow") from None
-        for name in ("mlflow", "alembic"):  # a new store's set-up is not news
-            logging.getLogger(name).setLevel(logging.WARNING)
         client = MlflowClient(tracking_uri=self.uri)
-        found = client.get_experiment_by_name(self.experiment)
-        experiment_id = (found.experiment_id if found is not None
-                         else client.create_experiment(self.experiment))
         run = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
         self._client, self.run_id = client, run.info.run_id
         if self.config:
