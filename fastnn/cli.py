@@ -16,7 +16,8 @@ import json
 import os
 import sys
 import warnings
-from contextlib import ExitStack, closing
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -465,6 +466,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 OUTPUT_FLAGS = ("out", "save_model", "log_csv", "log_jsonl")
 
 
+
 def _loggers(args: argparse.Namespace) -> list[Any]:
     """The epoch loggers the flags ask for (a resumed run appends to their files)."""
     from .callbacks import CsvLogger, JsonLinesLogger
@@ -686,19 +688,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 1; got {args.workers}")
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0; got {args.timeout}")
+    if args.dask and args.workers != 1:
+        raise UsageError("--workers and --dask exclude each other: the Dask cluster's workers "
+                         "run the trials")
     base = config_from_args(args)
     _check_backend(base.backend)
     with flag_names():
         space = tuple(tune.parse_space(args.space))
     out_dir = Path(args.out_dir)
-    check_output_folder(out_dir, "--out-dir")
-    read_data_once(args.data or None)  # data errors (and the first-use download) first
-    tracking = _tracking(args)
-    search = tune.Search(base.to_dict(), space, args.data or None, str(out_dir),
-                         tune.storage_url(args.storage, out_dir), args.study, None,
-                         args.timeout, args.sampler, args.pruner, args.threads,
-                         tracking or None)
-    with SweepFolder(out_dir, None, checkpointing=False).locked("tune"):
+    with ExitStack() as stack:
+        stack.enter_context(_output_folder(out_dir))
+        read_data_once(args.data or None)  # data errors (and the first-use download) first
+        tracking = _tracking(args)
+        search = tune.Search(base.to_dict(), space, args.data or None, str(out_dir),
+                             tune.storage_url(args.storage, out_dir), args.study, None,
+                             args.timeout, args.sampler, args.pruner, args.threads,
+                             tracking or None)
+        client = stack.enter_context(_dask_client(args.dask))
+        stack.enter_context(SweepFolder(out_dir, None, checkpointing=False).locked("tune"))
         study = tune.open_study(search, base.seed)
         if args.storage is None:  # the folder's own study: no one else runs its trials now
             stale = tune.fail_interrupted_trials(search)
@@ -710,14 +717,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"tuning {', '.join(dim.name for dim in space)}: {args.trials} trial(s) into "
               f"{search.storage} (study {args.study}, {before} trial(s) there)", flush=True)
         try:
-            if args.dask:
-                from .sweep import dask_client, tune_on_dask
+            if client is not None:
+                from .sweep import tune_on_dask
 
-                if args.workers != 1:
-                    raise UsageError("--workers and --dask exclude each other: the Dask "
-                                     "cluster's workers run the trials")
-                with dask_client(args.dask) as client:
-                    tune_on_dask(client, search, base.seed)
+                tune_on_dask(client, search, base.seed)
             elif args.workers == 1:
                 tune.optimize(search, base.seed)
             else:
@@ -728,9 +731,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                   args.workers)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
             done = tune.finished_trials(tune.open_study(search, base.seed)) - before
-            print(f"fastnn: {stop_text(exc)}: {done} new trial(s) are in the study; the same "
-                  "command goes on with it", file=sys.stderr, flush=True)
-            return stop_code(exc)
+            return _stopped(exc, f"{done} new trial(s) are in the study; the same command goes "
+                            "on with it")
     study = tune.open_study(search, base.seed)
     finished = tune.finished_trials(study)
     print(f"{finished} trial(s) in the study, {finished - before} new; run files in {out_dir}")
@@ -886,19 +888,19 @@ def _train_points(
     --redo; local runs checkpoint every epoch there). Returns (records by name, names whose
     file could not be written), or the exit code of a stopped run."""
     from .datasets import read_data_once
-    from .sweep import dask_client, run_sweep
+    from .sweep import run_sweep
     from .tracking import attach
 
-    check_output_folder(out_dir, "--out-dir")
-    tracking = _tracking(args)
     data = args.data or None
     folder = SweepFolder(out_dir, data, checkpointing=not args.dask)
     values = {point.name: point.values for point in points}
     unsaved: list[str] = []
     with ExitStack() as stack:
-        stack.enter_context(folder.locked())
-        client = stack.enter_context(dask_client(args.dask)) if args.dask else None
+        stack.enter_context(_output_folder(out_dir))
+        tracking = _tracking(args)
+        client = stack.enter_context(_dask_client(args.dask))
         loaded = read_data_once(data)  # data errors (and the first-use download) before any run
+        stack.enter_context(folder.locked())
         records = folder.kept_runs(points, loaded, redo=args.redo)
         todo = [point for point in points if point.name not in records]
         kept_text = (
@@ -930,15 +932,53 @@ def _train_points(
                 if folder.checkpoints is not None
                 else "the others are trained"
             )
-            print(
-                f"fastnn: {stop_text(exc)}: {len(records)} of {_plural(len(points), 'run')} done, "
-                f"their files are in {out_dir}; {later} when the same command runs again",
-                file=sys.stderr,
-                flush=True,
-            )
-            return stop_code(exc)
+            return _stopped(exc, f"{len(records)} of {_plural(len(points), 'run')} done, their "
+                            f"files are in {out_dir}; {later} when the same command runs again")
     folder.tidy()
     return records, unsaved
+
+
+@contextmanager
+def _output_folder(folder: Path, flag: str = "--out-dir") -> Iterator[None]:
+    """Create ``folder`` (`check_output_folder`) for the block; when the block fails (a bad
+    option, data or Dask address, an interrupt) the folders made for it that are still empty
+    are removed again, so a command that wrote nothing leaves nothing behind."""
+    made = []
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            break
+        made.append(path)
+    check_output_folder(folder, flag)
+    try:
+        yield
+    except BaseException:
+        for path in made:  # deepest first; one that is not empty stops it
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
+def _dask_client(address: str | None) -> Iterator[Any]:
+    """The client of the Dask scheduler at ``address`` (``local``: a new local cluster) for the
+    block; None without an address. A sweep or tune connects before it takes its folder's
+    lock, so an unreachable scheduler leaves no lock file behind."""
+    if not address:
+        yield None
+        return
+    from .sweep import dask_client
+
+    with dask_client(address) as client:
+        yield client
+
+
+def _stopped(stop: BaseException, kept: str) -> int:
+    """Say (on stderr) how a sweep or tune was stopped and what of its work is ``kept``; its
+    exit status (130 for Ctrl-C, 128 + the signal's number for SIGTERM/SIGHUP)."""
+    print(f"fastnn: {stop_text(stop)}: {kept}", file=sys.stderr, flush=True)
+    return stop_code(stop)
 
 
 def _number(value: Any) -> str:

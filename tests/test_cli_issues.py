@@ -242,14 +242,33 @@ def test_plot_refuses_a_name_without_an_image_extension(tmp_path: Path, capsys) 
 # (8) an unreachable Dask scheduler is a usage error
 
 
-def test_unreachable_dask_scheduler_is_exit_2(monkeypatch, capsys) -> None:
+def test_unreachable_dask_scheduler_is_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     pytest.importorskip("dask.distributed")
     monkeypatch.setattr(sweep, "DASK_CONNECT_TIMEOUT_S", 1.0)
     monkeypatch.setattr(datasets, "load_mnist", lambda *a, **k: pytest.fail("data read"))
-    assert main(["sweep", "--grid", "eta=0.1", "--dask", "tcp://127.0.0.1:1"]) == 2
+    out = tmp_path / "runs"
+    assert main(["sweep", "--grid", "eta=0.1", "--dask", "tcp://127.0.0.1:1",
+                 "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--dask tcp://127.0.0.1:1: no Dask scheduler answered within 1 s" in err
     assert err.count("\n") == 1 and "internal error" not in err
+    assert not out.exists()  # neither the lock file nor the folder made for it is left
+
+
+@pytest.mark.parametrize("command", [["sweep", "--grid", "eta=0.1"],
+                                     ["tune", "--space", "eta=0.1,1"]])
+def test_unreachable_dask_scheduler_leaves_no_lock_in_an_existing_folder(
+        command: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("dask.distributed")
+    if command[0] == "tune":
+        pytest.importorskip("optuna")
+        monkeypatch.setattr(datasets, "read_data_once", lambda *a, **k: None)  # read first
+    monkeypatch.setattr(sweep, "DASK_CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(datasets, "load_mnist", lambda *a, **k: pytest.fail("data read"))
+    (tmp_path / "kept.txt").write_text("mine")
+    assert main([*command, "--dask", "tcp://127.0.0.1:1", "--out-dir", str(tmp_path)]) == 2
+    assert "no Dask scheduler answered" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
 
 
 # (10) files get the mode the umask gives new files
