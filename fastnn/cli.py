@@ -442,6 +442,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tracking import finish
 
     trackers = tracking.loggers(run.config)
+    _start_mlflow_run(trackers, run)
     trainer = Trainer(run.config, on_epoch=on_epoch, threads=threads)
     try:
         with warnings.catch_warnings():
@@ -465,6 +466,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 #: the output flags of ``fastnn train`` (argparse names) a checkpoint remembers for its resume
 OUTPUT_FLAGS = ("out", "save_model", "log_csv", "log_jsonl")
 
+
+def _start_mlflow_run(trackers: list[Any], run: TrainingRun) -> None:
+    """Start the MLflow run of ``fastnn train --mlflow`` before the training, and have every
+    checkpoint name it (``tracking.mlflow_run`` beside the state): a resumed training continues
+    the run its checkpoint names, or, when the store has that run no more, starts a new one
+    after a one-line notice."""
+    from .tracking import MLflowLogger
+
+    saved = (run.resume.extra.get("tracking") if run.resume is not None else None) or {}
+    previous = saved.get("mlflow_run") if isinstance(saved, dict) else None
+    for logger in trackers:
+        if isinstance(logger, MLflowLogger):
+            notice = logger.start(previous if isinstance(previous, str) else None)
+            if notice:
+                print(f"notice: {notice}", file=sys.stderr, flush=True)
+            run.extra["tracking"] = {"mlflow_run": logger.run_id}  # the checkpoints' extra
 
 
 def _loggers(args: argparse.Namespace) -> list[Any]:

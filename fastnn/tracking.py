@@ -68,6 +68,18 @@ def prepare_mlflow(uri: str, experiment: str) -> str:
     return found.experiment_id if found is not None else client.create_experiment(experiment)
 
 
+def _live_run(client: Any, run_id: str) -> Any:
+    """Run ``run_id`` of the client's store, or None when it has none by that id (or only a
+    deleted one)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run
+
+
 class MLflowLogger:
     """One MLflow run of a training (see the module). ``config``: the run's options (a
     `Config` or its dict); ``tags``: extra tags (a sweep names its point)."""
@@ -82,25 +94,50 @@ class MLflowLogger:
         self.run_id: str | None = None
         self._client: Any = None
 
-    def _start(self) -> None:
+    def start(self, continue_run: str | None = None) -> str | None:
+        """Start the MLflow run now (else the first epoch starts it). ``continue_run``: the id
+        of the run of an interrupted training that this one resumes; it is reopened (status
+        RUNNING again, the parameters it lacks added) when the store still has it. Returns a
+        one-line notice when it is gone (deleted, or another store) and a new run was
+        started instead; None otherwise."""
+        if self._client is not None:
+            return None
         experiment_id = prepare_mlflow(self.uri, self.experiment)
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.uri)
+        notice = None
+        if continue_run:
+            found = _live_run(client, continue_run)
+            if found is not None:
+                client.update_run(continue_run, status="RUNNING")
+                self._client, self.run_id = client, continue_run
+                self._log_parameters(set(found.data.params))
+                return None
+            notice = (f"MLflow run {continue_run} of the checkpoint is not in {self.uri} "
+                      "(deleted?); logging to a new run")
         run = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
         self._client, self.run_id = client, run.info.run_id
-        if self.config:
-            from mlflow.entities import Param
+        self._log_parameters(set())
+        return notice
 
-            params = [Param(k, v[:6000]) for k, v in _parameters(self.config).items()]
-            for start in range(0, len(params), 100):  # MLflow takes 100 per batch
-                client.log_batch(self.run_id, params=params[start:start + 100])
+    def _log_parameters(self, logged: set[str]) -> None:
+        """The configuration as parameters, but those ``logged`` already (a parameter of an
+        MLflow run cannot change: a resumed run's new ``epochs`` keeps the first value)."""
+        if not self.config:
+            return
+        from mlflow.entities import Param
+
+        params = [Param(k, v[:6000]) for k, v in _parameters(self.config).items()
+                  if k not in logged]
+        for start in range(0, len(params), 100):  # MLflow takes 100 per batch
+            self._client.log_batch(self.run_id, params=params[start:start + 100])
 
     def __call__(self, metrics: Any) -> bool:
         from mlflow.entities import Metric
 
         if self._client is None:
-            self._start()
+            self.start()
         stamp = int(time.time() * 1000)
         self._client.log_batch(self.run_id, metrics=[
             Metric(name, value, stamp, metrics.epoch)
@@ -110,7 +147,7 @@ class MLflowLogger:
     def log_file(self, path: str | Path) -> None:
         """Attach a file (a run file, a saved model) to the run as an artifact."""
         if self._client is None:
-            self._start()
+            self.start()
         self._client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str = "FINISHED") -> None:

@@ -120,3 +120,62 @@ def test_sweep_points_on_dask_log_to_mlflow(small_data: Path, tmp_path: Path,
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(run.info.run_name for run in runs) == ["eta=0.1", "eta=0.2"]
     assert all(run.info.status == "FINISHED" for run in runs)
+
+
+def _interrupt_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Ctrl-C right after the checkpoint of ``epoch`` is written."""
+    import fastnn.checkpoint as ckpt
+
+    save = ckpt.CheckpointWriter.save
+
+    def save_then_interrupted(self, state):  # type: ignore[no-untyped-def]
+        saved = save(self, state)
+        if state.epoch == epoch:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(ckpt.CheckpointWriter, "save", save_then_interrupted)
+
+
+@pytest.mark.parametrize("run_deleted", [False, True])
+def test_a_resumed_training_continues_its_mlflow_run(
+        small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], run_deleted: bool) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    from fastnn.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # the artifacts go to ./mlruns
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    ck, out = tmp_path / "ck", tmp_path / "run.json"
+    with monkeypatch.context() as patch:
+        _interrupt_after_epoch(patch, 2)
+        assert main(["train", "--data", str(small_data), *TINY, "--epochs", "5", "--checkpoint",
+                     str(ck), "--out", str(out), "--mlflow", uri]) == 130
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("fastnn")
+    (first,) = client.search_runs([experiment.experiment_id])
+    assert first.info.status == "KILLED"
+    assert load_checkpoint(ck)[1].extra["tracking"] == {"mlflow_run": first.info.run_id}
+    if run_deleted:
+        client.delete_run(first.info.run_id)
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(ck), "--quiet", "--mlflow", uri]) == 0
+    err = capsys.readouterr().err
+    (run,) = client.search_runs([experiment.experiment_id])  # deleted runs are not listed
+    assert run.info.status == "FINISHED"
+    history = json.loads(out.read_text())["history"]  # the resume wrote the run's --out
+    steps = [3, 4, 5] if run_deleted else [0, 1, 2, 3, 4, 5]
+    for name in ("train_loss", "test_acc"):
+        logged = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in logged] == steps
+        assert [m.value for m in logged] == pytest.approx(history[name][steps[0]:])
+    assert load_checkpoint(ck)[1].extra["tracking"] == {"mlflow_run": run.info.run_id}
+    if run_deleted:
+        assert run.info.run_id != first.info.run_id
+        assert err == (f"notice: MLflow run {first.info.run_id} of the checkpoint is not in "
+                       f"{uri} (deleted?); logging to a new run\n")
+    else:
+        assert run.info.run_id == first.info.run_id and err == ""
+        assert run.data.params["epochs"] == "5" and run.data.params["hidden"] == "[8]"
+        assert {f.path for f in client.list_artifacts(run.info.run_id)} == {"run.json"}
