@@ -791,6 +791,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("backends (--backend):")
     for name, reason in available().items():
         print(f"  {name:12s} {'available' if reason is None else 'unavailable: ' + reason}")
+    if available().get("numba") is None:
+        from .backends.numba.ops import compiled_kernels
+
+        compiled = compiled_kernels()
+        print("numba kernels compiled on this machine (a first run of another dtype or depth "
+              "compiles for about a minute):")
+        for variant, seconds in compiled.items():
+            print(f"  {variant} (compiling took {seconds:.0f} s)")
+        if not compiled:
+            print("  none yet")
     print("optimizers (--optimizer; coefficients --momentum, --beta1, --beta2, --eps):")
     for name, rule in OPTIMIZER_RULES.items():
         print(f"  {name:12s} {rule}")

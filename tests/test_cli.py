@@ -221,6 +221,19 @@ def test_info_lists_backends_optimizers_and_schedules(capsys) -> None:
         assert len(named[name].split()) > 3, named.get(name)
 
 
+def test_info_lists_the_compiled_kernel_sets(capsys, monkeypatch, tmp_path: Path) -> None:
+    pytest.importorskip("numba")
+    from fastnn.backends.numba.kernels import common
+
+    monkeypatch.setattr(common, "cache_folder", lambda: tmp_path)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numba kernels compiled on this machine" in out and "  none yet" in out
+    common.record_warm("float32-2-hidden", 41.26)
+    assert main(["info"]) == 0
+    assert "  float32, 2 hidden layers (compiling took 41 s)" in capsys.readouterr().out
+
+
 def test_save_model_round_trip(idx_folder: Path, tmp_path: Path) -> None:
     from fastnn import Network
 
