@@ -13,7 +13,6 @@ never run.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -43,7 +42,6 @@ def _writable_folder(folder: Path) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
 def _sources_digest() -> str:
     """A digest of every kernel module's source and of the codes they compile in (what
     compiled entries depend on)."""
