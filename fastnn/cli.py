@@ -789,9 +789,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     print(f"fastnn {__version__}")
     print("backends (--backend):")
-    for name, reason in available().items():
+    backends = available()
+    for name, reason in backends.items():
         print(f"  {name:12s} {'available' if reason is None else 'unavailable: ' + reason}")
-    if available().get("numba") is None:
+    if backends.get("numba") is None:
         from .backends.numba.ops import compiled_kernels
 
         compiled = compiled_kernels()
