@@ -472,16 +472,13 @@ def _start_mlflow_run(trackers: list[Any], run: TrainingRun) -> None:
     checkpoint name it (``tracking.mlflow_run`` beside the state): a resumed training continues
     the run its checkpoint names, or, when the store has that run no more, starts a new one
     after a one-line notice."""
-    from .tracking import MLflowLogger
+    from .tracking import start_runs
 
-    saved = (run.resume.extra.get("tracking") if run.resume is not None else None) or {}
-    previous = saved.get("mlflow_run") if isinstance(saved, dict) else None
-    for logger in trackers:
-        if isinstance(logger, MLflowLogger):
-            notice = logger.start(previous if isinstance(previous, str) else None)
-            if notice:
-                print(f"notice: {notice}", file=sys.stderr, flush=True)
-            run.extra["tracking"] = {"mlflow_run": logger.run_id}  # the checkpoints' extra
+    entry, notices = start_runs(trackers, run.resume.extra if run.resume is not None else None)
+    for notice in notices:
+        print(f"notice: {notice}", file=sys.stderr, flush=True)
+    if entry is not None:
+        run.extra["tracking"] = entry  # the checkpoints' extra
 
 
 def _loggers(args: argparse.Namespace) -> list[Any]:

@@ -446,29 +446,40 @@ def run_point(
     used = default_threads() if threads is None else threads
     data = read_data_once(data_path)
     cfg = sized_for(Config.from_dict(config), data)
+    from .tracking import finish, start_runs
+
+    trackers = tracking.loggers(cfg, name) if tracking else []
     resume, on_epoch = None, None
+    if checkpoint_dir is not None:
+        resume = resumable_state(checkpoint_dir, cfg, data_path)
+    # a resumed point continues the MLflow run its checkpoint names
+    entry, notices = start_runs(trackers, resume.extra if resume is not None else None)
+    for notice in notices:
+        print(f"notice: {name}: {notice}", file=sys.stderr, flush=True)
     if checkpoint_dir is not None:
         from .checkpoint import CheckpointWriter
 
-        resume = resumable_state(checkpoint_dir, cfg, data_path)
-        writer = CheckpointWriter(checkpoint_dir, cfg, {"data": data_marker(data_path)})
+        extra = {"data": data_marker(data_path)}
+        if entry is not None:
+            extra["tracking"] = entry
+        writer = CheckpointWriter(checkpoint_dir, cfg, extra)
 
         def on_epoch(trainer: Trainer, epoch: int) -> None:
             if writer.due(epoch):
                 writer.save(trainer.state)
 
-    from .tracking import MLflowLogger, finish
-
-    trackers = tracking.loggers(cfg, name) if tracking else []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # divergence is recorded in the history's events
-        history = Trainer(cfg, on_epoch=on_epoch, threads=used).fit(*data, resume=resume,
-                                                                   callbacks=trackers)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # divergence is recorded in the history's events
+            history = Trainer(cfg, on_epoch=on_epoch, threads=used).fit(
+                *data, resume=resume, callbacks=trackers)
+    except KeyboardInterrupt:
+        finish(trackers, status="KILLED")
+        raise
     finish(trackers)
     record = run_record(cfg, history, {"threads": used, "data": data_marker(data_path)})
-    runs = [t.run_id for t in trackers if isinstance(t, MLflowLogger) and t.run_id]
-    if runs:
-        record["tracking"] = {"mlflow_run": runs[0]}
+    if entry is not None:
+        record["tracking"] = entry
     return name, record
 
 

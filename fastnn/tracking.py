@@ -214,6 +214,24 @@ class Tracking:
         return out
 
 
+def start_runs(loggers: list[Any], resumed_extra: Mapping[str, Any] | None) -> tuple[
+        dict[str, str] | None, list[str]]:
+    """Start the MLflow runs among ``loggers`` before a training. ``resumed_extra``: the
+    ``extra`` of the checkpoint it resumes (None: a new training); the run its ``tracking``
+    names is continued when the store still has it. Returns the ``tracking`` entry for the
+    checkpoints to write (None: no MLflow run) and the one-line notices to show."""
+    saved = (resumed_extra or {}).get("tracking") or {}
+    previous = saved.get("mlflow_run") if isinstance(saved, Mapping) else None
+    entry, notices = None, []
+    for logger in loggers:
+        if isinstance(logger, MLflowLogger):
+            notice = logger.start(previous if isinstance(previous, str) else None)
+            if notice:
+                notices.append(notice)
+            entry = {"mlflow_run": logger.run_id}
+    return entry, notices
+
+
 def finish(loggers: list[Any], files: list[Any] = (), status: str = "FINISHED") -> None:
     """End every tracker of a run: attach ``files`` that exist to its MLflow run, end it,
     close the event files."""

@@ -179,3 +179,30 @@ def test_a_resumed_training_continues_its_mlflow_run(
         assert run.info.run_id == first.info.run_id and err == ""
         assert run.data.params["epochs"] == "5" and run.data.params["hidden"] == "[8]"
         assert {f.path for f in client.list_artifacts(run.info.run_id)} == {"run.json"}
+
+
+def test_a_resumed_sweep_point_continues_its_mlflow_run(
+        small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    sweep = ["sweep", "--data", str(small_data), "--grid", "eta=0.1,0.2", *TINY,
+             "--out-dir", str(tmp_path / "runs"), "--mlflow", uri]
+    with monkeypatch.context() as patch:
+        _interrupt_after_epoch(patch, 2)  # in the first point
+        assert main(sweep) == 130
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("fastnn")
+    (first,) = client.search_runs([experiment.experiment_id])
+    assert first.info.run_name == "eta=0.1" and first.info.status == "KILLED"
+
+    assert main(sweep) == 0
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"eta=0.1", "eta=0.2"}
+    resumed = runs["eta=0.1"]
+    assert resumed.info.run_id == first.info.run_id and resumed.info.status == "FINISHED"
+    history = json.loads((tmp_path / "runs" / "eta=0.1.json").read_text())
+    assert history["tracking"]["mlflow_run"] == first.info.run_id
+    logged = client.get_metric_history(first.info.run_id, "test_acc")
+    assert [m.step for m in logged] == [0, 1, 2, 3]
+    assert [m.value for m in logged] == pytest.approx(history["history"]["test_acc"])
