@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
@@ -53,6 +54,19 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (main adds "fastnn: error:")
         raise UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's, refusing an empty text for a path, name or address (``--out ""``
+        would otherwise be taken as not given, ``--data ""`` as the working folder)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if action.metavar is None or action.type is not None:
+                continue  # a switch, a choice, or a value its type reads
+            value = getattr(namespace, action.dest, None)
+            if value == "" or (isinstance(value, list) and "" in value):
+                name = "/".join(action.option_strings) or action.metavar
+                self.error(f"argument {name}: an empty {action.metavar}")
+        return namespace, extras
+
 
 # ---- flags, derived from the config schema ----
 
@@ -63,12 +77,36 @@ def _text_reader(name: str) -> Any:
 
     def read(text: str) -> Any:
         try:
-            return rule.parse(text)
+            return rule.read(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     read.__name__ = name
     return read
+
+
+def _integer(text: str) -> int:
+    """argparse ``type`` of the count flags: an integer in ASCII digits (``int`` alone takes
+    full-width and other scripts' digits, ``２``)."""
+    if not text.isascii():
+        raise argparse.ArgumentTypeError(f"expected an integer in ASCII digits; got {text!r}")
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    """argparse ``type`` of --timeout: a finite number of seconds in ASCII."""
+    try:
+        if not text.isascii():
+            raise ValueError(text)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds; got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds; got {text!r}")
+    return value
 
 
 def _threads(text: str) -> int:
@@ -188,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-csv", metavar="LOG.csv", help="append each epoch's figures to a CSV file")
     add("--log-jsonl", metavar="LOG.jsonl", help="append each epoch's figures as JSON lines")
     add("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
-    add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N epochs")
+    add("--checkpoint-every", type=_integer, metavar="N", help="checkpoint every N epochs")
     add("--resume", metavar="DIR",
         help="continue the run checkpointed in DIR (on its data, into its outputs unless "
              "given)")
@@ -204,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(reproduce)
     reproduce.add_argument("name", nargs="?", metavar="NAME", help="the preset (see --list)")
     reproduce.add_argument("--list", action="store_true", help="name every preset and its size")
-    reproduce.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1")
-    reproduce.add_argument("--epochs", type=int, metavar="N",
+    reproduce.add_argument("--seeds", type=_integer, default=1, metavar="N", help="seeds 0..N-1")
+    reproduce.add_argument("--epochs", type=_integer, metavar="N",
                            help="train N epochs instead of the article's (a quick look; the "
                                 "table says so)")
     reproduce.add_argument("--out-dir", metavar="DIR",
@@ -213,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--backend", choices=("numpy", "numba", "cupy"),
                            help="default: numba when it loads, else numpy")
     reproduce.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    reproduce.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    reproduce.add_argument("--workers", type=_integer, default=1, help="parallel local processes")
     reproduce.add_argument("--dask", metavar="ADDRESS|local", help="run the points on Dask")
     reproduce.add_argument("--redo", action="store_true", help="train finished points again")
     reproduce.add_argument("--quiet", action="store_true", help="no line per finished run")
@@ -231,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--out-dir", default="runs", metavar="DIR", help="one RUN.json per point")
     sweep.add_argument("--quiet", action="store_true", help="no line per finished run")
-    sweep.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    sweep.add_argument("--workers", type=_integer, default=1, help="parallel local processes")
     add_tracking_flags(sweep)
     sweep.add_argument(
         "--redo",
@@ -260,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="OPTION=LOW..HIGH[:log] | OPTION=V1,V2,...",
                       help="an option to search: a range (eta=1e-3..1:log, batch_size=16..256) "
                       "or choices (batch_norm=off,n,bn,node); repeatable")
-    tune.add_argument("--trials", type=int, default=20, metavar="N",
+    tune.add_argument("--trials", type=_integer, default=20, metavar="N",
                       help="trials to add to the study (default 20)")
-    tune.add_argument("--timeout", type=float, metavar="SECONDS",
+    tune.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                       help="stop starting trials after this long")
     tune.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
     tune.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
@@ -272,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", metavar="URL",
                       help="an Optuna storage URL (default sqlite:///DIR/study.db)")
     tune.add_argument("--study", default="fastnn", metavar="NAME", help="the study's name")
-    tune.add_argument("--workers", type=int, default=1, help="parallel local processes")
+    tune.add_argument("--workers", type=_integer, default=1, help="parallel local processes")
     tune.add_argument("--dask", metavar="ADDRESS|local",
                       help="run the trials on a Dask cluster (its workers must reach the "
                       "study's storage)")

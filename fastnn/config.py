@@ -174,6 +174,13 @@ class Rule:
         """Read a value from command-line or grid text; ValueError saying what was expected."""
         raise NotImplementedError
 
+    def read(self, text: str) -> Any:
+        """`parse` for text typed by a user: ASCII only (Python would read full-width or other
+        scripts' digits, ``２０``, as numbers, so a value that looks like text would be taken)."""
+        if not text.isascii():
+            raise ValueError(f"expected {self.describe()} in ASCII characters; got {text!r}")
+        return self.parse(text)
+
     def format(self, value: Any) -> str:
         """Text that `parse` reads back as ``value``."""
         return "none" if value is None else str(value)

@@ -73,7 +73,7 @@ def parse_grid_values(name: str, text: str) -> list[Any]:
     values: list[Any] = []
     for part in text.split(","):
         try:
-            parsed = rule.parse(part)
+            parsed = rule.read(part)
         except ValueError as exc:
             raise ConfigError(f"grid {name}: cannot read value, {exc}") from None
         value = rule.check(f"grid {name}", parsed)

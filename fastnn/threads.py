@@ -60,6 +60,8 @@ def check_threads(value: Any, source: str = "threads") -> int:
     """``value`` as a thread count >= 1, or a `ConfigError` naming ``source``."""
     if isinstance(value, str):
         try:
+            if not value.isascii():  # int() reads full-width digits, "２"
+                raise ValueError(value)
             value = int(value.strip())
         except ValueError:
             raise ConfigError(f"{source} must be an integer >= 1; got {value!r}") from None

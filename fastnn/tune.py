@@ -56,7 +56,7 @@ class Dimension:
         """The trial's value of this option, as the option takes it."""
         if self.choices:
             text = trial.suggest_categorical(self.name, list(self.choices))
-            return OPTIONS[self.name].rule.parse(text)
+            return OPTIONS[self.name].rule.read(text)
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
@@ -93,7 +93,7 @@ def _dimension(name: str, text: str) -> Dimension:
                           f"({name}=V1,V2,...)")
     low_text, _, high_text = bounds.partition("..")
     try:
-        low, high = (rule.check(f"--space {name}", rule.parse(part))
+        low, high = (rule.check(f"--space {name}", rule.read(part))
                      for part in (low_text, high_text))
     except ValueError as exc:
         raise ConfigError(f"--space {name}: cannot read the range, {exc}") from None

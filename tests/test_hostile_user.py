@@ -608,3 +608,42 @@ def test_sparse_and_ragged_inputs_and_huge_labels_are_named() -> None:
             Trainer(config).fit(x, t)
         assert message in str(caught.value)
         assert "got ()" not in str(caught.value)
+
+
+# ---- text that only looks like a value ----
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--epochs", "\uff12"],  # full-width two: int() would read it as 2
+    ["train", "--eta", "\u0661e-2"],  # Arabic-Indic one
+    ["train", "--checkpoint-every", "\uff13"],
+    ["sweep", "--grid", "epochs=1,\uff12", "--workers", "1"],
+    ["sweep", "--workers", "\uff12"],
+    ["tune", "--space", "eta=1e-3..\uff11", "--trials", "1"],
+    ["tune", "--timeout", "inf"],
+    ["train", "--threads", "\uff12"],
+])
+def test_numbers_must_be_written_in_ascii(argv: list[str], small_data: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    full = [*argv, "--data", str(small_data)]
+    if argv[0] != "train":
+        full += ["--out-dir", str(tmp_path / "runs")]
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "got '" in err, err  # names the text it refused
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--out", ""],
+    ["train", "--data", ""],
+    ["train", "--save-model", ""],
+    ["sweep", "--grid", "epochs=1", "--out-dir", ""],
+    ["summary", ""],
+    ["predict", "", "x.csv"],
+])
+def test_an_empty_path_is_refused_not_taken_as_missing(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert ": an empty " in err and err.count("\n") == 1, err
