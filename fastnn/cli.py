@@ -125,6 +125,11 @@ def _threads(text: str) -> int:
     return count
 
 
+#: defaults the command line decides when it runs rather than from the schema
+_DEFAULT_TEXT = {"backend": "default numba when it loads here, else numpy ($FASTNN_BACKEND "
+                            "sets it)"}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per configuration option (shared by ``train`` and ``sweep``), from `OPTIONS`."""
     group = parser.add_argument_group("configuration (README.md, Configuration, lists them all)")
@@ -132,7 +137,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if option.flag is None:
             continue
         rule = option.rule
-        default = f"default {rule.format(cli_default(name))}"
+        default = _DEFAULT_TEXT.get(name) or f"default {rule.format(cli_default(name))}"
         if option.switch:
             group.add_argument(
                 option.flag,

@@ -585,6 +585,10 @@ def test_the_command_line_defaults_to_the_fastest_backend(
     capsys.readouterr()
     assert main(["train", "--data", str(small_data), *TINY]) == 2
     assert "FASTNN_BACKEND=fortran: no such backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "default numba when it loads here, else numpy" in usage  # not the API's numpy
 
 
 def test_sparse_and_ragged_inputs_and_huge_labels_are_named() -> None:
