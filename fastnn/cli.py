@@ -31,6 +31,7 @@ from .runs import (
     TrainingRun,
     check_checkpoint_dir,
     check_distinct_outputs,
+    check_folder_apart,
     check_output_file,
     check_output_folder,
     run_record,
@@ -453,12 +454,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_file(args.save_model, "--save-model")
     check_output_file(args.log_csv, "--log-csv")
     check_output_file(args.log_jsonl, "--log-jsonl")
-    if args.checkpoint:
-        check_checkpoint_dir(args.checkpoint, "--checkpoint")
-    elif args.resume:
-        check_checkpoint_dir(args.resume, "--resume")
     checkpoint_flag = "--checkpoint" if args.checkpoint else "--resume"
     checkpoint_dir = args.checkpoint or args.resume
+    check_folder_apart(checkpoint_flag, checkpoint_dir, {
+        flag: getattr(args, flag.lstrip("-").replace("-", "_"))
+        for flag in ("--out", "--save-model", "--log-csv", "--log-jsonl")})
+    if checkpoint_dir:
+        check_checkpoint_dir(checkpoint_dir, checkpoint_flag)
     check_distinct_outputs({
         "--out": args.out, "--save-model": args.save_model, "--log-csv": args.log_csv,
         "--log-jsonl": args.log_jsonl,

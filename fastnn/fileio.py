@@ -41,7 +41,8 @@ def write_atomically(
     """Call ``write`` on a binary handle to a temporary file in path's folder, then rename it
     over ``path``. On any failure (a full disk, an interrupt) the temporary file is removed, a
     file already at ``path`` stays as it was, and the error is raised. ``mode`` sets the file's
-    permissions (default: what the umask gives a new file, 0o666 & ~umask, as ``open`` would).
+    permissions (default: those of the file it replaces, else what the umask gives a new file,
+    0o666 & ~umask, as ``open`` would).
 
     Only a regular file (or nothing) is ever replaced: a symbolic link is written through to
     the file it points to (the link stays), and anything else that exists at ``path`` (a
@@ -49,16 +50,17 @@ def write_atomically(
     written."""
     path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
+        existing: int | None = os.stat(path).st_mode
     except FileNotFoundError:
-        special = False
+        existing = None
+    special = existing is not None and not stat.S_ISREG(existing)
     if special:  # a device or a pipe: never renamed over (open raises for a folder)
         with open(path, "wb") as handle:
             write(handle)
             handle.flush()
         return path
     if mode is None:
-        mode = 0o666 & ~current_umask()
+        mode = stat.S_IMODE(existing) if existing is not None else 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PART_SUFFIX, dir=path.parent)
     try:
         try:

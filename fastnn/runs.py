@@ -87,6 +87,9 @@ def check_output_file(path: str | None, flag: str) -> None:
     written."""
     if not path:
         return
+    if str(path).endswith(("/", os.sep)):  # "--out results/": a folder was meant
+        raise OutputError(f"{flag} {path}: ends with '/', so names a folder; give the name of "
+                          "a file (in that folder, if that was meant)")
     target = Path(path)
     try:
         os.stat(target)
@@ -117,6 +120,23 @@ def check_distinct_outputs(outputs: Mapping[str, str | Path | None]) -> None:
             raise OutputError(f"{flag} {path}: the same file as {seen[resolved]}; give each "
                               "output a file of its own")
         seen[resolved] = f"{flag} {path}"
+
+
+def check_folder_apart(flag: str, folder: str | None,
+                       files: Mapping[str, str | Path | None]) -> None:
+    """An `OutputError` when output folder ``folder`` is one of the output ``files`` (flag ->
+    path) or lies under one (``--out x.json --checkpoint x.json``): making the folder would
+    leave the file nowhere to go. Call it before the folder is made."""
+    if not folder:
+        return
+    inside = Path(os.path.realpath(folder))
+    for file_flag, path in files.items():
+        if not path:
+            continue
+        file = Path(os.path.realpath(path))
+        if file == inside or file in inside.parents:
+            raise OutputError(f"{flag} {folder}: a folder where {file_flag} {path} is to be "
+                              "written; give them different names")
 
 
 def check_checkpoint_dir(path: str | None, flag: str) -> None:

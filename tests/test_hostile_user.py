@@ -88,6 +88,43 @@ def test_an_output_inside_the_checkpoint_is_refused(small_data: Path, tmp_path: 
     assert "the same file as --save-model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("files", "folder"), [
+    (["--out", "x.json"], "x.json"),
+    (["--log-csv", "a"], "a/ck"),
+])
+def test_a_checkpoint_folder_over_an_output_file_is_refused(
+        small_data: Path, tmp_path: Path, files: list[str], folder: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--data", str(small_data), *TINY, files[0], str(tmp_path / files[1]),
+            "--checkpoint", str(tmp_path / folder)]
+    assert main(argv) == 2
+    assert "is to be written; give them different names" in capsys.readouterr().err
+    assert not (tmp_path / files[1]).exists()  # refused before any folder was made
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_an_output_ending_in_a_slash_names_a_folder(
+        small_data: Path, tmp_path: Path, command: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = f"{tmp_path / 'results'}/"
+    argv = (["train", "--data", str(small_data), *TINY] if command == "train"
+            else ["predict", str(tmp_path / "m.npz"), str(tmp_path / "x.csv")])
+    assert main([*argv, "--out", out]) == 2
+    assert f"--out {out}: ends with '/', so names a folder" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_replaced_output_keeps_its_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "run.json"
+    target.write_text("old")
+    target.chmod(0o600)
+    write_atomically(target, lambda handle: handle.write(b"new"))
+    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    target.chmod(0o640)
+    write_atomically(target, lambda handle: handle.write(b"newer"))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
 def test_outputs_to_the_null_device_may_share_it(small_data: Path) -> None:
     if not os.access(os.devnull, os.W_OK):
         pytest.skip("no writable null device")
