@@ -716,11 +716,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """One line per input row: the saved model's label, regression values, or (--proba) class
     probabilities; to --out (written whole) or stdout."""
     from .model import Model
-    from .predict import prediction_lines, read_inputs
+    from .predict import check_width, prediction_lines, read_inputs
 
     check_output_file(args.out, "--out")
     model = Model.load(args.model)
     x = read_inputs(args.inputs)
+    check_width(args.inputs, x, model)
     lines = prediction_lines(model, x, args.proba)
     text = "".join(f"{line}\n" for line in lines)
     if args.out:

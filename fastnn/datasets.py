@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 import numpy as np
 
 from .errors import DataError
-from .fileio import write_atomically
+from .fileio import os_reason, write_atomically
 
 if TYPE_CHECKING:  # for hints only: this module imports no other part of fastnn at run time
     from .config import Config
@@ -291,7 +292,13 @@ def load_idx_folder(
     uint8 (N,) in ``0..n_classes-1``.
     """
     folder = Path(folder)
-    if not folder.is_dir():
+    try:
+        is_folder = stat.S_ISDIR(os.stat(folder).st_mode)
+    except FileNotFoundError:
+        is_folder = False
+    except OSError as exc:  # a loop of links, a component that is not a folder, ...
+        raise DataError(f"{folder}: the data folder cannot be read ({os_reason(exc)})") from None
+    if not is_folder:
         raise DataError(
             f"{folder}: data folder not found; put the four MNIST IDX files (raw or .gz) there"
         )

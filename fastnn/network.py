@@ -17,7 +17,7 @@ from .backends.optimizers import OptimizerState
 from .backends.workspace import Workspace
 from .config import Config
 from .errors import ConfigError, DataError
-from .fileio import ARCHIVE_ERRORS, write_atomically
+from .fileio import ARCHIVE_ERRORS, os_reason, write_atomically
 from .functions import init_biases, init_weights
 from .memory import check_memory
 from .plan import Plan
@@ -425,6 +425,16 @@ class Network:
 
 def read_network_file(path: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
     """(JSON header, arrays) of a file written by `Network.save`; `DataError` if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(4)
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a fastnn network file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({os_reason(exc)})") from None
+    if start != b"PK\x03\x04":  # every .npz is a zip archive
+        raise DataError(f"{path}: not a fastnn network file (a .npz archive written by "
+                        "--save-model or Model.save)")
     try:
         with np.load(Path(path), allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"]))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from .datasets import read_idx
 from .errors import DataError
+from .fileio import os_reason
 
 #: the input formats, by how a file's name ends (anything else: by its first bytes)
 FORMATS = ("IDX (raw or .gz)", ".npy", ".csv")
@@ -23,18 +26,33 @@ def read_inputs(path: str | Path) -> np.ndarray:
     (N, ...) of numbers, or a CSV file of numbers, one row per line (a first line that is
     not numbers is taken as a header); `DataError` naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such input file")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such input file") from None
+    except OSError as exc:  # a loop of links, a component that is not a folder, ...
+        raise DataError(f"{path}: cannot be read ({os_reason(exc)})") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: is a folder; give an input file ({', '.join(FORMATS)})")
     name = path.name.lower()
     if name.endswith(".npy"):
         return _read_npy(path)
     if name.endswith((".csv", ".txt")):
         return _read_csv(path)
     try:
-        return read_idx(path)
+        array = read_idx(path)
     except DataError as exc:
         raise DataError(f"{exc} (inputs: an IDX images file, raw or .gz; a .npy array; or a "
                         ".csv file)") from None
+    return array.reshape(len(array), -1) if array.ndim > 1 else array.reshape(-1, 1)
+
+
+def check_width(path: str | Path, x: np.ndarray, model: Any) -> None:
+    """A `DataError` naming input file ``path`` when its rows do not have the model's width."""
+    width = model.network.sizes[0]
+    if x.shape[1] != width:
+        raise DataError(f"{path}: rows of {x.shape[1]} value{'s' * (x.shape[1] != 1)}; the "
+                        f"model takes rows of {width} (as its training data had)")
 
 
 def _read_npy(path: Path) -> np.ndarray:

@@ -474,7 +474,8 @@ def test_a_symlink_loop_as_data_is_exit_2(tmp_path: Path, command: str,
         str(tmp_path / "runs")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"{a}: " in err and "internal error" not in err and err.count("\n") == 1
+    assert f"{a}: " in err and "symbolic links" in err, err  # the loop, not "not found"
+    assert "internal error" not in err and err.count("\n") == 1
 
 
 def test_a_symlink_loop_as_an_output_is_exit_2(small_data: Path, tmp_path: Path,
@@ -582,7 +583,7 @@ def test_predict_gives_the_models_labels_for_idx_npy_and_csv(
 @pytest.mark.parametrize(("content", "fragment"), [
     ("1,2\n3\n", "rows of [1, 2] values"),
     ("a,b\n", "no rows of numbers"),
-    ("1,2,3\n", "expected shape (N, 784); got (1, 3)"),
+    ("1,2,3\n", "bad.csv: rows of 3 values; the model takes rows of 784"),
 ])
 def test_predict_refuses_bad_inputs_with_exit_2(
         saved_model: Path, tmp_path: Path, content: str, fragment: str,
@@ -602,6 +603,28 @@ def test_predict_refuses_a_file_that_is_no_model(tmp_path: Path,
     (tmp_path / "x.csv").write_text("1,2\n")
     assert main(["predict", str(fake), str(tmp_path / "x.csv")]) == 2
     assert "fake.npz: not a fastnn network file" in capsys.readouterr().err
+
+
+def test_predict_names_what_is_wrong_with_each_file(
+        saved_model: Path, tmp_path: Path, small_data: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    folder, loop = tmp_path / "folder", tmp_path / "loop"
+    folder.mkdir()
+    loop.symlink_to(loop)
+    labels = next(small_data.glob("t10k-labels*"))
+    (tmp_path / "x.csv").write_text("1,2\n")
+    cases = [
+        ([str(saved_model), str(folder)], f"{folder}: is a folder; give an input file"),
+        ([str(saved_model), str(loop)], f"{loop}: cannot be read (Too many levels"),
+        ([str(labels), str(tmp_path / "x.csv")],
+         f"{labels}: not a fastnn network file (a .npz archive"),
+        ([str(folder), str(tmp_path / "x.csv")], f"{folder}: is a folder, not a fastnn network"),
+        ([str(saved_model), str(labels)], f"{labels}: rows of 1 value; the model takes rows"),
+    ]
+    for argv, message in cases:
+        assert main(["predict", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "pickle" not in err and err.count("\n") == 1, err
 
 
 def test_the_command_line_defaults_to_the_fastest_backend(
