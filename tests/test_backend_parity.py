@@ -316,6 +316,20 @@ def test_loss_grads_and_evaluation_match(fast: Any, options: dict[str, Any]) -> 
     assert_close("loss_and_classes", loss, loss_ref, dtype, "loss")
 
 
+@pytest.mark.parametrize("batch_norm", ["n", "bn", "node"])
+def test_evaluation_with_hidden_layers_of_one_width(fast: Any, batch_norm: str) -> None:
+    """Whole-set batch statistics of layers of equal width are each layer's own (a buffer
+    shared by width once gave every layer the last one's pre-activations)."""
+    options = {"dtype": "float64", "batch_norm": batch_norm, "activation": "relu"}
+    ours, expected = (Network(grid_config(name, options, hidden=(5, 5, 5)))
+                      for name in (fast.name, "numpy"))
+    x, t, labels = small_data("float64", n=40)
+    acc, loss, predicted = ours.scores(ours.ops.asarray(x), ours.ops.asarray(t), labels)
+    acc_ref, loss_ref, predicted_ref = expected.scores(x, t, labels)
+    assert np.array_equal(predicted, predicted_ref)
+    assert_close("loss_and_classes", loss, loss_ref, "float64", "loss")
+
+
 @pytest.mark.parametrize("options", [o for o in GRID if o["dtype"] == "float64"], ids=grid_id)
 def test_gradient_check_on_the_backend(fast: Any, options: dict[str, Any]) -> None:
     """The fast backend's gradients against finite differences of its own loss (float64)."""

@@ -59,7 +59,7 @@ def loss_and_classes(
     whole_set = plan.batch_norm != "off" and batch_stats
     placeholder = np.ones((1, 1), dtype)
     full = tuple(
-        workspace.buffer(("evaluate", dtype.name, sizes[k]),
+        workspace.buffer(("evaluate", dtype.name, k, sizes[k]),  # one per layer
                          lambda k=k: np.empty((n_rows, sizes[k]), dtype),
                          lambda buffer: len(buffer) >= n_rows)
         if whole_set and k < n_layers else placeholder
