@@ -404,6 +404,11 @@ def gamma_beta_hist_figure(
                 continue
             edges = np.histogram_bin_edges(everything, bins=bins)
             for label, color, epoch, v, outline in drawn:
+                if v.size == 1:  # a BN layer's one value beside per-node ones: a line across
+                    ax.axvline(float(v[0]), color=color, linewidth=2,
+                               linestyle="--" if outline else "-",
+                               label=f"{label} epoch {epoch}: {float(v[0]):.4g} (one value)")
+                    continue
                 style = (
                     {"histtype": "step", "linestyle": "--"} if outline else {"alpha": 0.5}
                 )
@@ -438,6 +443,10 @@ def _scalar_points(ax: Any, drawn: list[tuple[Any, ...]], kind: str) -> None:
     ax.set_yticks(range(len(labels)), labels)
     ax.set_ylim(-0.7, len(labels) - 0.3)
     ax.margins(x=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # long tick labels must not run together
+    ax.ticklabel_format(axis="x", useOffset=False)
     ax.set(xlabel=kind)
     ax.grid(alpha=0.3, axis="x")
     if len(labels) <= LEGEND_INSIDE_MAX:

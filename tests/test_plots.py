@@ -363,6 +363,12 @@ def test_bn_scalars_are_points_and_no_loss_line_is_cut_after_epoch_0() -> None:
     assert [tuple(p.get_xdata()) for p in points] == [(1.3,), (1.1,)]  # final, epoch 1
     assert {t.get_text() for t in gamma1.texts} == {"1.3", "1.1"}
     assert plots.gamma_beta_hist_figure([("node", node)]).axes[0].patches  # per node: bars
+    mixed = plots.gamma_beta_hist_figure([("bn", scalar), ("node", node)]).axes[0]
+    bars = [p.get_height() for p in mixed.patches if hasattr(p, "get_height")]
+    assert sum(bars) == 4  # node's four final values (epoch 1: an outline); bn's: no bar
+    across = [line for line in mixed.get_lines() if tuple(line.get_xdata()) in {(1.3, 1.3),
+                                                                              (1.1, 1.1)}]
+    assert len(across) == 2 and "1.3 (one value)" in across[0].get_label()
     spiky = _history([0.1, 0.9, 0.95, 0.96], [2.3, 1.9, 0.2, 0.15])  # one high epoch-1 loss
     acc_ax, loss_ax = plots.curves_figure([("a", spiky)]).axes
     assert loss_ax.get_ylim()[1] >= 1.9 and loss_ax.get_ylim()[1] < 2.3
