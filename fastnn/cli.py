@@ -828,7 +828,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """List the backends (and why any is unavailable), the optimisers and the learning-rate
     schedules."""
     from .backends import available
-    from .config import LR_SCHEDULE_RULES, OPTIMIZER_RULES
+    from .config import LR_SCHEDULE_RULES, OPTIMIZER_RULES, TRAIN_FIGURE_RULES
 
     print(f"fastnn {__version__}")
     print("backends (--backend):")
@@ -851,6 +851,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("learning-rate schedules (--lr-schedule; --warmup N ramps the rate up linearly, "
           "step by step, over the first N epochs):")
     for name, rule in LR_SCHEDULE_RULES.items():
+        print(f"  {name:12s} {rule}")
+    print("training figures (--train-figures; the estimators' default is running):")
+    for name, rule in TRAIN_FIGURE_RULES.items():
         print(f"  {name:12s} {rule}")
     return 0
 

@@ -74,6 +74,15 @@ LR_SCHEDULE_RULES: dict[str, str] = {
 OPTIMIZERS = tuple(OPTIMIZER_RULES)
 LR_SCHEDULES = tuple(LR_SCHEDULE_RULES)
 PLATEAU_LOSSES = ("train", "validation")
+#: where each epoch's training loss and accuracy come from
+TRAIN_FIGURE_RULES: dict[str, str] = {
+    "evaluate": "the whole training set evaluated after the epoch, in evaluation mode (the "
+                "article's)",
+    "running": "the mean over the epoch's batches as they were trained, each before its "
+               "update, plus the penalty at the epoch's end (scikit-learn's loss_curve_); "
+               "no extra pass over the training set",
+}
+TRAIN_FIGURES = tuple(TRAIN_FIGURE_RULES)
 #: which optimiser uses which of its hyper-parameters
 OPTIMIZER_OPTIONS = {
     "momentum": ("momentum", "nesterov"),
@@ -766,6 +775,13 @@ class Config:
         "far minus tol (converged; scikit-learn's rule)",
         "--n-iter-no-change",
         metavar="EPOCHS",
+    )
+    train_figures: str = _option(
+        "evaluate",
+        Choice(TRAIN_FIGURES),
+        "where each epoch's training loss and accuracy come from: evaluate (the whole set "
+        "after the epoch) or running (the mean over its batches as trained)",
+        "--train-figures",
     )
     stop_on_divergence: bool = _option(
         False,

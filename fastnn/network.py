@@ -309,19 +309,20 @@ class Network:
 
     def train_epoch(
         self, x: Array, t: Array, order: Any, epoch: int, workspace: Workspace | None = None,
-        rate_factors: Any = None, weights: Array | None = None,
+        rate_factors: Any = None, weights: Array | None = None, tally: Any = None,
     ) -> None:
         """One epoch over the rows of x in ``order`` on the backend (in place), at the plan's
         rates times ``rate_factors`` (one per step; None: 1), each row's loss weighted by
-        ``weights`` (None: equally)."""
+        ``weights`` (None: equally); ``tally`` (host float64 (steps, 2), or None) gets each
+        step's sum of row losses and count of correct rows (`Ops.batch_tally`)."""
         if workspace is None:
             workspace = self.ops.workspace()
             with self.ops.activate(workspace):
-                self.train_epoch(x, t, order, epoch, workspace, rate_factors, weights)
+                self.train_epoch(x, t, order, epoch, workspace, rate_factors, weights, tally)
             return
         self.ops.train_epoch(
             self.plan, self._params, self.running, x, t, order, epoch, workspace,
-            self.optimizer, rate_factors, weights,
+            self.optimizer, rate_factors, weights, tally,
         )
 
     def copy(self) -> Network:

@@ -261,9 +261,11 @@ class Trainer:
         """Train an epoch, evaluate it, decide, then the next epoch."""
         for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
             start = time.perf_counter()
+            tally = self._tally(train.size)
             net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
-                            workspace, self.rate_factors(epoch, train.size), train.weights)
-            self._evaluate_and_record(net, workspace, train, test, val, None, start)
+                            workspace, self.rate_factors(epoch, train.size), train.weights,
+                            tally)
+            self._evaluate_and_record(net, workspace, train, test, val, None, start, tally)
             self._call_back(epoch)
             self._after_epoch(net, epoch)
             if self.on_epoch is not None:
@@ -305,15 +307,17 @@ class Trainer:
                         pending = None
                         break
                     pending = None
+                tally = self._tally(train.size)
                 net.train_epoch(train.x, train.t, self.epoch_order(epoch, train.size), epoch,
-                                workspace, self.rate_factors(epoch, train.size), train.weights)
+                                workspace, self.rate_factors(epoch, train.size), train.weights,
+                                tally)
                 if pending is not None and finish(*pending):
                     net.load_state_arrays(pending[1].state_arrays())  # undo this epoch
                     pending = None
                     break
                 copy = net.copy()
                 pending = (epoch, copy, executor.submit(
-                    self._measure, copy, workspace, train, test, val))
+                    self._measure, copy, workspace, train, test, val, tally))
             if pending is not None:
                 finish(*pending)
         finally:
@@ -387,6 +391,13 @@ class Trainer:
         key = rng.fold_key(self.config.seed, rng.STREAM_SHUFFLE, epoch)
         return np.random.default_rng(key).permutation(n)
 
+    def _tally(self, rows: int) -> np.ndarray | None:
+        """Where an epoch's steps put their sums of losses and correct rows (``train_figures``
+        running), else None."""
+        if self.config.train_figures != "running":
+            return None
+        return np.zeros((-(-rows // self.config.batch_size), 2))
+
     def _evaluate_and_record(
         self,
         net: Network,
@@ -396,16 +407,27 @@ class Trainer:
         val: Split | None,
         seconds: float | None,
         start: float,
+        tally: np.ndarray | None = None,
     ) -> None:
-        measured = self._measure(net, workspace, train, test, val)
+        measured = self._measure(net, workspace, train, test, val, tally)
         self._record(measured, time.perf_counter() - start if seconds is None else seconds)
 
     @staticmethod
     def _measure(
-        net: Network, workspace: Workspace, train: Split, test: Split | None, val: Split | None
+        net: Network, workspace: Workspace, train: Split, test: Split | None, val: Split | None,
+        tally: np.ndarray | None = None,
     ) -> tuple[Any, ...]:
-        """Evaluate a network on every split (any thread): the figures `_record` takes."""
-        train_acc, train_loss, predicted = net.scores(train.x, train.t, train.labels, workspace)
+        """Evaluate a network on every split (any thread): the figures `_record` takes. With
+        the epoch's ``tally`` the training figures are its running means (no evaluation of
+        the training set; no predicted classes)."""
+        if tally is None:
+            train_acc, train_loss, predicted = net.scores(train.x, train.t, train.labels,
+                                                          workspace)
+        else:
+            loss_sum, correct = tally.sum(axis=0)
+            train_acc = float(correct) / train.size
+            train_loss = float(loss_sum) / train.size + net.penalty()
+            predicted = np.empty(0, np.int64)
         test_result = (
             net.scores(test.x, test.t, test.labels, workspace)[:2] if test is not None else None
         )

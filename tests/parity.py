@@ -131,6 +131,7 @@ GRID_OPTIONS: dict[str, tuple[Any, ...]] = {
     "bn_eval": ("batch", "running"),
     "output": ("softmax_cross_entropy", "identity_mse"),
     "optimizer": ("sgd", "momentum", "nesterov", "adam", "adamw"),
+    "train_figures": ("evaluate", "running"),
 }
 
 

@@ -65,6 +65,7 @@ SAMPLES: dict[str, tuple[Any, dict[str, Any]]] = {
     "validation_fraction": (0.25, {"early_stopping": 2}),
     "tol": (0.0001, {}),
     "n_iter_no_change": (10, {}),
+    "train_figures": ("running", {}),
     "stop_on_divergence": (True, {}),
 }
 FROM_DATA = {"n_inputs", "n_outputs"}

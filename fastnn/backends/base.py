@@ -217,6 +217,18 @@ class Ops:
         total = weights.sum()
         return (y - t) * (weights / (total if total > 0 else 1.0))[:, None]
 
+    def batch_tally(self, y: Array, t: Array, output: str) -> tuple[float, float]:
+        """(sum of the rows' losses, rows whose argmax of y is that of t) of a batch's outputs
+        y, each row's loss computed in float64 (the loss of `loss` times N, unweighted)."""
+        xp = self.xp
+        wide, target = y.astype(xp.float64), t.astype(xp.float64)
+        if output == "identity_mse":
+            losses = 0.5 * ((wide - target) ** 2).sum(axis=1)
+        else:
+            losses = -(target * xp.log(xp.maximum(wide, LOG_FLOOR))).sum(axis=1)
+        correct = (y.argmax(axis=1) == t.argmax(axis=1)).sum()
+        return self.to_float(losses.sum()), self.to_float(correct)
+
     def predicted_classes(self, y: Array) -> Any:
         """Host array of each row's argmax (the predicted class)."""
         return self.to_numpy(y.argmax(axis=1))
@@ -347,7 +359,7 @@ class Ops:
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,
         optimizer: OptimizerState | None = None, rate_factors: Any = None,
-        weights: Array | None = None,
+        weights: Array | None = None, tally: Any = None,
     ) -> None:
         """One epoch of mini-batch training over the rows of x in ``order`` (a host index
         array).
@@ -357,10 +369,14 @@ class Ops:
         (a host float64 array of one factor per step from the schedule; None: 1); parameters,
         running statistics and ``optimizer``'s state (needed by every optimiser but plain sgd)
         change in place. ``weights`` (one per row of x, or None) weight each row's loss.
+        ``tally`` (a host float64 array of (steps, 2), or None): row s gets step s's
+        `batch_tally` (the sum of its rows' losses and its correct rows, in training mode,
+        before its update).
         """
         batch_size = plan.batch_size
         for step, start in enumerate(range(0, len(order), batch_size)):
             index = self.asarray(order[start : start + batch_size])
             factor = 1.0 if rate_factors is None else float(rate_factors[step])
             steps.train_step(self, plan, params, running, x[index], t[index], epoch, step,
-                             optimizer, factor, None if weights is None else weights[index])
+                             optimizer, factor, None if weights is None else weights[index],
+                             None if tally is None else tally[step])

@@ -89,7 +89,7 @@ def loss_and_grads(
 def train_step(
     ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array,
     t: Array, epoch: int, step: int, optimizer: OptimizerState | None = None,
-    rate_factor: float = 1.0, weights: Array | None = None,
+    rate_factor: float = 1.0, weights: Array | None = None, tally: Any = None,
 ) -> None:
     """One training step on a batch already on the backend, with the masks of (epoch, step),
     at the plan's rates times ``rate_factor`` (the schedule's), by the plan's optimiser
@@ -99,7 +99,8 @@ def train_step(
     the same arithmetic as computing every gradient first. SGD fuses the update into the
     weight-gradient op (`Ops.affine_backward_update`); the other optimisers update each
     parameter with `Ops.optimizer_update` at update number ``optimizer.steps``. ``weights``
-    (one per row, or None) make the step descend the batch's weighted mean loss.
+    (one per row, or None) make the step descend the batch's weighted mean loss. ``tally``
+    (a host float64 array of 2, or None) gets the batch's `Ops.batch_tally` before the update.
     """
     rate, bn_rate = plan.eta * rate_factor, plan.bn_rate * rate_factor
     spec = plan.optimizer
@@ -118,6 +119,8 @@ def train_step(
 
     multipliers = step_multipliers(ops, plan, epoch, step, x.shape[0])
     u, inputs, caches = forward(ops, plan, params, running, x, multipliers, batch_stats=True)
+    if tally is not None:
+        tally[:] = ops.batch_tally(ops.output_forward(u, plan.output), t, plan.output)
     if weights is None:
         du = ops.output_grad(u, t, plan.output)
     else:

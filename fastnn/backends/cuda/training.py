@@ -232,19 +232,19 @@ class KernelTraining(KernelBase):
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
         x: Array, t: Array, order: Any, epoch: int, workspace: Workspace,
         optimizer: OptimizerState | None = None, rate_factors: Any = None,
-        weights: Array | None = None,
+        weights: Array | None = None, tally: Any = None,
     ) -> None:
         """The reference epoch as kernel launches: per step, the batch gathered on the device
         from the order uploaded once, then the step's fixed launch list with that step's mask
         keys (and, past plain SGD, its rates and Adam's corrections). Nothing is read back.
-        Row weights, or arrays the kernels do not take: the reference epoch."""
+        Row weights, a ``tally``, or arrays the kernels do not take: the reference epoch."""
         stepwise = not plan.plain_sgd or rate_factors is not None
         n_steps = cdiv(len(order), plan.batch_size)
-        if (weights is not None
+        if (weights is not None or tally is not None
                 or (stepwise and not self._slots_fit(plan, params, optimizer))
                 or not (rate_factors is None or np.shape(rate_factors) == (n_steps,))):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
-                                optimizer, rate_factors, weights)
+                                optimizer, rate_factors, weights, tally)
             return
         # a host order as it is; a device one is read once, before the epoch
         host_order = order if isinstance(order, np.ndarray) else np.asarray(self.to_numpy(order))

@@ -480,7 +480,7 @@ class NumbaOps(NumpyOps):
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
         x: Any, t: Any, order: Any, epoch: int, workspace: Workspace,
         optimizer: OptimizerState | None = None, rate_factors: Any = None,
-        weights: Any = None,
+        weights: Any = None, tally: Any = None,
     ) -> None:
         """The reference epoch (same batches, masks, ops and update order) as one compiled
         loop around the per-op kernels (`training`), for every optimiser, schedule and row
@@ -490,9 +490,9 @@ class NumbaOps(NumpyOps):
         if not training.train_epoch(self.kernels, self._blas, plan, params, running, x, t,
                                     order, epoch, workspace, threads=threads,
                                     optimizer=optimizer, rate_factors=rate_factors,
-                                    weights=weights):
+                                    weights=weights, tally=tally):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
-                                optimizer, rate_factors, weights)
+                                optimizer, rate_factors, weights, tally)
 
     def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],

@@ -65,8 +65,9 @@ def step_rates(plan: Plan, n_steps: int, rate_factors: Any, first_update: int) -
 
 
 def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool, rates: StepRates,
-              weighted: bool) -> StepPlan:
-    """What every step of ``epoch`` does, as codes and scalars of the dtype."""
+              weighted: bool, tally: np.ndarray | None = None) -> StepPlan:
+    """What every step of ``epoch`` does, as codes and scalars of the dtype (``tally``: where
+    each step's sums of losses and correct rows go, or None)."""
     cast = np.dtype(dtype).type
     acts, alphas = hidden_activations(plan, dtype)
     return StepPlan(
@@ -88,6 +89,8 @@ def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool, rates: S
         update_running=update_running,
         momentum=cast(plan.bn_momentum),
         momentum_rest=cast(1 - plan.bn_momentum),
+        tally=tally is not None,
+        tallies=np.zeros((1, 2)) if tally is None else tally,
     )
 
 
@@ -120,6 +123,7 @@ def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
         per_layer(lambda k: sizes[k]), per_layer(lambda k: sizes[k]),
         np.empty(widest, dtype), np.empty(widest, dtype), per_layer(lambda k: sizes[k]),
         per_layer(lambda k: sizes[k]), np.ones(PARTS, np.int64), np.empty(rows, dtype),
+        np.zeros((rows, 2)),
     )
     capacity = rows * sizes[0] if sparse else 0  # one thread keeps every row in part 0's
     parts = tuple(
@@ -136,12 +140,13 @@ def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
 def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params: Mapping[str, Any],
                 running: Mapping[int, Any], x: Any, t: Any, order: np.ndarray, epoch: int,
                 workspace: Workspace, *, threads: int, optimizer: OptimizerState | None = None,
-                rate_factors: Any = None, weights: Any = None) -> bool:
+                rate_factors: Any = None, weights: Any = None, tally: Any = None) -> bool:
     """One epoch of ``plan`` over the rows of x in ``order`` (int64, C-contiguous), updating
     the parameters, running statistics and the optimiser's state in place, its steps shared
     by ``threads`` (1, or `PARTS`) threads, at the plan's rates times ``rate_factors`` (one
-    per step, or None), each row's loss weighted by ``weights`` (or None); False, having done
-    nothing, when the plan or the arrays do not fit.
+    per step, or None), each row's loss weighted by ``weights`` (or None), each step's
+    `Ops.batch_tally` written to its row of ``tally`` (or None); False, having done nothing,
+    when the plan or the arrays do not fit.
 
     ``kernels``: the backend's kernel modules; ``blas_for(dtype)``: the `Blas` of a dtype.
     Counted in the workspace: ``sparse_steps``, ``train_threads_<threads>`` and the first
@@ -153,6 +158,10 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
         return False
     n_steps = -(-len(order) // plan.batch_size)
     if not (rate_factors is None or np.shape(rate_factors) == (n_steps,)):
+        return False
+    if not (tally is None or (isinstance(tally, np.ndarray) and tally.dtype == np.float64
+                              and tally.shape == (n_steps, 2) and tally.flags.c_contiguous
+                              and tally.flags.writeable)):
         return False
     if not (weights is None or (isinstance(weights, np.ndarray) and weights.dtype == x.dtype
                                 and weights.shape == (len(x),) and weights.flags.c_contiguous)):
@@ -171,7 +180,7 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
     first_update = 1 if optimizer is None else optimizer.steps + 1
     plan_record = step_plan(plan, epoch, x.dtype, update_running,
                             step_rates(plan, n_steps, rate_factors, first_update),
-                            weights is not None)
+                            weights is not None, tally)
     shape = (plan.sizes, min(plan.batch_size, len(order)), t.shape[1], x.dtype,
              tuple(plan_record.keep_ratios), plan_record.inverted, csr.sparse)
     buffers, parts = workspace.buffer(  # every epoch of the run fills them anew

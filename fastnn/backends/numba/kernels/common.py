@@ -182,20 +182,22 @@ SparseBatch = namedtuple(
     "SparseBatch", "span ptr idx val col_ptr col_fill col_row col_val merged_row merged_val acc")
 #: the arrays one epoch's steps share (index k: layer k, 0 the input; ``finite``: per part,
 #: whether its rows of W1 are finite; ``row_scales``: each batch row's weight over the batch's
-#: total, when rows are weighted)
+#: total, when rows are weighted; ``row_tally``: each batch row's loss and correctness, (rows, 2)
+#: float64)
 StepBuffers = namedtuple(
     "StepBuffers",
     "z u u_hat y du dz mean var std dw multiplier t_batch db dgamma_nodes dbeta_nodes dgamma "
-    "dbeta mean_g mean_gu finite row_scales",
+    "dbeta mean_g mean_gu finite row_scales row_tally",
 )
 #: what one training step does (the plan's numbers as codes and scalars of the dtype; ``acts``
 #: and ``alphas``: each hidden layer's activation code and alpha, entry k - 1 for layer k;
 #: ``rule``: a `Rule`; ``rates``: the `StepRates`; ``weighted``: each row's loss is weighted
-#: by ``Data.row_weights``)
+#: by ``Data.row_weights``; ``tally``: each step's sums of ``row_tally`` go to row ``step`` of
+#: ``tallies``, (steps, 2) float64)
 StepPlan = namedtuple(
     "StepPlan",
     "batch_size acts alphas bn has_gamma output decay lam rule rates weighted inverted "
-    "keep_ratios keep_counts epoch_key update_running momentum momentum_rest",
+    "keep_ratios keep_counts epoch_key update_running momentum momentum_rest tally tallies",
 )
 #: what evaluation does per hidden layer (codes; ``acts``/``alphas`` as in `StepPlan`), and
 #: whether it uses the set's statistics

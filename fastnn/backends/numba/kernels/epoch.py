@@ -106,6 +106,16 @@ def mark_finite(finite, first, last, value):
 
 
 @jit
+def sum_tally(row_tally, into):
+    """into = the column sums of a batch's `layers.tally_rows`, in row order."""
+    into[0] = 0.0
+    into[1] = 0.0
+    for i in range(row_tally.shape[0]):
+        into[0] += row_tally[i, 0]
+        into[1] += row_tally[i, 1]
+
+
+@jit
 def rows_of(multiplier, low, high):
     """Rows low..high-1 of a (1 or n, 1 or d) multiplier (a broadcast row stays as it is)."""
     return multiplier[low:high] if multiplier.shape[0] > 1 else multiplier[:]
@@ -150,6 +160,7 @@ def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, bla
     z, u, u_hat, y, du, dz = buffers.z, buffers.u, buffers.u_hat, buffers.y, buffers.du, buffers.dz
     mean, var, std, multiplier = buffers.mean, buffers.var, buffers.std, buffers.multiplier
     t_batch, db, finite = buffers.t_batch, buffers.db, buffers.finite
+    row_tally = buffers.row_tally if plan.tally else buffers.row_tally[:0]
     n_layers = len(weights)
     n_rows = order.shape[0]
     batch_size = plan.batch_size
@@ -228,10 +239,10 @@ def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, bla
                     scales = buffers.row_scales[:n]
                     row_weight_scales(data.row_weights, order, start, scales, r0, r1)
                     weighted_output_grad_rows(u[k][r0:r1], t_batch[r0:r1], plan.output,
-                                              scales[r0:r1], du[k][r0:r1])
+                                              scales[r0:r1], du[k][r0:r1], row_tally[r0:r1])
                 else:
                     output_grad_rows(u[k][r0:r1], t_batch[r0:r1], plan.output, count,
-                                     du[k][r0:r1])
+                                     du[k][r0:r1], row_tally[r0:r1])
                 continue
             # hidden layer k (its own activation; batch norm as the plan says)
             activation = Activation(plan.acts[k - 1], plan.alphas[k - 1])
@@ -257,6 +268,8 @@ def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, bla
             return -1
         if use_sparse and first == 0:
             sparse_steps += 1
+        if plan.tally and first == 0:  # every part's rows are in: summed in row order
+            sum_tally(row_tally[:n], plan.tallies[step])
         # backward, by rows of each W; each layer updated as soon as its gradients exist
         for k in range(n_layers, 0, -1):
             grad = du[k][:n]

@@ -510,16 +510,42 @@ def loss(y, t, output):
 
 
 @jit
-def output_grad_from_u(u, t, output, du):
-    """du = (output(u) - t) / N, row by row (y itself is not kept)."""
-    output_grad_rows(u, t, output, u.dtype.type(u.shape[0]), du)
+def tally_rows(y, t, output, row_tally):
+    """row_tally[i] = (row i's loss in float64, 1 when argmax y_i is argmax t_i else 0), as
+    `Ops.batch_tally` computes them; nothing when ``row_tally`` has no rows."""
+    if row_tally.shape[0] == 0:
+        return
+    n, d = y.shape
+    for i in range(n):
+        total = 0.0
+        best_y, best_t = 0, 0
+        for j in range(d):
+            value, target = np.float64(y[i, j]), np.float64(t[i, j])
+            if output == OUTPUT_IDENTITY:
+                total += (value - target) * (value - target)
+            else:  # NaN stays NaN (numpy's maximum)
+                total += target * np.log(LOG_FLOOR if value < LOG_FLOOR else value)
+            if not np.isnan(y[i, best_y]) and (y[i, j] > y[i, best_y] or np.isnan(y[i, j])):
+                best_y = j  # the first maximum, or the first NaN (np.argmax)
+            if not np.isnan(t[i, best_t]) and (t[i, j] > t[i, best_t] or np.isnan(t[i, j])):
+                best_t = j
+        row_tally[i, 0] = 0.5 * total if output == OUTPUT_IDENTITY else -total
+        row_tally[i, 1] = 1.0 if best_y == best_t else 0.0
 
 
 @jit
-def output_grad_rows(u, t, output, count, du):
-    """`output_grad_from_u` for some rows of a batch of ``count`` rows."""
+def output_grad_from_u(u, t, output, du):
+    """du = (output(u) - t) / N, row by row (y itself is not kept)."""
+    output_grad_rows(u, t, output, u.dtype.type(u.shape[0]), du, np.empty((0, 2), np.float64))
+
+
+@jit
+def output_grad_rows(u, t, output, count, du, row_tally):
+    """`output_grad_from_u` for some rows of a batch of ``count`` rows (their `tally_rows`
+    into ``row_tally`` when it has rows)."""
     n, d = u.shape
     output_forward(u, output, du)
+    tally_rows(du, t, output, row_tally)
     for i in range(n):
         for j in range(d):
             du[i, j] = (du[i, j] - t[i, j]) / count
@@ -540,10 +566,12 @@ def row_weight_scales(row_weights, order, start, scales, low, high):
 
 
 @jit
-def weighted_output_grad_rows(u, t, output, scales, du):
-    """du = (output(u) - t) * each row's scale (`row_weight_scales`), row by row."""
+def weighted_output_grad_rows(u, t, output, scales, du, row_tally):
+    """du = (output(u) - t) * each row's scale (`row_weight_scales`), row by row (and their
+    `tally_rows`, unweighted, when ``row_tally`` has rows)."""
     n, d = u.shape
     output_forward(u, output, du)
+    tally_rows(du, t, output, row_tally)
     for i in range(n):
         for j in range(d):
             du[i, j] = (du[i, j] - t[i, j]) * scales[i]
