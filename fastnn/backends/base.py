@@ -218,16 +218,10 @@ class Ops:
         return (y - t) * (weights / (total if total > 0 else 1.0))[:, None]
 
     def batch_tally(self, y: Array, t: Array, output: str) -> tuple[float, float]:
-        """(sum of the rows' losses, rows whose argmax of y is that of t) of a batch's outputs
-        y, each row's loss computed in float64 (the loss of `loss` times N, unweighted)."""
-        xp = self.xp
-        wide, target = y.astype(xp.float64), t.astype(xp.float64)
-        if output == "identity_mse":
-            losses = 0.5 * ((wide - target) ** 2).sum(axis=1)
-        else:
-            losses = -(target * xp.log(xp.maximum(wide, LOG_FLOOR))).sum(axis=1)
+        """(sum of the rows' losses: `loss` times N, unweighted; rows whose argmax of y is
+        that of t) of a batch's outputs y."""
         correct = (y.argmax(axis=1) == t.argmax(axis=1)).sum()
-        return self.to_float(losses.sum()), self.to_float(correct)
+        return y.shape[0] * self.to_float(self.loss(y, t, output)), self.to_float(correct)
 
     def predicted_classes(self, y: Array) -> Any:
         """Host array of each row's argmax (the predicted class)."""

@@ -15,6 +15,7 @@ from .blas import gemm
 from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, jit, jit_nogil
 from .layers import (
     activate_row,
+    argmax_row,
     batch_statistics,
     expand_parameter,
     fill_rows,
@@ -23,21 +24,6 @@ from .layers import (
     std_columns,
 )
 from .sparse import sparse_block
-
-
-@jit
-def argmax_row(row):
-    """Index of the row's first maximum (the first NaN when there is one), like np.argmax."""
-    best, top = 0, row[0]
-    if np.isnan(top):
-        return 0
-    for j in range(1, row.shape[0]):
-        value = row[j]
-        if np.isnan(value):
-            return j
-        if value > top:
-            best, top = j, value
-    return best
 
 
 @jit

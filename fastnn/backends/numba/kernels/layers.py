@@ -510,27 +510,29 @@ def loss(y, t, output):
 
 
 @jit
+def argmax_row(row):
+    """Index of the row's first maximum (the first NaN when there is one), like np.argmax."""
+    best, top = 0, row[0]
+    if np.isnan(top):
+        return 0
+    for j in range(1, row.shape[0]):
+        value = row[j]
+        if np.isnan(value):
+            return j
+        if value > top:
+            best, top = j, value
+    return best
+
+
+@jit
 def tally_rows(y, t, output, row_tally):
-    """row_tally[i] = (row i's loss in float64, 1 when argmax y_i is argmax t_i else 0), as
+    """row_tally[i] = (row i's `loss`, 1 when argmax y_i is argmax t_i else 0), as
     `Ops.batch_tally` computes them; nothing when ``row_tally`` has no rows."""
     if row_tally.shape[0] == 0:
         return
-    n, d = y.shape
-    for i in range(n):
-        total = 0.0
-        best_y, best_t = 0, 0
-        for j in range(d):
-            value, target = np.float64(y[i, j]), np.float64(t[i, j])
-            if output == OUTPUT_IDENTITY:
-                total += (value - target) * (value - target)
-            else:  # NaN stays NaN (numpy's maximum)
-                total += target * np.log(LOG_FLOOR if value < LOG_FLOOR else value)
-            if not np.isnan(y[i, best_y]) and (y[i, j] > y[i, best_y] or np.isnan(y[i, j])):
-                best_y = j  # the first maximum, or the first NaN (np.argmax)
-            if not np.isnan(t[i, best_t]) and (t[i, j] > t[i, best_t] or np.isnan(t[i, j])):
-                best_t = j
-        row_tally[i, 0] = 0.5 * total if output == OUTPUT_IDENTITY else -total
-        row_tally[i, 1] = 1.0 if best_y == best_t else 0.0
+    for i in range(y.shape[0]):
+        row_tally[i, 0] = loss(y[i : i + 1], t[i : i + 1], output)
+        row_tally[i, 1] = 1.0 if argmax_row(y[i]) == argmax_row(t[i]) else 0.0
 
 
 @jit
