@@ -7,6 +7,7 @@ anything else (another dtype, a view, an odd mask) goes to the NumPy reference.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -151,8 +152,7 @@ def remembered(workspace: Workspace, name: str, identity: tuple[Any, ...],
     build as a small set's epoch takes to train)."""
 
     def same(kept: tuple[tuple[Any, ...], Any]) -> bool:
-        return len(kept[0]) == len(identity) and all(
-            a is b for a, b in zip(kept[0], identity, strict=True))
+        return len(kept[0]) == len(identity) and all(map(operator.is_, kept[0], identity))
 
     return workspace.buffer(("numba record", name), lambda: (identity, make()), same)[1]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -53,15 +53,21 @@ def step_rates(plan: Plan, n_steps: int, rate_factors: Any, first_update: int) -
     """Each step's rate and batch-norm rate (the plan's times the schedule's factor) and
     Adam's bias corrections 1 - beta^t of its update t = first_update + step, computed with
     Python floats as `steps.train_step` and `Ops.optimizer_update` compute them."""
-    factors = [1.0] * n_steps if rate_factors is None else [float(f) for f in rate_factors]
     spec = plan.optimizer
-    updates = range(first_update, first_update + n_steps)
-    return StepRates(
-        np.array([plan.eta * f for f in factors], np.float64),
-        np.array([plan.bn_rate * f for f in factors], np.float64),
-        np.array([1 - spec.beta1**t for t in updates], np.float64),
-        np.array([1 - spec.beta2**t for t in updates], np.float64),
-    )
+    if rate_factors is None:  # x 1.0 changes no bits
+        rates = np.full(n_steps, plan.eta, np.float64)
+        bn_rates = np.full(n_steps, plan.bn_rate, np.float64)
+    else:
+        factors = [float(f) for f in rate_factors]
+        rates = np.array([plan.eta * f for f in factors], np.float64)
+        bn_rates = np.array([plan.bn_rate * f for f in factors], np.float64)
+    if spec.adaptive:
+        updates = range(first_update, first_update + n_steps)
+        first = np.array([1 - spec.beta1**t for t in updates], np.float64)
+        second = np.array([1 - spec.beta2**t for t in updates], np.float64)
+    else:  # the rule reads no correction
+        first = second = np.ones(n_steps, np.float64)
+    return StepRates(rates, bn_rates, first, second)
 
 
 def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool, rates: StepRates,
@@ -92,6 +98,28 @@ def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool, rates: S
         tally=tally is not None,
         tallies=np.zeros((1, 2)) if tally is None else tally,
     )
+
+
+class RunRecord(NamedTuple):
+    """What every epoch of a run passes the kernel alike, built in its first epoch."""
+
+    plan: StepPlan  # rates, epoch key and tally are each epoch's own (``_replace``)
+    keep_ratios: tuple[float, ...]
+    sparse_allowed: bool
+    row_weights: np.ndarray
+    blas: Any
+
+
+def run_record(plan: Plan, x: np.ndarray, weights: np.ndarray | None, update_running: bool,
+               workspace: Workspace, blas_for: Callable[[Any], Any]) -> RunRecord:
+    """The `RunRecord` of a run of ``plan`` on x (``weights``: each row's, or None)."""
+    options = workspace.options
+    sparse_allowed = not (options.get("sparse_mode") == "auto"
+                          and x.dtype.name not in options.get("sparse_train_dtypes", ()))
+    placeholder = StepRates(*(np.zeros(0, np.float64) for _ in StepRates._fields))
+    record = step_plan(plan, 0, x.dtype, update_running, placeholder, weights is not None)
+    return RunRecord(record, tuple(record.keep_ratios), sparse_allowed,
+                     np.ones(1, x.dtype) if weights is None else weights, blas_for(x.dtype))
 
 
 def step_buffers(sizes: tuple[int, ...], rows: int, classes: int, dtype: Any,
@@ -173,22 +201,21 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
                  slots_record(plan, optimizer, x.dtype)))
     if layers is None or slots is None:
         return False
-    options = workspace.options
-    sparse_allowed = not (options.get("sparse_mode") == "auto"
-                          and x.dtype.name not in options.get("sparse_train_dtypes", ()))
-    csr = first_layer(x, layers.weights[0], "train", workspace, sparse_allowed)
+    run = remembered(workspace, "train run", (plan, x, weights, update_running),
+                     lambda: run_record(plan, x, weights, update_running, workspace, blas_for))
+    csr = first_layer(x, layers.weights[0], "train", workspace, run.sparse_allowed)
     first_update = 1 if optimizer is None else optimizer.steps + 1
-    plan_record = step_plan(plan, epoch, x.dtype, update_running,
-                            step_rates(plan, n_steps, rate_factors, first_update),
-                            weights is not None, tally)
+    plan_record = run.plan._replace(
+        rates=step_rates(plan, n_steps, rate_factors, first_update),
+        epoch_key=np.uint64(plan.epoch_key(epoch)), tally=tally is not None,
+        tallies=run.plan.tallies if tally is None else tally)
     shape = (plan.sizes, min(plan.batch_size, len(order)), t.shape[1], x.dtype,
-             tuple(plan_record.keep_ratios), plan_record.inverted, csr.sparse)
+             run.keep_ratios, plan_record.inverted, csr.sparse)
     buffers, parts = workspace.buffer(  # every epoch of the run fills them anew
         ("numba step buffers", *shape),
         lambda: step_buffers(*shape[:4], plan_record.keep_ratios, *shape[5:]), lambda _: True)
-    row_weights = np.ones(1, x.dtype) if weights is None else weights
-    arguments = (Data(x, t, csr, row_weights), order, layers, slots, plan_record,
-                 blas_for(x.dtype), buffers, parts)
+    arguments = (Data(x, t, csr, run.row_weights), order, layers, slots, plan_record,
+                 run.blas, buffers, parts)
     sparse_steps = run_parts(kernels.epoch.train_epoch_part, kernels.sync, threads, arguments)
     if optimizer is not None and plan.optimizer.slots:
         optimizer.steps += n_steps
