@@ -34,7 +34,7 @@ WEIGHT_INITS = (
     "zeros_w",
     "ones_w",
 )
-BIAS_INITS = ("zeros_b", "ones_b", "normal_b", "uniform_b")
+BIAS_INITS = ("zeros_b", "ones_b", "normal_b", "uniform_b", "glorot_uniform_b")
 ACTIVATIONS = (
     "sigmoid",
     "tanh",

@@ -123,7 +123,12 @@ def _weights(
     raise KeyError(name)
 
 
-def _biases(rng: np.random.Generator, name: str, size: int, params: dict) -> np.ndarray:
+def _biases(
+    rng: np.random.Generator, name: str, fan_in: int, size: int, params: dict
+) -> np.ndarray:
+    if name == "glorot_uniform_b":  # scikit-learn's MLP: the bound of the layer's weights
+        limit = math.sqrt(6.0 / (fan_in + size))
+        return rng.uniform(-limit, limit, size)
     if name == "zeros_b":
         return np.zeros(size)
     if name == "ones_b":
@@ -142,6 +147,9 @@ def init_weights(
     return _weights(rng, name, fan_in, fan_out, params)
 
 
-def init_biases(rng: np.random.Generator, name: str, size: int, params: dict) -> np.ndarray:
-    """A (size,) float64 bias vector drawn by the named initialiser."""
-    return _biases(rng, name, size, params)
+def init_biases(
+    rng: np.random.Generator, name: str, size: int, params: dict, *, fan_in: int
+) -> np.ndarray:
+    """A (size,) float64 bias vector drawn by the named initialiser for a layer of ``fan_in``
+    inputs and ``size`` outputs."""
+    return _biases(rng, name, fan_in, size, params)

@@ -84,7 +84,8 @@ class Network:
                 gen, cfg.init, self.sizes[k - 1], self.sizes[k], cfg.init_params
             )
         for k in range(1, self.n_layers + 1):
-            params[f"b{k}"] = init_biases(gen, cfg.bias_init, self.sizes[k], cfg.bias_init_params)
+            params[f"b{k}"] = init_biases(gen, cfg.bias_init, self.sizes[k], cfg.bias_init_params,
+                                          fan_in=self.sizes[k - 1])
         for name, shape in self.param_shapes().items():
             if name.startswith("gamma"):
                 params[name] = np.ones(shape)

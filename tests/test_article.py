@@ -306,10 +306,15 @@ def test_initialisers_spread_and_var_alias() -> None:
     w = init_weights(gen(1), "uniform_w", 100, 100, {"min": -2, "max": -1})
     assert w.min() >= -2 and w.max() < -1
     assert np.all(init_weights(gen(0), "ones_w", 2, 2, {}) == 1)
-    assert np.all(init_biases(gen(0), "zeros_b", 5, {}) == 0)
-    assert init_biases(gen(0), "normal_b", 10000, {"mean": 3, "var": 0.5}).std() == pytest.approx(
-        0.5, rel=0.03
-    )
+    assert np.all(init_biases(gen(0), "zeros_b", 5, {}, fan_in=3) == 0)
+    assert init_biases(
+        gen(0), "normal_b", 10000, {"mean": 3, "var": 0.5}, fan_in=3
+    ).std() == pytest.approx(0.5, rel=0.03)
+    # scikit-learn's MLP bias: uniform within the bound of the layer's glorot_uniform weights
+    b = init_biases(gen(0), "glorot_uniform_b", 10000, {}, fan_in=2000)
+    limit = np.sqrt(6 / 12000)
+    assert -limit <= b.min() < -0.99 * limit and 0.99 * limit < b.max() < limit
+    assert b.std() == pytest.approx(limit / np.sqrt(3), rel=0.03)
 
 
 def test_softmax_is_stable_and_cross_entropy_floored() -> None:

@@ -73,7 +73,7 @@ def test_names_in_config_match_the_implementations() -> None:
     for name in WEIGHT_INITS:
         assert init_weights(rng, name, 3, 2, {}).shape == (3, 2)
     for name in BIAS_INITS:
-        assert init_biases(rng, name, 4, {}).shape == (4,)
+        assert init_biases(rng, name, 4, {}, fan_in=3).shape == (4,)
 
 
 def test_config_round_trips_through_dict() -> None:

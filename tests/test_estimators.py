@@ -95,14 +95,24 @@ def test_parameters_are_config_options_with_documented_defaults(cls: type) -> No
         cls(batch_size="big").fit(linear(20)[0], np.arange(20) % 2)
     with pytest.raises(ValueError, match="weight_decay must be none"):
         cls(weight_decay="lots").fit(linear(20)[0], np.arange(20) % 2)
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1 or 'auto'"):
+        cls(max_iter="long").fit(linear(20)[0], np.arange(20) % 2)
 
 
 def test_the_defaults_resolve_to_a_config_for_the_data() -> None:
-    """batch_size "auto" is min(200, rows), weight_decay "auto" none for a classifier and L2
-    for a regressor, early_stopping True the patience n_iter_no_change (convergence on the
-    training loss then off), backend "auto" numba when it loads."""
+    """batch_size "auto" is min(200, rows), max_iter "auto" 200 epochs or the epochs of 1000
+    updates, weight_decay "auto" none for a classifier and L2 for a regressor, early_stopping
+    True the patience n_iter_no_change (convergence on the training loss then off), backend
+    "auto" numba when it loads; biases drawn like scikit-learn's."""
     config = MLPClassifier()._build_config(6, 3, 150)
-    assert (config.batch_size, config.weight_decay, config.epochs) == (150, None, 200)
+    assert (config.batch_size, config.weight_decay, config.epochs) == (150, None, 1000)
+    assert config.bias_init == "glorot_uniform_b"
+    epochs = {rows: MLPClassifier()._build_config(6, 3, rows).epochs
+              for rows in (1, 398, 999, 1000, 1001, 60000)}
+    assert epochs == {1: 1000, 398: 500, 999: 200, 1000: 200, 1001: 200, 60000: 200}
+    assert MLPClassifier(batch_size=50)._build_config(6, 3, 398).epochs == 200
+    assert MLPClassifier(batch_size=100)._build_config(6, 3, 150).epochs == 500
+    assert MLPClassifier(max_iter=7)._build_config(6, 3, 150).epochs == 7
     assert (config.optimizer, config.eta, config.normalize) == ("adam", 1e-3, "standard")
     assert (config.tol, config.n_iter_no_change, config.early_stopping) == (1e-4, 10, None)
     assert MLPClassifier()._build_config(6, 3, 5000).batch_size == 200
@@ -141,9 +151,10 @@ def test_classifier_string_labels_and_same_run_as_trainer() -> None:
 
     codes = np.searchsorted(clf.classes_, y)
     config = Config(hidden=(16,), epochs=20, batch_size=10, dropout_hidden=0.8, n_inputs=6,
-                    n_outputs=3, init="glorot_uniform", normalize="standard", optimizer="adam",
-                    eta=1e-3, tol=1e-4, n_iter_no_change=10, dtype="float32",
-                    train_figures="running", backend=clf._resolved_backend())
+                    n_outputs=3, init="glorot_uniform", bias_init="glorot_uniform_b",
+                    normalize="standard", optimizer="adam", eta=1e-3, tol=1e-4,
+                    n_iter_no_change=10, dtype="float32", train_figures="running",
+                    backend=clf._resolved_backend())
     trainer = Trainer(config)
     history = trainer.fit(x, codes)
     assert clf.history_.train_loss == history.train_loss
@@ -319,7 +330,7 @@ def test_a_constant_column_in_the_first_partial_fit_chunk(cls: type) -> None:
 
     def chunked(**settings: object) -> MLPClassifier | MLPRegressor:
         # each chunk's loss evaluated after it (a running mean mixes the chunks' steps)
-        est = cls(hidden=(16,), batch_size=20, train_figures="evaluate", **settings)
+        est = cls(hidden=(16,), batch_size=20, eta=1e-2, train_figures="evaluate", **settings)
         for start in (0, 200, 400):
             chunk = slice(start, start + 200)
             if cls is MLPClassifier:
