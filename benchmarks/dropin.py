@@ -14,6 +14,12 @@ shape before timing (its kernels compile once per machine and are cached on disk
 
 The last lines give, for each fastnn backend, the worst score difference against scikit-learn
 (accuracy and R^2) and the median ratio of fit times.
+
+    python benchmarks/dropin.py --others [--repeats 5] [--markdown]
+
+fits, bare, sets outside the table (made with ``random_state=1``), to check that the defaults
+are not fitted to it: seeds 0 to ``--repeats`` - 1 on both sides (``random_state`` and
+``seed``), the mean score and median fit time of each, on the default backend.
 """
 
 from __future__ import annotations
@@ -77,17 +83,78 @@ def _rows() -> list[Row]:
     ]
 
 
-def _sklearn(classifier: bool) -> Any:
+def _other_rows() -> list[Row]:
+    """Sets outside the table: small and medium, scaled and not, classes and targets."""
+    from sklearn import datasets
+
+    def offset(load: Callable[[], tuple[np.ndarray, np.ndarray]], by: Any
+               ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        def data() -> tuple[np.ndarray, np.ndarray]:
+            x, y = load()
+            return x * by[0] + by[1], y
+        return data
+
+    return [
+        Row("moons", "`make_moons(300, noise=0.3)`", True,
+            lambda: datasets.make_moons(300, noise=0.3, random_state=1)),
+        Row("circles", "`make_circles(500, noise=0.2, factor=0.5)`", True,
+            lambda: datasets.make_circles(500, noise=0.2, factor=0.5, random_state=1)),
+        Row("hastie", "`make_hastie_10_2(2000)`", True,
+            lambda: datasets.make_hastie_10_2(2000, random_state=1)),
+        Row("blobs", "`make_blobs(150, 5, centers=4, cluster_std=3)` + 50", True,
+            offset(lambda: datasets.make_blobs(150, 5, centers=4, cluster_std=3,
+                                               random_state=1), (1.0, 50.0))),
+        Row("unscaled", "`make_classification(400, 8, n_informative=5)`, columns x 1 to 1000",
+            True, offset(lambda: datasets.make_classification(400, 8, n_informative=5,
+                                                              random_state=1),
+                         (np.array([1, 10, 100, 1000, 1, 1, 1, 1.0]), 0.0))),
+        Row("friedman1", "`make_friedman1(500, noise=1)`, R^2", False,
+            _standardised(lambda: datasets.make_friedman1(500, noise=1, random_state=1))),
+        Row("friedman2", "`make_friedman2(300, noise=10)`, R^2", False,
+            _standardised(lambda: datasets.make_friedman2(300, noise=10, random_state=1))),
+        Row("sparse_uncorrelated", "`make_sparse_uncorrelated(200)`, R^2", False,
+            _standardised(lambda: datasets.make_sparse_uncorrelated(200, random_state=1))),
+    ]
+
+
+def _sklearn(classifier: bool, seed: int | None = None) -> Any:
     from sklearn.neural_network import MLPClassifier, MLPRegressor
 
+    if seed is not None:
+        return (MLPClassifier if classifier else MLPRegressor)(random_state=seed)
     return MLPClassifier() if classifier else MLPRegressor(random_state=0)
 
 
-def _fastnn(classifier: bool, backend: str) -> Any:
+def _fastnn(classifier: bool, backend: str, seed: int = 0) -> Any:
     import fastnn
 
     cls = fastnn.MLPClassifier if classifier else fastnn.MLPRegressor
-    return cls() if backend == "auto" else cls(backend=backend)
+    return cls(seed=seed) if backend == "auto" else cls(backend=backend, seed=seed)
+
+
+def _others(repeats: int, markdown: bool) -> int:
+    """The sets outside the table, bare: mean score and median fit time over seeds."""
+    from sklearn.model_selection import train_test_split
+
+    rows = _other_rows()
+    _warm_up("auto", rows)
+    if markdown:
+        print("| data | sklearn | fastnn |\n|---|---|---|")
+    for row in rows:
+        x, y = row.load()
+        split = train_test_split(x, y, test_size=0.3, random_state=0,
+                                 stratify=y if row.classifier else None)
+        cells = []
+        for make in (_sklearn, lambda classifier, seed: _fastnn(classifier, "auto", seed)):
+            runs = [_fit_and_score(lambda seed=seed, make=make, row=row: make(row.classifier,
+                                                                                seed),
+                                   False, split, 1)
+                    for seed in range(repeats)]
+            cells.append(f"{np.mean([score for score, _ in runs]):.3f} "
+                         f"({statistics.median(seconds for _, seconds in runs):.2f} s)")
+        print(f"| {row.label} | {cells[0]} | {cells[1]} |" if markdown
+              else f"{row.name}  sklearn {cells[0]}  fastnn {cells[1]}", flush=True)
+    return 0
 
 
 def _fit_and_score(make: Callable[[], Any], scaled: bool, split: tuple[np.ndarray, ...],
@@ -134,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="fits per cell (median score and time)")
     parser.add_argument("--rows", default="", help="data sets to run (default: all)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--others", action="store_true",
+                        help="sets outside the table, seeds 0 to repeats - 1 on both sides")
     args = parser.parse_args(argv)
+    if args.others:
+        return _others(args.repeats, args.markdown)
     from sklearn.model_selection import train_test_split
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

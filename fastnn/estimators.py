@@ -4,9 +4,9 @@ Each hyper-parameter is a `fastnn.Config` option of the same name (``n_inputs`` 
 ``n_outputs`` come from the data; ``threads`` is the `Trainer`'s), except ``max_iter``, the
 estimators' name of ``epochs``, and ``verbose``. The defaults are chosen for data that is not
 MNIST, as scikit-learn users expect (`DEFAULTS` lists where they differ from `Config`'s, the
-article's): Adam at 1e-3, biases drawn like the weights, batches of min(200, rows), up to 200
-epochs (on sets of fewer than 1000 rows, as many as 1000 updates take), stopping once the
-training loss has not dropped by more than ``tol`` for ``n_iter_no_change`` epochs, inputs
+article's): Adam at 1e-3, biases drawn like the weights, batches of min(200, rows / 5) (at
+least 1000 updates in 200 epochs), up to 200 epochs, stopping once the training loss has not
+dropped by more than ``tol`` for ``n_iter_no_change`` epochs, inputs
 standardised per column inside the estimator (a no-op on a ``StandardScaler``'s output,
 constant columns scale 1), the backend ``auto`` (numba when it loads, else numpy).
 `MLPRegressor` standardises its target too and predicts in the target's units. They work in
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "eta": 1e-3,
     "batch_size": "auto",
-    "max_iter": "auto",
+    "max_iter": 200,
     "tol": 1e-4,
     "n_iter_no_change": 10,
     "train_figures": "running",
@@ -65,14 +65,12 @@ DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "dtype": "float32",
 }
-#: rows per batch with batch_size "auto": min(AUTO_BATCH, rows)
+#: rows per batch with batch_size "auto": min(AUTO_BATCH, ceil(rows / AUTO_STEPS)). scikit-learn's
+#: min(200, rows) gives a set of 1000 rows or more 1000 updates in its 200 epochs but a set of
+#: one batch 200, too few for Adam at 1e-3 (scikit-learn warns that it has not converged);
+#: batches of a fifth of a smaller set give it the same 1000 updates in the same epochs
 AUTO_BATCH = 200
-#: max_iter "auto": AUTO_EPOCHS epochs (scikit-learn's max_iter), or on a set too small for
-#: AUTO_UPDATES updates in that many epochs (fewer than 1000 rows at batches of 200) as many
-#: epochs as AUTO_UPDATES updates take, so a small set gets the updates a 1000-row set gets;
-#: the convergence rule (tol, n_iter_no_change) ends most such runs well before
-AUTO_EPOCHS = 200
-AUTO_UPDATES = 1000
+AUTO_STEPS = 5
 #: weight_decay "auto": none for a classifier; L2 on the weights for a regressor, whose small
 #: noisy data sets otherwise overfit the standardised target (load_diabetes: R^2 0.31 -> 0.40)
 AUTO_DECAY: dict[str, tuple[str, float] | None] = {
@@ -112,7 +110,7 @@ class _MLPBase:
         lr_patience: int = 5,
         plateau_loss: str = "train",
         batch_size: int | str = "auto",
-        max_iter: int | str = "auto",
+        max_iter: int = 200,
         shuffle: bool = True,
         weight_decay: tuple[str, float] | str | None = "auto",
         dropout_input: float = 1.0,
@@ -246,16 +244,8 @@ class _MLPBase:
             if self.batch_size != "auto":
                 raise ValueError(f"batch_size must be an integer >= 1 or 'auto'; got "
                                  f"{self.batch_size!r}")
-            values["batch_size"] = max(1, min(AUTO_BATCH, n_rows))
+            values["batch_size"] = max(1, min(AUTO_BATCH, -(-n_rows // AUTO_STEPS)))
         values["epochs"] = self.max_iter
-        if isinstance(self.max_iter, str):
-            if self.max_iter != "auto":
-                raise ValueError(f"max_iter must be an integer >= 1 or 'auto'; got "
-                                 f"{self.max_iter!r}")
-            batch = values["batch_size"]
-            usable = isinstance(batch, (int, np.integer)) and batch >= 1  # else Config refuses
-            steps = -(-n_rows // batch) if usable else 1
-            values["epochs"] = max(AUTO_EPOCHS, -(-AUTO_UPDATES // steps))
         if isinstance(self.weight_decay, str):
             if self.weight_decay != "auto":
                 raise ValueError(f"weight_decay must be none, (kind, lambda) or 'auto'; got "

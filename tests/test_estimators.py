@@ -95,24 +95,20 @@ def test_parameters_are_config_options_with_documented_defaults(cls: type) -> No
         cls(batch_size="big").fit(linear(20)[0], np.arange(20) % 2)
     with pytest.raises(ValueError, match="weight_decay must be none"):
         cls(weight_decay="lots").fit(linear(20)[0], np.arange(20) % 2)
-    with pytest.raises(ValueError, match="max_iter must be an integer >= 1 or 'auto'"):
-        cls(max_iter="long").fit(linear(20)[0], np.arange(20) % 2)
 
 
 def test_the_defaults_resolve_to_a_config_for_the_data() -> None:
-    """batch_size "auto" is min(200, rows), max_iter "auto" 200 epochs or the epochs of 1000
-    updates, weight_decay "auto" none for a classifier and L2 for a regressor, early_stopping
-    True the patience n_iter_no_change (convergence on the training loss then off), backend
-    "auto" numba when it loads; biases drawn like scikit-learn's."""
+    """batch_size "auto" is min(200, a fifth of the rows), weight_decay "auto" none for a
+    classifier and L2 for a regressor, early_stopping True the patience n_iter_no_change
+    (convergence on the training loss then off), backend "auto" numba when it loads; biases
+    drawn like scikit-learn's."""
     config = MLPClassifier()._build_config(6, 3, 150)
-    assert (config.batch_size, config.weight_decay, config.epochs) == (150, None, 1000)
+    assert (config.batch_size, config.weight_decay, config.epochs) == (30, None, 200)
     assert config.bias_init == "glorot_uniform_b"
-    epochs = {rows: MLPClassifier()._build_config(6, 3, rows).epochs
-              for rows in (1, 398, 999, 1000, 1001, 60000)}
-    assert epochs == {1: 1000, 398: 500, 999: 200, 1000: 200, 1001: 200, 60000: 200}
-    assert MLPClassifier(batch_size=50)._build_config(6, 3, 398).epochs == 200
-    assert MLPClassifier(batch_size=100)._build_config(6, 3, 150).epochs == 500
-    assert MLPClassifier(max_iter=7)._build_config(6, 3, 150).epochs == 7
+    batches = {rows: MLPClassifier()._build_config(6, 3, rows).batch_size
+               for rows in (1, 4, 5, 6, 398, 999, 1000, 1001, 60000)}
+    assert batches == {1: 1, 4: 1, 5: 1, 6: 2, 398: 80, 999: 200, 1000: 200, 1001: 200,
+                       60000: 200}
     assert (config.optimizer, config.eta, config.normalize) == ("adam", 1e-3, "standard")
     assert (config.tol, config.n_iter_no_change, config.early_stopping) == (1e-4, 10, None)
     assert MLPClassifier()._build_config(6, 3, 5000).batch_size == 200
