@@ -10,6 +10,9 @@ import numpy as np
 from .errors import DataError
 
 STAT_FLOOR = 1e-7
+#: values normalised, checked or summed at a time (whole rows of them): bounds the float64
+#: temporaries of a large set to a few MB
+CHUNK_VALUES = 1 << 20
 
 
 #: a column's spread below this share of its size counts as constant ("standard")
@@ -34,18 +37,21 @@ class Normalizer:
         """Fit the statistics on (training) inputs, in float64; `DataError` (naming ``what``
         and, per column, the column) when a shift or scale is not finite: values whose range
         or spread overflows float64 would otherwise all become 0 or NaN."""
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
         with np.errstate(over="ignore", invalid="ignore"):
             if self.method == "standard":
                 self.shift, self.scale = standard_statistics(x, what)
-            elif self.method == "min_max":
-                low, high = x.min(axis=self.axis), x.max(axis=self.axis)
+            elif self.method == "min_max":  # exact in x's own type: float64 keeps the order
+                low = np.asarray(x.min(axis=self.axis), np.float64)
+                high = np.asarray(x.max(axis=self.axis), np.float64)
                 self.shift, self.scale = low, np.maximum(high - low, STAT_FLOOR)
             elif self.method == "z_score":
-                self.shift, self.scale = (
-                    x.mean(axis=self.axis),
-                    np.maximum(x.std(axis=self.axis), STAT_FLOOR),
-                )
+                if self.axis == 0:
+                    mean, std = column_moments(x)
+                else:  # NumPy's pairwise sum over all values: the whole set in float64
+                    whole = np.asarray(x, dtype=np.float64)
+                    mean, std = whole.mean(), whole.std()
+                self.shift, self.scale = mean, np.maximum(std, STAT_FLOOR)
             else:
                 self.shift, self.scale = 0.0, 1.0
         require_finite_statistics(self.shift, self.scale, self.method, what)
@@ -55,19 +61,61 @@ class Normalizer:
         """Undo `transform` (a regressor's scaled outputs back in the target's units)."""
         return np.asarray(y, dtype=np.float64) * self.scale + self.shift
 
-    def transform(self, x: np.ndarray, what: str | None = None) -> np.ndarray:
+    def transform(self, x: np.ndarray, what: str | None = None, first_row: int = 0
+                  ) -> np.ndarray:
         """Apply the fitted statistics (float64); with ``what`` (e.g. "x_test"), `DataError`
-        if a normalised value overflows float64 (rows far outside the training range)."""
+        if a normalised value overflows float64 (rows far outside the training range; the
+        row named counts from ``first_row``)."""
         if what is None:
             return (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
         with np.errstate(over="ignore", invalid="ignore"):
             out = (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
         finite = np.isfinite(out)
         if not np.all(finite):
-            row = int(np.flatnonzero(~finite.reshape(len(out), -1).all(axis=1))[0])
+            row = first_row + int(np.flatnonzero(~finite.reshape(len(out), -1).all(axis=1))[0])
             raise DataError(f"{what}: inputs too large to normalise ({self.method}): row {row} "
                             "overflows float64 with the training set's statistics")
         return out
+
+    def transform_to(self, x: np.ndarray, dtype: Any, what: str | None = None) -> np.ndarray:
+        """`transform` into a new array of ``dtype``, a block of rows at a time: the same
+        values as casting the float64 result, without a float64 copy of the whole set."""
+        out = np.empty(x.shape, dtype)
+        for rows in row_chunks(x):
+            out[rows] = self.transform(x[rows], what, rows.start)
+        return out
+
+
+def row_chunks(x: np.ndarray) -> list[slice]:
+    """The slices of x's rows, in order, about `CHUNK_VALUES` values (at least a row) each."""
+    n = len(x)
+    size = max(1, CHUNK_VALUES // max(1, x[:1].size))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _sum_rows(chunks: Any, width: int) -> np.ndarray:
+    """The float64 sum over the rows of every chunk, added row after row in order: NumPy's
+    axis-0 sum of the whole stacked array, bit for bit, one chunk in memory at a time."""
+    total = None
+    for chunk in chunks:
+        total = (np.add.reduce(chunk, axis=0) if total is None
+                 else np.add.reduce(np.vstack([total[None], chunk]), axis=0))
+    return np.zeros(width) if total is None else total
+
+
+def column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's mean and (population) standard deviation in float64, equal to
+    ``x.astype(float64).mean(axis=0)`` and ``.std(axis=0)`` without that copy of x."""
+    n, width = len(x), x.shape[1]
+    chunks = row_chunks(x)
+    mean = _sum_rows((np.asarray(x[rows], np.float64) for rows in chunks), width) / n
+
+    def squares() -> Any:
+        for rows in chunks:
+            deviation = np.asarray(x[rows], np.float64) - mean
+            yield np.multiply(deviation, deviation, out=deviation)
+
+    return mean, np.sqrt(_sum_rows(squares(), width) / n)
 
 
 def standard_statistics(x: np.ndarray, what: str = "the data") -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +124,7 @@ def standard_statistics(x: np.ndarray, what: str = "the data") -> tuple[np.ndarr
     an already standardised column's shift and scale are exactly 0 and 1. `DataError` naming
     the first column whose mean or spread is not finite in float64."""
     with np.errstate(over="ignore", invalid="ignore"):
-        mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
-        std = x.std(axis=0) if len(x) else np.ones(x.shape[1])
+        mean, std = column_moments(x) if len(x) else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     require_finite_statistics(mean, std, "standard", what, positive=False)  # std 0: scale 1
     constant = std <= CONSTANT_SPREAD * np.maximum(np.abs(mean), 1.0)
     standard = (np.abs(mean) <= ALREADY_STANDARD) & (np.abs(std - 1.0) <= ALREADY_STANDARD)
@@ -186,7 +233,9 @@ def _dense(values: Any, what: str) -> np.ndarray:
 
 
 def as_inputs(x: Any, n_inputs: int, what: str) -> np.ndarray:
-    """Inputs as a 2-D float64 array (N, n_inputs), real and finite; images are flattened."""
+    """Inputs as a 2-D array (N, n_inputs) of real, finite numbers in their own dtype (the
+    caller's array itself where it is one: nothing here copies the set); images are
+    flattened."""
     x = _dense(x, what)
     if x.ndim > 2:
         x = x.reshape(x.shape[0], -1)
@@ -196,6 +245,8 @@ def as_inputs(x: Any, n_inputs: int, what: str) -> np.ndarray:
         raise DataError(f"{what}: complex values; give real numbers")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{what}: numeric inputs expected; got dtype {x.dtype}")
-    x = x.astype(np.float64)
-    _require_finite(x, what)
+    if x.dtype.kind in "fc":  # integers are finite; floats are checked a block at a time
+        for rows in row_chunks(x):
+            if not np.isfinite(x[rows]).all():
+                _require_finite(x, what)
     return x

@@ -152,8 +152,8 @@ class Trainer:
         self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray], what: str
     ) -> Split:
         dtype = self.config.dtype
-        x = self.normalizer.transform(x, what)
-        return Split(ops.asarray(x, dtype), ops.asarray(target[1], dtype), target[0])
+        x = self.normalizer.transform_to(x, dtype, what)  # no float64 copy of the set
+        return Split(ops.adopt(x, dtype), ops.asarray(target[1], dtype), target[0])
 
     def _ops(self) -> Any:
         """The ops the splits live on: the network's (a fit builds it first), else those of

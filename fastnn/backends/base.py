@@ -64,6 +64,11 @@ class Ops:
         """Move a host array to this backend (copying), optionally casting."""
         return self.xp.array(array, dtype=dtype)
 
+    def adopt(self, array: Any, dtype: str) -> Array:
+        """A host array the caller hands over and no longer uses, on this backend in
+        ``dtype``: the very array where it already is one there, else a copy."""
+        return self.xp.asarray(array, dtype=dtype)
+
     def to_numpy(self, array: Array) -> Any:
         """A host NumPy array of a backend array."""
         import numpy
