@@ -4,8 +4,8 @@ Each hyper-parameter is a `fastnn.Config` option of the same name (``n_inputs`` 
 ``n_outputs`` come from the data; ``threads`` is the `Trainer`'s), except ``max_iter``, the
 estimators' name of ``epochs``, and ``verbose``. The defaults are chosen for data that is not
 MNIST, as scikit-learn users expect (`DEFAULTS` lists where they differ from `Config`'s, the
-article's): Adam at 1e-3, biases drawn like the weights, batches of min(200, rows / 5) (at
-least 1000 updates in 200 epochs), up to 200 epochs, stopping once the training loss has not
+article's): Adam at 1e-3, biases drawn like the weights, batches of min(200, rows / 5)
+(about 1000 updates in 200 epochs), up to 200 epochs, stopping once the training loss has not
 dropped by more than ``tol`` for ``n_iter_no_change`` epochs, inputs
 standardised per column inside the estimator (a no-op on a ``StandardScaler``'s output,
 constant columns scale 1), the backend ``auto`` (numba when it loads, else numpy).
@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
 #: rows per batch with batch_size "auto": min(AUTO_BATCH, ceil(rows / AUTO_STEPS)). scikit-learn's
 #: min(200, rows) gives a set of 1000 rows or more 1000 updates in its 200 epochs but a set of
 #: one batch 200, too few for Adam at 1e-3 (scikit-learn warns that it has not converged);
-#: batches of a fifth of a smaller set give it the same 1000 updates in the same epochs
+#: batches of a fifth of a smaller set give it about the same 1000 updates in the same epochs
 AUTO_BATCH = 200
 AUTO_STEPS = 5
 #: weight_decay "auto": none for a classifier; L2 on the weights for a regressor, whose small

@@ -124,9 +124,11 @@ def _weights(
 
 
 def _biases(
-    rng: np.random.Generator, name: str, fan_in: int, size: int, params: dict
+    rng: np.random.Generator, name: str, fan_in: int | None, size: int, params: dict
 ) -> np.ndarray:
-    if name == "glorot_uniform_b":  # scikit-learn's MLP: the bound of the layer's weights
+    if name == "glorot_uniform_b":  # scikit-learn's MLP (not logistic): the weights' bound
+        if fan_in is None:
+            raise ValueError("bias initialiser glorot_uniform_b needs the layer's fan_in")
         limit = math.sqrt(6.0 / (fan_in + size))
         return rng.uniform(-limit, limit, size)
     if name == "zeros_b":
@@ -148,8 +150,8 @@ def init_weights(
 
 
 def init_biases(
-    rng: np.random.Generator, name: str, size: int, params: dict, *, fan_in: int
+    rng: np.random.Generator, name: str, size: int, params: dict, *, fan_in: int | None = None
 ) -> np.ndarray:
     """A (size,) float64 bias vector drawn by the named initialiser for a layer of ``fan_in``
-    inputs and ``size`` outputs."""
+    inputs (needed by glorot_uniform_b only) and ``size`` outputs."""
     return _biases(rng, name, fan_in, size, params)

@@ -37,6 +37,9 @@ class Normalizer:
         """Fit the statistics on (training) inputs, in float64; `DataError` (naming ``what``
         and, per column, the column) when a shift or scale is not finite: values whose range
         or spread overflows float64 would otherwise all become 0 or NaN."""
+        if self.axis not in (None, 0):
+            raise ValueError(f"Normalizer axis must be None (all inputs) or 0 (per column); "
+                             f"got {self.axis!r}")
         x = np.asarray(x)
         with np.errstate(over="ignore", invalid="ignore"):
             if self.method == "standard":
@@ -105,8 +108,20 @@ def _sum_rows(chunks: Any, width: int) -> np.ndarray:
 
 def column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each column's mean and (population) standard deviation in float64, equal to
-    ``x.astype(float64).mean(axis=0)`` and ``.std(axis=0)`` without that copy of x."""
+    ``x.astype(float64).mean(axis=0)`` and ``.std(axis=0)`` without that copy of x.
+
+    NumPy sums a row-major array row after row (done here a block of rows at a time) and the
+    columns of a column-major one (a pandas frame's values) each pairwise (done here a column
+    at a time, one column in float64)."""
     n, width = len(x), x.shape[1]
+    if width == 1 or abs(x.strides[0]) < abs(x.strides[1]):
+        means, stds = np.empty(width), np.empty(width)
+        for j in range(width):
+            column = np.asarray(x[:, j], np.float64)
+            means[j] = np.add.reduce(column) / n
+            deviation = column - means[j]
+            stds[j] = np.sqrt(np.add.reduce(np.multiply(deviation, deviation, out=deviation)) / n)
+        return means, stds
     chunks = row_chunks(x)
     mean = _sum_rows((np.asarray(x[rows], np.float64) for rows in chunks), width) / n
 

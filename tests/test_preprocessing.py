@@ -24,9 +24,15 @@ def _inputs(dtype: type, rows: int = 20_000, columns: int = 784) -> np.ndarray:
     return values.astype(dtype)
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns", "one column", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_column_moments_are_numpys_float64_mean_and_std_bit_for_bit(dtype: type) -> None:
+def test_column_moments_are_numpys_float64_mean_and_std_bit_for_bit(dtype: type,
+                                                                    layout: str) -> None:
+    """Row-major arrays are summed row after row, column-major ones (pandas' values) column
+    by column, pairwise: each as NumPy sums the float64 copy the old code made."""
     x = _inputs(dtype, rows=3 * BLOCK + 17, columns=37)  # several blocks, a short one
+    x = {"rows": x, "columns": np.asfortranarray(x), "one column": x[:, 3:4],
+         "strided": np.asfortranarray(x)[:, ::3]}[layout]
     whole = x.astype(np.float64)
     mean, std = column_moments(x)
     np.testing.assert_array_equal(mean, whole.mean(axis=0))
@@ -48,6 +54,11 @@ def test_fit_and_transform_to_equal_the_whole_set_in_float64(method: str, axis: 
         got = chunked.transform_to(x, out_dtype, "x")
         assert got.dtype == np.dtype(out_dtype) and got.flags.c_contiguous
         np.testing.assert_array_equal(got, whole.transform(x.astype(np.float64)).astype(out_dtype))
+
+
+def test_a_normalizer_axis_other_than_all_or_columns_is_refused() -> None:
+    with pytest.raises(ValueError, match="axis must be None .* or 0"):
+        Normalizer("min_max", 1).fit(np.ones((3, 2)))
 
 
 def test_as_inputs_keeps_the_callers_array_and_checks_every_block() -> None:
