@@ -260,7 +260,7 @@ def as_inputs(x: Any, n_inputs: int, what: str) -> np.ndarray:
         raise DataError(f"{what}: complex values; give real numbers")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{what}: numeric inputs expected; got dtype {x.dtype}")
-    if x.dtype.kind in "fc":  # integers are finite; floats are checked a block at a time
+    if x.dtype.kind == "f":  # integers are finite; floats are checked a block at a time
         for rows in row_chunks(x):
             if not np.isfinite(x[rows]).all():
                 _require_finite(x, what)
