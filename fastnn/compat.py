@@ -167,7 +167,7 @@ def learn(
             f"loss {h.test_loss[-1]:.5f}"
         )
 
-    trainer = Trainer(config, on_epoch=report if verbose else None)
+    trainer = Trainer(config, on_epoch=report if verbose else None, keep_splits=True)
     history = trainer.fit(x_train, t_train, x_test, t_test, network=network)
     net = trainer.network
     train_split, test_split, _ = trainer.splits  # the data as fit normalised it

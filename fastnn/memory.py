@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, FastnnError
 
 GIB = 1024**3
 
@@ -39,10 +41,34 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def check_memory(needed: int, what: str) -> None:
-    """A `ConfigError` when ``needed`` bytes are more than the machine can give (said in GiB,
-    with ``what`` needs them); nothing when that is unknown."""
+def gib(size: int) -> str:
+    """``size`` bytes as the refusals say it: in GiB, or MiB below one GiB."""
+    return f"{size / GIB:.1f} GiB" if size >= GIB else f"{size / 2**20:.0f} MiB"
+
+
+def check_memory(needed: int, what: str, error: type[FastnnError] = ConfigError,
+                 advice: str = "make it smaller") -> None:
+    """An ``error`` when ``needed`` bytes are more than the machine can give (said in GiB,
+    with what ``what`` needs them and ``advice``); nothing when that is unknown."""
     available = available_memory()
     if available is not None and needed > available:
-        raise ConfigError(f"{what} needs about {needed / GIB:.1f} GiB, more than the "
-                          f"{available / GIB:.1f} GiB this machine has free; make it smaller")
+        raise error(f"{what} needs about {gib(needed)}, more than the {gib(available)} this "
+                    f"machine has free; {advice}")
+
+
+@dataclass
+class RunMemory:
+    """What a run holds beside the caller's arrays and the network, part by part, in bytes."""
+
+    parts: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        """The parts worth naming (a tenth of the total or more, largest first), e.g.
+        "inputs normalised to float64 8.1 GiB, evaluation 1.2 GiB"."""
+        named = sorted(((size, name) for name, size in self.parts.items()
+                        if size and size >= self.total / 10), reverse=True)
+        return ", ".join(f"{name} {gib(size)}" for size, name in named) or "small parts"

@@ -169,6 +169,11 @@ class Plan:
         return len(self.sizes) - 1
 
     @property
+    def itemsize(self) -> int:
+        """Bytes of one number in the plan's dtype (float32 or float64)."""
+        return {"float32": 4, "float64": 8}[self.dtype]
+
+    @property
     def learnable_bn(self) -> bool:
         """True when hidden layers have gamma and beta (the BN and BN(n) variants)."""
         return self.batch_norm in ("bn", "node")

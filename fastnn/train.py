@@ -19,8 +19,10 @@ from .callbacks import Callback, EpochMetrics, call
 from .config import Config
 from .errors import DataError
 from .history import History
+from .memory import RunMemory, check_memory
 from .model import Model
 from .network import Network
+from .plan import Plan
 from .preprocessing import Normalizer, as_inputs, labels_and_one_hot
 from .schedules import Plateau, epoch_factors
 from .threads import check_threads
@@ -76,7 +78,8 @@ class Trainer:
     """Trains a `Network` on raw inputs; ``fit`` returns the `History`."""
 
     def __init__(
-        self, config: Config, on_epoch: EpochCallback | None = None, threads: int | None = None
+        self, config: Config, on_epoch: EpochCallback | None = None, threads: int | None = None,
+        keep_splits: bool = False,
     ) -> None:
         config.validate()
         self.config = config
@@ -90,8 +93,10 @@ class Trainer:
         self.callbacks: list[Callback] = []
         #: how often each backend code path ran in the last ``fit`` (e.g. "train_sparse")
         self.counters: dict[str, int] = {}
-        #: (train, test, validation) as prepared by the last ``fit``
+        #: (train, test, validation) as the last ``fit`` prepared them, kept after it only
+        #: with ``keep_splits`` (they hold a normalised copy of every input); else None
         self.splits: tuple[Split, Split, Split | None] | None = None
+        self.keep_splits = keep_splits
 
     # ---- data ----
     def prepare(
@@ -119,6 +124,7 @@ class Trainer:
                 raise DataError(f"{name}: {len(x)} inputs but {len(labels)} targets")
             if len(x) == 0:
                 raise DataError(f"{name}: the data set is empty")
+        self._check_memory(xs)
         val_parts = None
         if cfg.early_stopping is not None:
             n = len(xs[0])
@@ -147,6 +153,33 @@ class Trainer:
                 if split is not None:
                     ops.prepare_inputs(split.x, workspace)
         return train, test, val
+
+    def run_memory(self, xs: Sequence[np.ndarray]) -> RunMemory:
+        """What a fit on the inputs ``xs`` (x_train, then x_test) holds beside them and the
+        network: the normalised copies, the targets, the validation split's copy of x_train,
+        the shuffled order and the largest evaluation (`Ops.evaluation_bytes`)."""
+        cfg = self.config
+        net = self.network
+        plan = net.plan if net is not None else Plan.from_config(cfg)
+        rows = [len(x) for x in xs]
+        parts = {
+            f"inputs normalised to {cfg.dtype}": sum(rows) * cfg.n_inputs * plan.itemsize,
+            "targets": sum(rows) * cfg.n_outputs * plan.itemsize,
+            "shuffled order": 2 * rows[0] * 8,
+            "evaluation": self._ops().evaluation_bytes(plan, max(rows)),
+        }
+        if cfg.early_stopping is not None:
+            parts["the validation split's copy of x_train"] = xs[0].nbytes
+        return RunMemory(parts)
+
+    def _check_memory(self, xs: Sequence[np.ndarray]) -> None:
+        """`DataError` before any work when the run would need more memory than the
+        machine has free (the figure and its largest parts said)."""
+        memory = self.run_memory(xs)
+        advice = ("train on fewer rows" if self.config.dtype == "float32"
+                  else "train in float32 (dtype), or on fewer rows")
+        check_memory(memory.total, f"this run ({memory.describe()})", DataError,
+                     advice + ", or free memory")
 
     def _split(
         self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray], what: str
@@ -211,6 +244,8 @@ class Trainer:
         finally:
             self.counters = dict(workspace.counters)
             workspace.clear()
+            if not self.keep_splits:
+                self.splits = None
             for callback in self.callbacks:  # loggers: close their files (reopened on resume)
                 close = getattr(callback, "close", None)
                 if callable(close):

@@ -50,7 +50,8 @@ def _fitted(batch_norm: str, bn_eval: str = "batch") -> tuple[Trainer, np.ndarra
     x = gen.normal(size=(400, 8)) * np.arange(1, 9)
     y = (x[:, 0] + x[:, 3] > 0).astype(int)
     trainer = Trainer(Config(hidden=(12, 6), n_inputs=8, n_outputs=2, epochs=3,
-                             batch_norm=batch_norm, bn_eval=bn_eval, normalize="z_score"))
+                             batch_norm=batch_norm, bn_eval=bn_eval, normalize="z_score"),
+                      keep_splits=True)
     trainer.fit(x, y)
     return trainer, x
 

@@ -323,6 +323,15 @@ class Ops:
         y = steps.forward_eval(self, plan, params, running, x)
         return self.to_float(self.loss(y, t, plan.output)), self.predicted_classes(y)
 
+    def evaluation_bytes(self, plan: Plan, rows: int) -> int:
+        """Host bytes an evaluation of ``rows`` rows holds at once (what `fit` counts before
+        it starts). The reference: every layer's activations of the whole set at once (per
+        hidden layer u and z, with batch norm u_hat and y too; the output's u, y and the
+        loss's temporary)."""
+        per_hidden = 2 if plan.batch_norm == "off" else 4
+        hidden, outputs = sum(plan.sizes[1:-1]), plan.sizes[-1]
+        return rows * (per_hidden * hidden + 3 * outputs) * plan.itemsize
+
     def warm_up(self, plan: Plan) -> None:
         """Compile whatever the backend compiles for ``plan``, before any timing starts
         (reference: nothing)."""

@@ -68,6 +68,10 @@ class KernelBase(Ops):
         self._warmed: set[tuple[Any, ...]] = set()
         self.launch = Launches(self.kernel)
 
+    def evaluation_bytes(self, plan: Plan, rows: int) -> int:
+        """An evaluation's arrays live on the device: none on the host."""
+        return 0
+
     # ---- kernels ----
     def kernel(self, stem: str, dtype: Any) -> Any:
         """The ``<stem>_f32``/``_f64`` function of its module (loaded and compiled on first

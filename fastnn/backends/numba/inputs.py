@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import DataError
+from ...memory import check_memory
 from ..workspace import Workspace
 from .fit import same_float_arrays
 from .kernels.common import Csr
@@ -36,6 +38,10 @@ def prepare_csr(sparse: Any, x: Any, workspace: Workspace) -> None:
     if mode != "1" and not density < options.get("sparse_threshold", 0.35):
         workspace.attach(x, (density, None))
         return
+    nonzeros = int(counts.sum())
+    check_memory(nonzeros * (4 + x.dtype.itemsize) + 8 * len(x),
+                 f"the sparse form of {len(x):,} input rows ({nonzeros:,} nonzeros)", DataError,
+                 "train on fewer rows, or free memory")
     indptr = np.zeros(len(x) + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], np.int32)

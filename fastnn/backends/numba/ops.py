@@ -494,6 +494,13 @@ class NumbaOps(NumpyOps):
             super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
                                 optimizer, rate_factors, weights, tally)
 
+    def evaluation_bytes(self, plan: Plan, rows: int) -> int:
+        """Blocks of rows hold little; whole-set batch-norm statistics keep every hidden
+        layer's pre-activations of the set (`evaluation`)."""
+        if plan.batch_norm == "off":
+            return 0
+        return rows * sum(plan.sizes[1:-1]) * plan.itemsize
+
     def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
         x: Any, t: Any, workspace: Workspace,

@@ -1,0 +1,140 @@
+"""The memory a run needs: the estimate `fit` makes before any work, and its refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastnn import Config, DataError, Trainer, memory
+from fastnn.cli import main
+from fastnn.plan import Plan
+
+TINY = ["--hidden", "8", "--epochs", "1", "--batch-size", "50", "--quiet"]
+
+
+def _limit(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """Make the machine report ``free`` bytes available."""
+    monkeypatch.setattr(memory, "available_memory", lambda: free)
+
+
+def test_available_memory_is_a_positive_count_here() -> None:
+    free = memory.available_memory()
+    assert free is None or (isinstance(free, int) and free > 0)
+
+
+def test_the_estimate_counts_each_part_of_a_run() -> None:
+    """The parts are the normalised copies, targets, order, evaluation and (with early
+    stopping) the validation split's copy of the raw x_train."""
+    config = Config(hidden=(20, 10), n_inputs=30, n_outputs=3, dtype="float64",
+                    early_stopping=2, batch_norm="bn")
+    x_train, x_test = np.zeros((1000, 30), np.uint8), np.zeros((200, 30), np.uint8)
+    parts = Trainer(config).run_memory([x_train, x_test]).parts
+    assert parts["inputs normalised to float64"] == 1200 * 30 * 8
+    assert parts["targets"] == 1200 * 3 * 8
+    assert parts["shuffled order"] == 2 * 1000 * 8
+    assert parts["the validation split's copy of x_train"] == 1000 * 30
+    plan = Plan.from_config(config)
+    assert parts["evaluation"] == 1000 * (4 * 30 + 3 * 3) * 8 == \
+        Trainer(config)._ops().evaluation_bytes(plan, 1000)  # batch norm: u, u_hat, y, z
+    plain = Trainer(Config(hidden=(20, 10), n_inputs=30, n_outputs=3)).run_memory([x_train])
+    assert "the validation split's copy of x_train" not in plain.parts
+    assert plain.parts["evaluation"] == 1000 * (2 * 30 + 3 * 3) * 8  # u and z
+
+
+def test_describe_names_the_large_parts_largest_first() -> None:
+    gib = memory.GIB
+    run = memory.RunMemory({"small": 10, "inputs": 3 * gib, "evaluation": gib // 2})
+    assert run.total == 3 * gib + gib // 2 + 10
+    assert run.describe() == "inputs 3.0 GiB, evaluation 512 MiB"
+    assert memory.RunMemory({"none": 0}).describe() == "small parts"
+
+
+def test_fit_refuses_before_any_work_when_the_run_needs_more_than_is_free(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    x = np.random.default_rng(0).integers(0, 255, (500, 40), np.uint8)
+    t = np.arange(500) % 4
+    config = Config(hidden=(8,), n_inputs=40, n_outputs=4, epochs=1, dtype="float64")
+    trainer = Trainer(config)
+    needed = trainer.run_memory([x]).total
+    _limit(monkeypatch, needed - 1)
+    with pytest.raises(DataError, match=r"this run \(.*inputs normalised to float64 0 MiB.*\) "
+                                         r"needs about 0 MiB, more than the 0 MiB this machine has "
+                                         r"free; train in float32 \(dtype\), or on fewer rows"):
+        trainer.fit(x, t)
+    assert trainer.normalizer is None and trainer.history.epochs == 0  # nothing was done
+    _limit(monkeypatch, needed + 2**20)  # the network and the run both fit: it trains
+    assert Trainer(config).fit(x, t).epochs == 1
+
+
+def test_the_refusal_of_a_float32_run_does_not_suggest_float32(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _limit(monkeypatch, 1)
+    with pytest.raises(DataError, match="free; train on fewer rows, or free memory"):
+        Trainer(Config(hidden=(4,), n_inputs=3, n_outputs=2, epochs=1,
+                       dtype="float32")).prepare(
+            np.ones((10, 3)), np.arange(10) % 2)
+
+
+def test_the_network_itself_is_refused_when_it_does_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _limit(monkeypatch, 1000)
+    from fastnn import ConfigError, Network
+
+    with pytest.raises(ConfigError, match=r"the network \(1,105 parameters in float64\) needs"):
+        Network(Config(hidden=(100,), n_inputs=5, n_outputs=5))
+
+
+def test_the_command_line_says_the_figure_and_exits_2(
+        idx_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(Trainer, "run_memory",
+                        lambda self, xs: memory.RunMemory({"inputs": 40 * memory.GIB}))
+    _limit(monkeypatch, 3 * memory.GIB)
+    assert main(["train", "--data", str(idx_folder), *TINY]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == ("fastnn: error: this run (inputs 40.0 GiB) needs about 40.0 GiB, more than "
+                     "the 3.0 GiB this machine has free; train on fewer rows, or free memory")
+
+
+def test_numba_refuses_a_sparse_form_that_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    from fastnn.backends import get_backend
+
+    ops = get_backend("numba")
+    x = np.zeros((300, 50), np.float32)
+    x[:, ::10] = 1.0  # 10 % nonzero: the sparse form is built
+    _limit(monkeypatch, 300 * 5 * 8 - 1)
+    workspace = ops.workspace()
+    with pytest.raises(DataError, match=r"the sparse form of 300 input rows \(1,500 nonzeros\) "
+                                        r"needs about"):
+        ops.prepare_inputs(x, workspace)
+    assert workspace.prepared(x) is None
+    _limit(monkeypatch, 2**30)
+    ops.prepare_inputs(x, workspace)
+    assert workspace.prepared(x)[1].sparse
+
+
+def test_evaluation_in_blocks_holds_whole_set_arrays_only_for_batch_norm() -> None:
+    pytest.importorskip("numba")
+    from fastnn.backends import get_backend
+
+    ops = get_backend("numba")
+    config = Config(hidden=(20, 10), n_inputs=30, n_outputs=3)
+    assert ops.evaluation_bytes(Plan.from_config(config), 1000) == 0
+    with_bn = Plan.from_config(Config(hidden=(20, 10), n_inputs=30, n_outputs=3,
+                                      batch_norm="n"))
+    assert ops.evaluation_bytes(with_bn, 1000) == 1000 * 30 * 8  # float64
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_fit_lets_its_normalised_copies_go_unless_asked_to_keep_them(keep: bool) -> None:
+    x = np.random.default_rng(1).integers(0, 255, (200, 12), np.uint8)
+    trainer = Trainer(Config(hidden=(6,), n_inputs=12, n_outputs=3, epochs=1),
+                      keep_splits=keep)
+    trainer.fit(x, np.arange(200) % 3)
+    if keep:
+        np.testing.assert_array_equal(trainer.splits[0].x, trainer.normalizer.transform(x))
+    else:
+        assert trainer.splits is None
