@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,13 @@ class Normalizer:
         for rows in row_chunks(x):
             out[rows] = self.transform(x[rows], what, rows.start)
         return out
+
+    def blocks(self, x: np.ndarray, dtype: Any, what: str | None = None
+               ) -> Iterator[tuple[slice, np.ndarray]]:
+        """(rows, those rows normalised into ``dtype``) a block at a time, in order: the
+        values of `transform_to`, one block in memory at a time."""
+        for rows in row_chunks(x):
+            yield rows, self.transform(x[rows], what, rows.start).astype(dtype)
 
 
 def row_chunks(x: np.ndarray) -> list[slice]:

@@ -143,15 +143,11 @@ class Trainer:
                                     "split has weight 0")
         self.normalizer = Normalizer(cfg.normalize, cfg.normalize_axis).fit(xs[0], "x_train")
         ops = self._ops()
-        train = self._split(ops, xs[0], ts[0], "x_train")
+        train = self._split(ops, xs[0], ts[0], "x_train", workspace)
         if weights is not None:
             train.weights = ops.asarray(weights, cfg.dtype)
-        test = self._split(ops, xs[1], ts[1], "x_test") if len(xs) > 1 else None
-        val = self._split(ops, *val_parts, "x_train") if val_parts else None
-        if workspace is not None:
-            for split in (train, test, val):
-                if split is not None:
-                    ops.prepare_inputs(split.x, workspace)
+        test = self._split(ops, xs[1], ts[1], "x_test", workspace) if len(xs) > 1 else None
+        val = self._split(ops, *val_parts, "x_train", workspace) if val_parts else None
         return train, test, val
 
     def run_memory(self, xs: Sequence[np.ndarray]) -> RunMemory:
@@ -182,11 +178,12 @@ class Trainer:
                      advice + ", or free memory")
 
     def _split(
-        self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray], what: str
+        self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray], what: str,
+        workspace: Workspace | None,
     ) -> Split:
         dtype = self.config.dtype
-        x = self.normalizer.transform_to(x, dtype, what)  # no float64 copy of the set
-        return Split(ops.adopt(x, dtype), ops.asarray(target[1], dtype), target[0])
+        inputs = ops.inputs(x, self.normalizer, dtype, what, workspace)  # no float64 copy
+        return Split(inputs, ops.asarray(target[1], dtype), target[0])
 
     def _ops(self) -> Any:
         """The ops the splits live on: the network's (a fit builds it first), else those of

@@ -322,6 +322,131 @@ def test_sparse_mode_switch_and_non_finite_weights(numba_ops: Any) -> None:
         assert np.array_equal(np.isnan(ours.params[name]), np.isnan(value)), name
 
 
+# ---- sparse inputs kept only in CSR form (`inputs.CsrRows`: no dense copy of the set) ----
+
+def _numba_twins(options: dict[str, Any]) -> tuple[Network, Network]:
+    """Two numba networks of one config (the same initial parameters)."""
+    return Network(small_config("numba", **options)), Network(small_config("numba", **options))
+
+
+def _csr_only(ops: Any, raw: np.ndarray, dtype: str, **options: Any) -> tuple[Any, Any, Any]:
+    """(the dense normalised array, its CsrRows, the run's workspace with both prepared)."""
+    from fastnn.preprocessing import Normalizer
+
+    space = workspace(ops, **options)
+    normalizer = Normalizer("min_max").fit(raw)
+    dense = normalizer.transform_to(raw, dtype)
+    ops.prepare_inputs(dense, space)
+    rows = ops.inputs(raw, normalizer, dtype, "x_train", space)
+    return dense, rows, space
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_csr_only_inputs_train_and_evaluate_bit_identical_to_the_dense_array(
+    numba_ops: Any, dtype: str, options: dict[str, Any]
+) -> None:
+    """A run that keeps only the CSR form gives the same bits as one with the dense array
+    beside it, epochs and evaluation alike (the same sums in the same order)."""
+    from fastnn.backends.numba.inputs import CsrRows
+
+    raw = (sparse_x("float64", 45, 24) * 255).astype(np.uint8)
+    dense, rows, space = _csr_only(numba_ops, raw, dtype, eval_block=16,
+                                   sparse_train_dtypes=DTYPES)
+    assert isinstance(rows, CsrRows) and len(rows) == 45 and rows.shape == dense.shape
+    assert np.array_equal(rows.dense(), dense) and np.array_equal(np.asarray(rows), dense)
+    assert np.array_equal(space.prepared(rows)[1].values, space.prepared(dense)[1].values)
+    assert rows.nbytes == sum(a.nbytes for a in space.prepared(rows)[1][1:])
+    t = np.eye(3, dtype=dtype)[np.random.default_rng(4).integers(0, 3, 45)]
+    with_dense, csr_only = _numba_twins({"n_inputs": 24, "dtype": dtype, **options})
+    for epoch in (1, 2, 3):
+        order = np.random.default_rng(epoch).permutation(45)
+        with_dense.train_epoch(dense, t, order, epoch, space)
+        csr_only.train_epoch(rows, t, order, epoch, space)
+    for name, value in with_dense.params.items():
+        assert np.array_equal(csr_only.params[name], value), name
+    assert evaluation(csr_only, rows, t, space)[0] == evaluation(with_dense, dense, t, space)[0]
+    assert np.array_equal(evaluation(csr_only, rows, t, space)[1],
+                          evaluation(with_dense, dense, t, space)[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_csr_only_inputs_with_non_finite_weights_gather_dense_rows_from_the_csr_form(
+    numba_ops: Any, dtype: str
+) -> None:
+    """An inf in W1 sends the run's steps and evaluation the dense way: their rows come from
+    the CSR form, the same values as the dense array's (NaN where it gives NaN)."""
+    raw = (sparse_x("float64", 21, 6) * 255).astype(np.uint8)
+    dense, rows, space = _csr_only(numba_ops, raw, dtype)
+    t = np.eye(3, dtype=dtype)[np.arange(21) % 3]
+    order = np.random.default_rng(2).permutation(21)
+    with_dense, csr_only = _numba_twins({"dtype": dtype, "dropout_input": 0.8})
+    weights = with_dense.numpy_params()["W1"].copy()
+    weights[dense[0].argmax(), 0] = np.inf
+    for net in (with_dense, csr_only):
+        net.params = {**with_dense.numpy_params(), "W1": weights}
+    with np.errstate(all="ignore"):
+        loss, predicted = evaluation(csr_only, rows, t, space)
+        loss_dense, predicted_dense = evaluation(with_dense, dense, t, space)
+        csr_only.train_epoch(rows, t, order, 1, space)
+        with_dense.train_epoch(dense, t, order, 1, space)
+    assert space.counters["sparse_steps"] == 0 and space.counters["evaluate_dense"] == 2
+    assert np.isnan(loss) == np.isnan(loss_dense) and np.array_equal(predicted, predicted_dense)
+    for name, value in with_dense.params.items():
+        assert np.array_equal(csr_only.params[name], value, equal_nan=True), name
+
+
+def test_dense_inputs_stay_one_array_and_the_reference_gets_one(
+    numba_ops: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dense inputs (or sparse_mode "0") are one array; where the kernels do not take a
+    CsrRows' run, the reference gets the dense array and gives its figures."""
+    from fastnn.backends.numba import evaluation as evaluation_module
+    from fastnn.preprocessing import Normalizer
+
+    dense_raw, _, _ = small_data("float64", n=21)
+    normalizer = Normalizer("min_max").fit(dense_raw)
+    space = workspace(numba_ops)
+    assert isinstance(numba_ops.inputs(dense_raw, normalizer, "float64", "x", space), np.ndarray)
+    raw = (sparse_x("float64", 21, 6) * 255).astype(np.uint8)
+    off = workspace(numba_ops, sparse_mode="0")
+    assert isinstance(numba_ops.inputs(raw, Normalizer().fit(raw), "float64", "x", off),
+                      np.ndarray)
+    dense, rows, space = _csr_only(numba_ops, raw, "float64")
+    t = np.eye(3)[np.arange(21) % 3]
+    ours, ref = _pair({"dtype": "float64"})
+    monkeypatch.setattr(evaluation_module, "loss_and_classes", lambda *args: None)
+    loss, predicted = evaluation(ours, rows, t, space)
+    loss_ref, predicted_ref = evaluation(ref, dense, t)
+    assert_close("evaluate_loss", loss, loss_ref, "float64", "reference on a CsrRows")
+    assert np.array_equal(predicted, predicted_ref)
+    np.testing.assert_array_equal(ours.forward_eval(rows), ours.forward_eval(dense))
+
+
+def test_a_numba_fit_on_sparse_inputs_keeps_no_dense_copy() -> None:
+    """A fit's splits hold the CSR form only; batch norm's population statistics (summed
+    over the whole set at the end) come out as from the dense array."""
+    from fastnn.backends.numba.inputs import CsrRows
+
+    x, labels = sparse_blobs(400, 30, 3)
+    config = small_config("numba", n_inputs=30, dtype="float32", batch_norm="n", epochs=2)
+    trainer = Trainer(config, keep_splits=True)
+    trainer.fit(x[:300], labels[:300], x[300:], labels[300:])
+    train, test, _ = trainer.splits
+    assert isinstance(train.x, CsrRows) and isinstance(test.x, CsrRows)
+    nonzeros = np.count_nonzero(train.x.dense())
+    assert train.x.nbytes == nonzeros * (4 + 4) + 8 * 301 < train.x.dense().nbytes
+    np.testing.assert_array_equal(train.x.dense(),
+                                  trainer.normalizer.transform_to(x[:300], "float32"))
+    from fastnn.backends import steps
+
+    net = trainer.network
+    expected = steps.population_statistics(net.ops, net.plan, net.params, train.x.dense())
+    for k, (mean, var) in expected.items():
+        assert np.array_equal(net.population[k][0], mean)
+        assert np.array_equal(net.population[k][1], var)
+
+
 def _fit(
     backend: str, dtype: str = "float64", data: tuple[np.ndarray, np.ndarray] | None = None,
     **changes: Any,

@@ -26,6 +26,7 @@ from .workspace import Workspace
 
 if TYPE_CHECKING:
     from ..plan import OptimizerSpec, Plan
+    from ..preprocessing import Normalizer
 
 Array = Any
 
@@ -310,6 +311,21 @@ class Ops:
     def prepare_inputs(self, x: Array, workspace: Workspace) -> None:
         """Build whatever form of a run's input array the backend's kernels want (the
         reference: nothing). Called once per data set, where the data is known."""
+
+    def inputs(self, x: Any, normalizer: Normalizer, dtype: str, what: str,
+               workspace: Workspace | None) -> Array:
+        """A data set's raw inputs ``x`` normalised into ``dtype`` on the backend, in the form
+        its epochs and evaluations take (the reference: one array, `prepare_inputs` done in
+        ``workspace`` when there is one). A backend may hold another form (numba: only the
+        CSR form of sparse inputs); `dense_inputs` gives the array back."""
+        array = self.adopt(normalizer.transform_to(x, dtype, what), dtype)
+        if workspace is not None:
+            self.prepare_inputs(array, workspace)
+        return array
+
+    def dense_inputs(self, x: Array) -> Array:
+        """What `inputs` returned, as one array (the reference: x itself)."""
+        return x
 
     # ---- larger units (a fast backend may compile these whole) ----
     def loss_and_classes(

@@ -150,6 +150,7 @@ def forward_eval(
     ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array
 ) -> Array:
     """Outputs y of a whole set in evaluation mode (article batch norm: the set's statistics)."""
+    x = ops.dense_inputs(x)
     batch_stats = plan.bn_eval == "batch" or not running
     u, _, _ = forward(ops, plan, params, running, x, eval_multipliers(plan), batch_stats)
     return ops.output_forward(u, plan.output)
@@ -160,6 +161,7 @@ def forward_inference(
 ) -> Array:
     """Outputs y in evaluation mode with batch norm normalising by the given per-layer
     (mean, var), so each row's output depends on that row alone."""
+    x = ops.dense_inputs(x)
     u, _, _ = forward(ops, plan, params, statistics, x, eval_multipliers(plan), batch_stats=False)
     return ops.output_forward(u, plan.output)
 
@@ -171,6 +173,7 @@ def population_statistics(
     below normalised with theirs: the statistics the article's whole-set evaluation of ``x``
     uses, summed in float64 (so they do not depend on how the rows lie in memory) and
     returned in the plan's dtype."""
+    x = ops.dense_inputs(x)
     xp = ops.xp
     multipliers = eval_multipliers(plan)
     z = ops.apply_mask(x, multipliers.get(0))

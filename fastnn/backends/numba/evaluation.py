@@ -18,7 +18,7 @@ from ...threads import check_threads
 from ..codes import BATCH_NORM_CODES, OUTPUT_CODES
 from ..workspace import Workspace
 from .fit import hidden_activations, layers_record, live_arrays, plan_fits, remembered
-from .inputs import first_layer
+from .inputs import first_layer, kernel_inputs
 from .kernels.common import Data, EvalPlan, EvalRows
 
 if TYPE_CHECKING:
@@ -33,7 +33,8 @@ def loss_and_classes(
     or the arrays do not fit. ``kernels``: the `kernels.evaluate` module; ``blas_for(dtype)``:
     the `Blas` of a dtype."""
     batch_stats = plan.bn_eval == "batch" or not running
-    if not (plan_fits(plan, x, t) and x.flags.writeable and len(x) > 0):
+    array = kernel_inputs(x)  # a `CsrRows`: dense rows, where needed, from its CSR form
+    if not (plan_fits(plan, array, t, len(x)) and array.flags.writeable and len(x) > 0):
         return None
     with_running = plan.batch_norm != "off" and not batch_stats
     layers = remembered(
@@ -66,7 +67,7 @@ def loss_and_classes(
         for k in range(1, n_layers + 1)
     )
     blas = blas_for(dtype)
-    data = Data(x, t, first_layer(x, layers.weights[0], "evaluate", workspace),
+    data = Data(array, t, first_layer(x, layers.weights[0], "evaluate", workspace),
                 np.ones(1, x.dtype))
     block = int(workspace.options.get("eval_block", 2048))
     threads = min(int(workspace.options.get("eval_threads", workspace.threads)),

@@ -58,14 +58,17 @@ def as_multiplier(mask: Any, like: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def plan_fits(plan: Plan, x: Any, t: Any) -> bool:
+def plan_fits(plan: Plan, x: Any, t: Any, rows: int | None = None) -> bool:
     """Whether the compiled epoch and evaluation can run this plan on (x, t): one float dtype,
     the plan's widths, codes for every choice, and every hidden layer batch-normalised as the
-    plan says (each layer's activation and alpha are the kernels' own, per layer)."""
+    plan says (each layer's activation and alpha are the kernels' own, per layer). ``rows``:
+    the set's rows when x is the placeholder of a `inputs.CsrRows` (no rows of its own)."""
     dtype = np.dtype(plan.dtype)
+    rows = len(x) if rows is None else rows
     return (dtype in FLOAT_DTYPES and same_float_arrays(x, t) and x.dtype == dtype
-            and x.ndim == 2 and t.ndim == 2 and x.shape == (len(x), plan.sizes[0])
-            and t.shape == (len(x), plan.sizes[-1]) and plan.output in OUTPUT_CODES
+            and x.ndim == 2 and t.ndim == 2 and len(x) in (0, rows)
+            and x.shape[1] == plan.sizes[0]
+            and t.shape == (rows, plan.sizes[-1]) and plan.output in OUTPUT_CODES
             and all(spec.activation in ACTIVATION_CODES and spec.batch_norm == plan.batch_norm
                     for spec in plan.hidden))
 

@@ -47,7 +47,7 @@ from ..workspace import Workspace
 from . import evaluation, training
 from .batch_norm_cache import LazyBatchNormCache, forward_values
 from .fit import FLOAT_DTYPES, as_multiplier, same_float_arrays
-from .inputs import prepare_csr
+from .inputs import CsrRows, normalised_inputs, prepare_csr
 from .kernels import common
 from .kernels.common import (
     Activation,
@@ -62,6 +62,7 @@ from .kernels.common import (
 
 if TYPE_CHECKING:
     from ...plan import DropoutSpec, OptimizerSpec, Plan
+    from ...preprocessing import Normalizer
     from ..optimizers import OptimizerState
 
 #: seconds of warm-up after which "compiling kernels" is said (a cache hit takes far less)
@@ -475,6 +476,18 @@ class NumbaOps(NumpyOps):
         (kept in the run's workspace, for every epoch and evaluation of the run)."""
         prepare_csr(self.kernels.sparse, x, workspace)
 
+    def inputs(self, x: Any, normalizer: Normalizer, dtype: str, what: str,
+               workspace: Workspace | None) -> Any:
+        """Sparse inputs as their CSR form alone (`inputs.CsrRows`, built a block of rows at
+        a time: no dense copy of the set), dense ones as one array."""
+        if workspace is None:
+            return super().inputs(x, normalizer, dtype, what, workspace)
+        return normalised_inputs(self.kernels.sparse, x, normalizer, dtype, what, workspace)
+
+    def dense_inputs(self, x: Any) -> Any:
+        """A `inputs.CsrRows` as one array (built for the call); any other x as it is."""
+        return x.dense() if isinstance(x, CsrRows) else x
+
     # ---- the whole epoch, and evaluation ----
     def train_epoch(
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
@@ -491,8 +504,8 @@ class NumbaOps(NumpyOps):
                                     order, epoch, workspace, threads=threads,
                                     optimizer=optimizer, rate_factors=rate_factors,
                                     weights=weights, tally=tally):
-            super().train_epoch(plan, params, running, x, t, order, epoch, workspace,
-                                optimizer, rate_factors, weights, tally)
+            super().train_epoch(plan, params, running, self.dense_inputs(x), t, order, epoch,
+                                workspace, optimizer, rate_factors, weights, tally)
 
     def evaluation_bytes(self, plan: Plan, rows: int) -> int:
         """Blocks of rows hold little; whole-set batch-norm statistics keep every hidden
@@ -510,7 +523,8 @@ class NumbaOps(NumpyOps):
         result = evaluation.loss_and_classes(self.kernels.evaluate, self._blas, plan, params,
                                              running, x, t, workspace)
         if result is None:
-            return super().loss_and_classes(plan, params, running, x, t, workspace)
+            return super().loss_and_classes(plan, params, running, self.dense_inputs(x), t,
+                                            workspace)
         return result
 
 

@@ -26,7 +26,7 @@ from .fit import (
     remembered,
     slots_record,
 )
-from .inputs import first_layer
+from .inputs import first_layer, kernel_inputs
 from .kernels.common import (
     PARTS,
     Data,
@@ -181,7 +181,8 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
     layer's path (training runs sparse only for the ``sparse_train_dtypes`` when
     ``sparse_mode`` is "auto")."""
     update_running = plan.tracks_running and bool(running)
-    if not (plan_fits(plan, x, t) and order.ndim == 1 and order.size
+    array = kernel_inputs(x)  # a `CsrRows`: rows are gathered from its CSR form
+    if not (plan_fits(plan, array, t, len(x)) and order.ndim == 1 and order.size
             and 0 <= order.min() and order.max() < len(x)):  # else the reference raises
         return False
     n_steps = -(-len(order) // plan.batch_size)
@@ -214,7 +215,7 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
     buffers, parts = workspace.buffer(  # every epoch of the run fills them anew
         ("numba step buffers", *shape),
         lambda: step_buffers(*shape[:4], plan_record.keep_ratios, *shape[5:]), lambda _: True)
-    arguments = (Data(x, t, csr, run.row_weights), order, layers, slots, plan_record,
+    arguments = (Data(array, t, csr, run.row_weights), order, layers, slots, plan_record,
                  run.blas, buffers, parts)
     sparse_steps = run_parts(kernels.epoch.train_epoch_part, kernels.sync, threads, arguments)
     if optimizer is not None and plan.optimizer.slots:

@@ -74,6 +74,7 @@ from .layers import (
 from .masks import fill_article_mask, fill_bernoulli_rows, fold_counter
 from .sparse import (
     all_finite,
+    csr_row,
     gather_targets,
     sparse_affine_rows,
     sparse_batch,
@@ -122,13 +123,17 @@ def rows_of(multiplier, low, high):
 
 
 @jit
-def gather_batch(x, t, order, start, masked, multiplier, z0, t_batch):
+def gather_batch(x, csr, t, order, start, masked, multiplier, z0, t_batch):
     """z0 = x[order[start:start+n]] * input multiplier (when ``masked``: a (1 or n, 1 or d)
-    multiplier), t_batch = the matching targets."""
+    multiplier), t_batch = the matching targets. An x of no rows (a run that keeps only the
+    CSR form of its inputs) has its rows made from ``csr``: its nonzeros, zeros elsewhere."""
     n, d = z0.shape
     expanded = np.empty(d, z0.dtype)
+    from_csr = x.shape[0] == 0
+    row = np.zeros(d if from_csr else 0, z0.dtype)
     for i in range(n):
-        source, target = x[order[start + i]], z0[i]
+        index, target = order[start + i], z0[i]
+        source = csr_row(csr, index, row) if from_csr else x[index]
         if masked:
             mask_row = multiplier_row(multiplier, i, expanded)
             for j in range(d):
@@ -224,8 +229,8 @@ def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, bla
             transpose_part(rows)
             gather_targets(t, order, start + r0, t_batch[r0:r1])
         else:
-            gather_batch(x, t, order, start + r0, input_masked, rows_of(multiplier[0], r0, r1),
-                         z[0][r0:r1], t_batch[r0:r1])
+            gather_batch(x, csr, t, order, start + r0, input_masked,
+                         rows_of(multiplier[0], r0, r1), z[0][r0:r1], t_batch[r0:r1])
         for k in range(1, n_layers + 1):
             if k == 1 and use_sparse:
                 sparse_affine_rows(rows.ptr, rows.idx, rows.val, weights[0], biases[0],
@@ -275,8 +280,8 @@ def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, bla
             grad = du[k][:n]
             sparse_update = k == 1 and use_sparse and all_finite(grad)
             if k == 1 and use_sparse and not sparse_update:  # the dense way needs x's rows
-                gather_batch(x, t, order, start + r0, input_masked, rows_of(multiplier[0], r0, r1),
-                             z[0][r0:r1], t_batch[r0:r1])
+                gather_batch(x, csr, t, order, start + r0, input_masked,
+                             rows_of(multiplier[0], r0, r1), z[0][r0:r1], t_batch[r0:r1])
                 if not wait_for_all(barrier, threads):
                     return -1
             h = k - 1

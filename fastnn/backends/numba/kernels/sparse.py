@@ -48,6 +48,18 @@ def fill_csr(x, indptr, indices, values):
                 p += 1
 
 
+@jit
+def csr_row(csr, index, row):
+    """Row ``index`` of the matrix a `Csr` holds, written densely into ``row`` (zeros where it
+    has no entry) and returned."""
+    zero = row.dtype.type(0.0)
+    for j in range(row.shape[0]):
+        row[j] = zero
+    for p in range(csr.indptr[index], csr.indptr[index + 1]):
+        row[csr.indices[p]] = csr.values[p]
+    return row
+
+
 @jit_inline
 def chunk_start(chunk, size, step):
     """Where chunk ``chunk`` of ``step`` elements of a row of ``size`` starts: the last chunk
