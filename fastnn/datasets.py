@@ -107,17 +107,20 @@ class _IdxHeader:
         return math.prod(self.dims)
 
 
-def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None,
+             mmap: bool = False) -> np.ndarray:
     """Read one unsigned-byte IDX file (raw or gzip) into a uint8 array of the header's shape.
 
-    ``ndim`` (3 for images, 1 for labels) makes a different dimension count an error.
+    ``ndim`` (3 for images, 1 for labels) makes a different dimension count an error. With
+    ``mmap`` an uncompressed file is not read but mapped: a read-only `numpy.memmap` (data
+    larger than memory trains from it); a gzip file is read into memory all the same.
     """
     path = Path(path)
     _require_file(path)
     try:
         if _looks_gzipped(path):
             return _read_gzip_idx(path, ndim)
-        return _read_raw_idx(path, ndim)
+        return _read_raw_idx(path, ndim, mmap)
     except (EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({_reason(exc)})") from None
 
@@ -139,13 +142,15 @@ def _looks_gzipped(path: Path) -> bool:
     return head == GZIP_MAGIC or (path.suffix == ".gz" and head != b"\0\0")
 
 
-def _read_raw_idx(path: Path, ndim: int | None) -> np.ndarray:
-    """Read an uncompressed IDX file, checking the size before reading the payload."""
+def _read_raw_idx(path: Path, ndim: int | None, mmap: bool = False) -> np.ndarray:
+    """Read (or map) an uncompressed IDX file, checking the size before the payload."""
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         header = _read_header(f, path, ndim)
         available = size - header.header_len
         _check_length(path, header.payload, available)
+        if mmap:  # the length checked just above (trailing bytes too; no dimension is 0)
+            return np.memmap(f, np.uint8, "r", header.header_len, header.dims)
         data = _read_capped(f, header.payload + 1)
     return _to_array(path, header, data)
 
@@ -284,12 +289,13 @@ def find_idx(folder: str | os.PathLike[str], name: str) -> Path:
 
 
 def load_idx_folder(
-    folder: str | os.PathLike[str], *, n_classes: int = 10
+    folder: str | os.PathLike[str], *, n_classes: int = 10, mmap: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load the four standard IDX files of a folder (MNIST or Fashion-MNIST).
 
     Returns ``(x_train, t_train, x_test, t_test)``: images as uint8 (N, rows*cols), labels as
-    uint8 (N,) in ``0..n_classes-1``.
+    uint8 (N,) in ``0..n_classes-1``. With ``mmap``, uncompressed image files are mapped, not
+    read (read-only arrays: see `read_idx`).
     """
     folder = Path(folder)
     try:
@@ -302,8 +308,8 @@ def load_idx_folder(
         raise DataError(
             f"{folder}: data folder not found; put the four MNIST IDX files (raw or .gz) there"
         )
-    train = _load_split(folder, "train", n_classes)
-    test = _load_split(folder, "t10k", n_classes)
+    train = _load_split(folder, "train", n_classes, mmap)
+    test = _load_split(folder, "t10k", n_classes, mmap)
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(
             f"{train.images_path}: images are {_shape_text(train.images)} but "
@@ -312,11 +318,12 @@ def load_idx_folder(
     return _flat(train.images), train.labels, _flat(test.images), test.labels
 
 
-def _load_split(folder: Path, prefix: str, n_classes: int) -> _Split:
-    """Read and cross-check one split's image and label files."""
+def _load_split(folder: Path, prefix: str, n_classes: int, mmap: bool = False) -> _Split:
+    """Read and cross-check one split's image and label files (images mapped with
+    ``mmap``)."""
     images_path = find_idx(folder, f"{prefix}-images-idx3-ubyte")
     labels_path = find_idx(folder, f"{prefix}-labels-idx1-ubyte")
-    images = read_idx(images_path, ndim=3)
+    images = read_idx(images_path, ndim=3, mmap=mmap)
     labels = read_idx(labels_path, ndim=1)
     if len(images) != len(labels):
         raise DataError(
@@ -498,16 +505,18 @@ def load_mnist(
     fetch: bool = True,
     progress: Progress | None = None,
     sources: Sequence[MnistSource] | None = None,
+    mmap: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load MNIST as ``(x_train, t_train, x_test, t_test)``.
 
     x are uint8 (N, 784) pixels, t are uint8 (N,) labels 0..9 (see :func:`one_hot`). With a path,
-    that folder is read as is. Otherwise the cache folder (:func:`cache_dir`) is used: its
-    checksums are verified once, and missing or corrupt files are fetched from ``sources``
-    (default ``DEFAULT_SOURCES``) unless ``fetch`` is false.
+    that folder is read as is (``mmap``: its uncompressed image files mapped, read-only, not
+    read). Otherwise the cache folder (:func:`cache_dir`) is used: its checksums are verified
+    once, and missing or corrupt files are fetched from ``sources`` (default
+    ``DEFAULT_SOURCES``) unless ``fetch`` is false.
     """
     if path is not None:
-        return load_idx_folder(path)
+        return load_idx_folder(path, mmap=mmap)
     folder = cache_dir()
     report = progress if progress is not None else _print_progress
     _ensure_cached(folder, DEFAULT_SOURCES if sources is None else sources, fetch, report)
@@ -714,9 +723,11 @@ def offline() -> bool:
 
 
 def read_data(data_path: str | None) -> Data:
-    """The IDX folder ``data_path``, or MNIST from the cache (fetched unless `offline`)."""
+    """The IDX folder ``data_path`` (its uncompressed image files mapped, not read: data
+    larger than memory trains from them), or MNIST from the cache (fetched unless
+    `offline`)."""
     if data_path:
-        return load_mnist(data_path)
+        return load_mnist(data_path, mmap=True)
     try:
         return load_mnist(fetch=not offline())
     except DataError as exc:

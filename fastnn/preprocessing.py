@@ -174,13 +174,15 @@ def require_finite_statistics(
 
 
 def labels_and_one_hot(
-    t: Any, n_outputs: int, what: str, output: str = "softmax_cross_entropy"
+    t: Any, n_outputs: int, what: str, output: str = "softmax_cross_entropy",
+    dtype: Any = np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(integer labels, float64 one-hot) from either integer labels or one-hot rows, checked.
 
     Targets must be real and finite; integer labels in 0..n_outputs-1; one-hot rows (a
     classifier, ``output`` softmax_cross_entropy) one 1 and zeros otherwise. A regression
-    (``output`` identity_mse) takes any finite real (N, n_outputs) rows as they are."""
+    (``output`` identity_mse) takes any finite real (N, n_outputs) rows as they are. The
+    one-hot rows of integer labels are made in ``dtype`` (exact: zeros and ones)."""
     t = _dense(t, what)
     if np.iscomplexobj(t):
         raise DataError(f"{what}: complex values; give real numbers")
@@ -197,7 +199,7 @@ def labels_and_one_hot(
             low, high = (v.item() if isinstance(v, np.generic) else v for v in (t.min(), t.max()))
             raise DataError(f"{what}: labels must be in 0..{n_outputs - 1}; got {low}..{high}")
         labels = t.astype(np.int64)
-        one_hot = np.zeros((labels.size, n_outputs))
+        one_hot = np.zeros((labels.size, n_outputs), dtype)
         one_hot[np.arange(labels.size), labels] = 1.0
         return labels, one_hot
     if t.ndim == 2 and t.shape[1] == n_outputs:

@@ -114,11 +114,12 @@ class Trainer:
         if (x_test is None) != (t_test is None):
             raise DataError("give both x_test and t_test, or neither")
         xs = [as_inputs(x_train, cfg.n_inputs, "x_train")]
-        ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train", cfg.output)]
+        ts = [labels_and_one_hot(t_train, cfg.n_outputs, "t_train", cfg.output, cfg.dtype)]
         weights = None if sample_weight is None else sample_weights(sample_weight, len(xs[0]))
         if x_test is not None:
             xs.append(as_inputs(x_test, cfg.n_inputs, "x_test"))
-            ts.append(labels_and_one_hot(t_test, cfg.n_outputs, "t_test", cfg.output))
+            ts.append(labels_and_one_hot(t_test, cfg.n_outputs, "t_test", cfg.output,
+                                         cfg.dtype))
         for name, x, (labels, _) in zip(("train", "test")[: len(xs)], xs, ts, strict=True):
             if len(x) != len(labels):
                 raise DataError(f"{name}: {len(x)} inputs but {len(labels)} targets")
@@ -152,17 +153,19 @@ class Trainer:
 
     def run_memory(self, xs: Sequence[np.ndarray]) -> RunMemory:
         """What a fit on the inputs ``xs`` (x_train, then x_test) holds beside them and the
-        network: the normalised copies, the targets, the validation split's copy of x_train,
-        the shuffled order and the largest evaluation (`Ops.evaluation_bytes`)."""
+        network, as far as is known before it starts: the normalised inputs
+        (`Ops.inputs_bytes`), the targets, the validation split's copy of x_train, the
+        shuffled order and the largest evaluation (`Ops.evaluation_bytes`)."""
         cfg = self.config
         net = self.network
         plan = net.plan if net is not None else Plan.from_config(cfg)
         rows = [len(x) for x in xs]
+        ops = self._ops()
         parts = {
-            f"inputs normalised to {cfg.dtype}": sum(rows) * cfg.n_inputs * plan.itemsize,
+            f"inputs normalised to {cfg.dtype}": sum(ops.inputs_bytes(plan, n) for n in rows),
             "targets": sum(rows) * cfg.n_outputs * plan.itemsize,
             "shuffled order": 2 * rows[0] * 8,
-            "evaluation": self._ops().evaluation_bytes(plan, max(rows)),
+            "evaluation": ops.evaluation_bytes(plan, max(rows)),
         }
         if cfg.early_stopping is not None:
             parts["the validation split's copy of x_train"] = xs[0].nbytes

@@ -895,3 +895,37 @@ def test_data_of_a_run_sizes_the_config_and_names_its_folder(tmp_path: Path) -> 
     assert (config.n_inputs, config.n_outputs) == (6, 6)
     assert datasets.data_marker(str(folder)) == str(folder.resolve())
     assert datasets.data_marker(None) is None
+
+
+# ---- memory-mapped reading (data larger than memory) ----
+
+def test_a_raw_idx_file_is_mapped_read_only_with_mmap(tmp_path: Path) -> None:
+    images, _ = make_split(np.random.default_rng(7), 5)
+    path = write_idx(tmp_path / "images", images)
+    mapped = read_idx(path, ndim=3, mmap=True)
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(mapped, images)
+    np.testing.assert_array_equal(read_idx(path, ndim=3), images)  # read, as before
+    assert not isinstance(read_idx(write_idx(tmp_path / "g", images, gz=True), mmap=True),
+                          np.memmap)  # gzip: read into memory all the same
+
+
+def test_a_mapped_file_is_checked_like_a_read_one(tmp_path: Path) -> None:
+    images, _ = make_split(np.random.default_rng(8), 3)
+    path = write_idx(tmp_path / "images", images)
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="1 unexpected trailing byte"):
+        read_idx(path, mmap=True)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match="truncated, header promises 36 data bytes but only 32"):
+        read_idx(path, mmap=True)
+
+
+def test_a_folder_loads_mapped_images_with_the_same_values(tmp_path: Path) -> None:
+    from conftest import make_idx_folder
+
+    folder = make_idx_folder(tmp_path / "data", n_train=60, n_test=20)
+    mapped, read = load_idx_folder(folder, mmap=True), load_idx_folder(folder)
+    assert isinstance(mapped[0], np.memmap) and isinstance(mapped[2], np.memmap)
+    for a, b in zip(mapped, read, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -126,6 +126,7 @@ def test_evaluation_in_blocks_holds_whole_set_arrays_only_for_batch_norm() -> No
     with_bn = Plan.from_config(Config(hidden=(20, 10), n_inputs=30, n_outputs=3,
                                       batch_norm="n"))
     assert ops.evaluation_bytes(with_bn, 1000) == 1000 * 30 * 8  # float64
+    assert ops.inputs_bytes(with_bn, 1000) == 0  # checked when their form is known
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -138,3 +139,28 @@ def test_a_fit_lets_its_normalised_copies_go_unless_asked_to_keep_them(keep: boo
         np.testing.assert_array_equal(trainer.splits[0].x, trainer.normalizer.transform(x))
     else:
         assert trainer.splits is None
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_fit_on_a_memmap_gives_the_history_of_the_array_in_memory(
+        backend: str, tmp_path: Path) -> None:
+    """The inputs are read where they lie (numba builds its CSR form a block at a time from
+    the map); the figures are those of the same bytes in memory, bit for bit."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    generator = np.random.default_rng(3)
+    x = (generator.integers(1, 256, (600, 50)) * (generator.random((600, 50)) < 0.2)).astype(
+        np.uint8)
+    t = generator.integers(0, 4, 600)
+    path = tmp_path / "x.u8"
+    written = np.memmap(path, np.uint8, "w+", shape=x.shape)
+    written[:] = x
+    written.flush()
+    mapped = np.memmap(path, np.uint8, "r", shape=x.shape)
+    config = Config(hidden=(16,), n_inputs=50, n_outputs=4, epochs=2, backend=backend,
+                    dtype="float32")
+    histories = [Trainer(config).fit(inputs, t, inputs[:100], t[:100]).to_dict()
+                 for inputs in (x, mapped)]
+    for history in histories:
+        history.pop("epoch_seconds")
+    assert histories[0] == histories[1]

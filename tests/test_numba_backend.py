@@ -329,12 +329,13 @@ def _numba_twins(options: dict[str, Any]) -> tuple[Network, Network]:
     return Network(small_config("numba", **options)), Network(small_config("numba", **options))
 
 
-def _csr_only(ops: Any, raw: np.ndarray, dtype: str, **options: Any) -> tuple[Any, Any, Any]:
+def _csr_only(ops: Any, raw: np.ndarray, dtype: str, method: str = "min_max",
+              axis: int | None = None, **options: Any) -> tuple[Any, Any, Any]:
     """(the dense normalised array, its CsrRows, the run's workspace with both prepared)."""
     from fastnn.preprocessing import Normalizer
 
     space = workspace(ops, **options)
-    normalizer = Normalizer("min_max").fit(raw)
+    normalizer = Normalizer(method, axis).fit(raw)
     dense = normalizer.transform_to(raw, dtype)
     ops.prepare_inputs(dense, space)
     rows = ops.inputs(raw, normalizer, dtype, "x_train", space)
@@ -342,21 +343,30 @@ def _csr_only(ops: Any, raw: np.ndarray, dtype: str, **options: Any) -> tuple[An
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("raw_dtype", ["uint8", "float64"])
 @pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
 def test_csr_only_inputs_train_and_evaluate_bit_identical_to_the_dense_array(
-    numba_ops: Any, dtype: str, options: dict[str, Any]
+    numba_ops: Any, dtype: str, raw_dtype: str, options: dict[str, Any]
 ) -> None:
-    """A run that keeps only the CSR form gives the same bits as one with the dense array
-    beside it, epochs and evaluation alike (the same sums in the same order)."""
-    from fastnn.backends.numba.inputs import CsrRows
+    """A run that keeps only the CSR form (uint8 inputs: the compact form, a byte per value)
+    gives the same bits as one with the dense array beside it, epochs and evaluation alike
+    (the same values, summed in the same order)."""
+    from fastnn.backends.numba.inputs import CsrRows, csr_values
 
-    raw = (sparse_x("float64", 45, 24) * 255).astype(np.uint8)
+    raw = (sparse_x("float64", 45, 24) * 255).astype(np.uint8).astype(raw_dtype)
     dense, rows, space = _csr_only(numba_ops, raw, dtype, eval_block=16,
                                    sparse_train_dtypes=DTYPES)
     assert isinstance(rows, CsrRows) and len(rows) == 45 and rows.shape == dense.shape
     assert np.array_equal(rows.dense(), dense) and np.array_equal(np.asarray(rows), dense)
-    assert np.array_equal(space.prepared(rows)[1].values, space.prepared(dense)[1].values)
-    assert rows.nbytes == sum(a.nbytes for a in space.prepared(rows)[1][1:])
+    csr, reference = space.prepared(rows)[1], space.prepared(dense)[1]
+    assert np.array_equal(csr.indices, reference.indices)
+    assert np.array_equal(csr_values(csr), reference.values)
+    compact = raw_dtype == "uint8"
+    assert (csr.codes.size, csr.values.size) == ((csr.indices.size, 0) if compact
+                                                 else (0, csr.indices.size))
+    assert rows.nbytes == sum(a.nbytes for a in csr[1:]) == (
+        46 * 8 + csr.indices.size * (4 + (1 if compact else np.dtype(dtype).itemsize))
+        + csr.table.nbytes)
     t = np.eye(3, dtype=dtype)[np.random.default_rng(4).integers(0, 3, 45)]
     with_dense, csr_only = _numba_twins({"n_inputs": 24, "dtype": dtype, **options})
     for epoch in (1, 2, 3):
@@ -368,6 +378,30 @@ def test_csr_only_inputs_train_and_evaluate_bit_identical_to_the_dense_array(
     assert evaluation(csr_only, rows, t, space)[0] == evaluation(with_dense, dense, t, space)[0]
     assert np.array_equal(evaluation(csr_only, rows, t, space)[1],
                           evaluation(with_dense, dense, t, space)[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("method", "axis"), [("min_max", 0), ("z_score", 0), ("z_score", None),
+                                              ("standard", None), ("none", None)])
+def test_the_compact_form_holds_the_normalised_values_of_every_column(
+    numba_ops: Any, dtype: str, method: str, axis: int | None
+) -> None:
+    """Per column or over all inputs, the table of a byte's normalised values gives the
+    dense array's very values (sparse_mode "1": entries that normalise to nonzero kept)."""
+    raw = (sparse_x("float64", 40, 9) * 255).astype(np.uint8)
+    raw[:, 4] = raw[:, 4] // 2 + 100  # columns of different ranges
+    dense, rows, space = _csr_only(numba_ops, raw, dtype, method, axis, sparse_mode="1")
+    csr = space.prepared(rows)[1]
+    per_column = axis == 0 or method == "standard"  # "standard" is per column always
+    assert csr.table.shape == ((9 if per_column else 1), 256) and csr.codes.size > 0
+    assert np.array_equal(rows.dense(), dense)
+    t = np.eye(3, dtype=dtype)[np.arange(40) % 3]
+    with_dense, csr_only = _numba_twins({"dtype": dtype, "n_inputs": 9})
+    order = np.random.default_rng(5).permutation(40)
+    with_dense.train_epoch(dense, t, order, 1, space)
+    csr_only.train_epoch(rows, t, order, 1, space)
+    for name, value in with_dense.params.items():
+        assert np.array_equal(csr_only.params[name], value), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -435,7 +469,8 @@ def test_a_numba_fit_on_sparse_inputs_keeps_no_dense_copy() -> None:
     train, test, _ = trainer.splits
     assert isinstance(train.x, CsrRows) and isinstance(test.x, CsrRows)
     nonzeros = np.count_nonzero(train.x.dense())
-    assert train.x.nbytes == nonzeros * (4 + 4) + 8 * 301 < train.x.dense().nbytes
+    table = 256 * 4  # one row: min-max over all inputs normalises every column alike
+    assert train.x.nbytes == nonzeros * (4 + 1) + 8 * 301 + table < train.x.dense().nbytes / 2
     np.testing.assert_array_equal(train.x.dense(),
                                   trainer.normalizer.transform_to(x[:300], "float32"))
     from fastnn.backends import steps
@@ -798,7 +833,11 @@ def test_sparse_products_sum_each_element_in_order(dtype: str, width: int) -> No
     np.testing.assert_array_equal(u, expected)
     scale = np.dtype(dtype).type(0.8)
     block = np.empty((6, width), dtype)
-    sparse.sparse_block(indptr, indices, values, 3, scale, w, b, block)
+    from fastnn.backends.numba.inputs import NO_CODES, no_table
+    from fastnn.backends.numba.kernels.common import Csr
+
+    csr = Csr(True, indptr, indices, values, NO_CODES, no_table(dtype))
+    sparse.sparse_block(csr, 3, scale, w, b, block)
     scaled = [[(j, v * scale) for j, v in row] for row in rows[3:9]]
     np.testing.assert_array_equal(block, [_summed_in_order(row, w) + b for row in scaled])
 

@@ -339,6 +339,11 @@ class Ops:
         y = steps.forward_eval(self, plan, params, running, x)
         return self.to_float(self.loss(y, t, plan.output)), self.predicted_classes(y)
 
+    def inputs_bytes(self, plan: Plan, rows: int) -> int:
+        """Host bytes `inputs` holds for a set of ``rows`` rows, as far as is known before it
+        looks at them (what `fit` counts before it starts). The reference: one array."""
+        return rows * plan.sizes[0] * plan.itemsize
+
     def evaluation_bytes(self, plan: Plan, rows: int) -> int:
         """Host bytes an evaluation of ``rows`` rows holds at once (what `fit` counts before
         it starts). The reference: every layer's activations of the whole set at once (per

@@ -5,27 +5,58 @@ When a run's input matrix is mostly exact zeros (MNIST after min-max scaling: ~8
 layer's product and weight gradient skip the zeros. Results match the dense path to rounding;
 a step whose W1 (or first-layer gradient) is not finite runs densely, so inf/NaN propagate as
 there.
+
+A fit's sets are normalised straight into that form (`normalised_inputs`, a block of rows at a
+time) and kept as a `CsrRows`, with no dense copy beside it: a dense step or evaluation gathers
+its rows from the CSR form. uint8 inputs keep a byte per nonzero (its raw value) and a table
+of each byte's normalised value per column: the very values a dense copy would hold.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ...errors import DataError
 from ...memory import check_memory
+from ...preprocessing import Normalizer, row_chunks
 from ..workspace import Workspace
-
-if TYPE_CHECKING:
-    from ...preprocessing import Normalizer
 from .fit import same_float_arrays
 from .kernels.common import Csr
+
+#: the codes of a `Csr` that holds its values (no compact form)
+NO_CODES = np.zeros(0, np.uint8)
+
+
+def no_table(dtype: Any) -> np.ndarray:
+    """The table of a `Csr` that holds its values (one column: not the compact form)."""
+    return np.zeros((1, 1), dtype)
 
 
 def dense_csr(dtype: Any) -> Csr:
     """The `Csr` record of the dense path (dummy arrays)."""
-    return Csr(False, np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, dtype))
+    return Csr(False, np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, dtype),
+               NO_CODES, no_table(dtype))
+
+
+def csr_values(csr: Csr) -> np.ndarray:
+    """Every entry's value of a `Csr` (decoded from the compact form)."""
+    table = csr.table
+    if table.shape[1] == 1:
+        return csr.values
+    return table[csr.indices if table.shape[0] > 1 else 0, csr.codes]
+
+
+def code_table(normalizer: Normalizer, dtype: Any, columns: int) -> np.ndarray:
+    """The compact form's table: row j, column c is byte c normalised as column j's inputs
+    (`Normalizer.transform`, then cast: the very values of a normalised uint8 input); one row
+    when every column is normalised alike."""
+    per_column = np.ndim(normalizer.shift) > 0 or np.ndim(normalizer.scale) > 0
+    codes = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None],
+                            (256, columns if per_column else 1))
+    with np.errstate(all="ignore"):  # a byte no input holds may normalise to anything
+        return np.ascontiguousarray(normalizer.transform(codes).astype(dtype).T)
 
 
 class CsrRows:
@@ -48,13 +79,13 @@ class CsrRows:
     @property
     def nbytes(self) -> int:
         """The bytes the CSR form holds."""
-        return self.csr.indptr.nbytes + self.csr.indices.nbytes + self.csr.values.nbytes
+        return sum(array.nbytes for array in self.csr[1:])
 
     def dense(self) -> np.ndarray:
         """The normalised inputs as one (rows, columns) array."""
         out = np.zeros(self.shape, self.dtype)
         rows = np.repeat(np.arange(len(self)), np.diff(self.csr.indptr))
-        out[rows, self.csr.indices] = self.csr.values
+        out[rows, self.csr.indices] = csr_values(self.csr)
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -68,29 +99,44 @@ def kernel_inputs(x: Any) -> Any:
 
 def normalised_inputs(sparse: Any, x: np.ndarray, normalizer: Normalizer, dtype: Any,
                       what: str, workspace: Workspace) -> np.ndarray | CsrRows:
-    """x normalised into ``dtype`` a block of rows at a time (`Normalizer.blocks`): the
-    `CsrRows` of its CSR form when the sparse path would take it (no dense copy is made),
-    else the dense array, the density attached in ``workspace`` either way."""
+    """x normalised into ``dtype`` a block of rows at a time: the `CsrRows` of its CSR form
+    when the sparse path would take it (no dense copy is made; uint8 inputs in the compact
+    form, a byte per value, decoded through `code_table`), else the dense array, the density
+    attached in ``workspace`` either way."""
     options = workspace.options
     mode = options.get("sparse_mode", "auto")
     dtype = np.dtype(dtype)
     threshold = options.get("sparse_threshold", 0.35)
-    counts = np.zeros(len(x), np.int64)
     if mode == "0" or dtype not in (np.float32, np.float64) or x.size == 0:
         return _dense_inputs(x, normalizer, dtype, what, workspace, None)
+    table = code_table(normalizer, dtype, x.shape[1]) if x.dtype == np.uint8 else None
+    counts = np.zeros(len(x), np.int64)
     found, certainly_dense = 0, threshold * x.size
-    for rows, block in normalizer.blocks(x, dtype, what):
-        found += int(sparse.count_nonzeros(block, counts[rows]))
+    for rows in row_chunks(x):
+        if table is None:
+            block = normalizer.transform(x[rows], what, rows.start).astype(dtype)
+            found += int(sparse.count_nonzeros(block, counts[rows]))
+        else:  # a byte normalises to a finite value: nothing to check
+            found += int(sparse.count_nonzero_codes(np.ascontiguousarray(x[rows]), table,
+                                                    counts[rows]))
         if mode != "1" and found >= certainly_dense:  # dense, whatever the other rows hold
             return _dense_inputs(x, normalizer, dtype, what, workspace, None)
     density = found / x.size
     if mode != "1" and not density < threshold:
         return _dense_inputs(x, normalizer, dtype, what, workspace, density)
-    indptr, indices, values = _csr_arrays(counts, dtype)
-    for rows, block in normalizer.blocks(x, dtype, what):
-        sparse.fill_csr(block, indptr[rows.start:rows.stop + 1], indices, values)
-    inputs = CsrRows(Csr(True, indptr, indices, values), x.shape, dtype)
-    workspace.attach(inputs, (density, inputs.csr))
+    if table is None:
+        indptr, indices, values = _csr_arrays(counts, dtype, dtype)
+        for rows, block in normalizer.blocks(x, dtype, what):
+            sparse.fill_csr(block, indptr[rows.start:rows.stop + 1], indices, values)
+        csr = Csr(True, indptr, indices, values, NO_CODES, no_table(dtype))
+    else:
+        indptr, indices, codes = _csr_arrays(counts, dtype, np.uint8)
+        for rows in row_chunks(x):
+            sparse.fill_csr_codes(np.ascontiguousarray(x[rows]), table,
+                                  indptr[rows.start:rows.stop + 1], indices, codes)
+        csr = Csr(True, indptr, indices, np.zeros(0, dtype), codes, table)
+    inputs = CsrRows(csr, x.shape, dtype)
+    workspace.attach(inputs, (density, csr))
     return inputs
 
 
@@ -106,16 +152,18 @@ def _dense_inputs(x: np.ndarray, normalizer: Normalizer, dtype: Any, what: str,
     return dense
 
 
-def _csr_arrays(counts: np.ndarray, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr filled from each row's nonzero ``counts``, indices, values) of a CSR form;
-    `DataError` first when the machine has not the memory for it."""
+def _csr_arrays(counts: np.ndarray, dtype: Any, value_dtype: Any
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr filled from each row's nonzero ``counts``, indices, values of
+    ``value_dtype``: the run's dtype, or uint8 codes) of a CSR form; `DataError` first when
+    the machine has not the memory for it."""
     nonzeros = int(counts.sum())
-    check_memory(nonzeros * (4 + np.dtype(dtype).itemsize) + 8 * len(counts),
+    check_memory(nonzeros * (4 + np.dtype(value_dtype).itemsize) + 8 * len(counts),
                  f"the sparse form of {len(counts):,} input rows ({nonzeros:,} nonzeros)",
                  DataError, "train on fewer rows, or free memory")
     indptr = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
-    return indptr, np.empty(nonzeros, np.int32), np.empty(nonzeros, dtype)
+    return indptr, np.empty(nonzeros, np.int32), np.empty(nonzeros, value_dtype)
 
 
 def prepare_csr(sparse: Any, x: Any, workspace: Workspace) -> None:
@@ -131,9 +179,10 @@ def prepare_csr(sparse: Any, x: Any, workspace: Workspace) -> None:
     if mode != "1" and not density < options.get("sparse_threshold", 0.35):
         workspace.attach(x, (density, None))
         return
-    indptr, indices, values = _csr_arrays(counts, x.dtype)
+    indptr, indices, values = _csr_arrays(counts, x.dtype, x.dtype)
     sparse.fill_csr(x, indptr, indices, values)
-    workspace.attach(x, (density, Csr(True, indptr, indices, values)))
+    workspace.attach(x, (density, Csr(True, indptr, indices, values, NO_CODES,
+                                      no_table(x.dtype))))
 
 
 def first_layer(x: np.ndarray | CsrRows, w1: np.ndarray, what: str, workspace: Workspace,

@@ -507,6 +507,11 @@ class NumbaOps(NumpyOps):
             super().train_epoch(plan, params, running, self.dense_inputs(x), t, order, epoch,
                                 workspace, optimizer, rate_factors, weights, tally)
 
+    def inputs_bytes(self, plan: Plan, rows: int) -> int:
+        """Unknown until the inputs' density is measured: `inputs` checks the dense array or
+        the CSR form it settles on before making it."""
+        return 0
+
     def evaluation_bytes(self, plan: Plan, rows: int) -> int:
         """Blocks of rows hold little; whole-set batch-norm statistics keep every hidden
         layer's pre-activations of the set (`evaluation`)."""

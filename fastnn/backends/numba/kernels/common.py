@@ -154,8 +154,11 @@ LOG_FLOOR = 1e-7
 
 #: the BLAS the products call: its interface kind and the address of its gemm
 Blas = namedtuple("Blas", "kind address")
-#: the first layer's input in CSR form (``sparse`` False: dense, the arrays are dummies)
-Csr = namedtuple("Csr", "sparse indptr indices values")
+#: the first layer's input in CSR form (``sparse`` False: dense, the arrays are dummies).
+#: Entry p's value is values[p]; in the compact form of uint8 inputs (``table`` of 256
+#: columns, ``values`` empty) it is table[indices[p] or 0, codes[p]]: the normalised value of
+#: its raw byte in its column (one row of ``table`` when every column is normalised alike)
+Csr = namedtuple("Csr", "sparse indptr indices values codes table")
 #: the live arrays of every layer (one entry per layer; dummies where a layer has none)
 Layers = namedtuple("Layers", "weights biases gammas betas running_means running_vars")
 #: an update's rate, the weight decay's code (DECAY_CODES) and its lambda

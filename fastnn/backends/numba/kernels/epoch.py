@@ -223,9 +223,8 @@ def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, bla
         # forward: by rows (batch norm's statistics by columns)
         if use_sparse:
             rows.span[0], rows.span[1] = r0, r1 - r0
-            sparse_batch(csr.indptr, csr.indices, csr.values, order, start + r0,
-                         rows_of(multiplier[0], r0, r1), rows.ptr[: r1 - r0 + 1], rows.idx,
-                         rows.val)
+            sparse_batch(csr, order, start + r0, rows_of(multiplier[0], r0, r1),
+                         rows.ptr[: r1 - r0 + 1], rows.idx, rows.val)
             transpose_part(rows)
             gather_targets(t, order, start + r0, t_batch[r0:r1])
         else:

@@ -124,8 +124,7 @@ def evaluate_block(data, start, n, layers, first, full, plan, rows, blas, predic
     if first == 1 and csr.sparse:
         d = weights[0].shape[1]
         z = np.empty((n, d), dtype)
-        sparse_block(csr.indptr, csr.indices, csr.values, start, scales[0, 0], weights[0],
-                     biases[0], z)
+        sparse_block(csr, start, scales[0, 0], weights[0], biases[0], z)
         if n_layers > 1:
             hidden_eval_rows(z, layer_activation(plan, 0), bn, has_gamma, eval_layer(rows, 0, d),
                              u_hat_scratch, y_scratch, z)
@@ -194,8 +193,8 @@ def pre_activation_block(data, start, n, k, layers, full, plan, rows, blas):
     dtype = x.dtype
     one = dtype.type(1.0)
     if k == 1 and csr.sparse:
-        sparse_block(csr.indptr, csr.indices, csr.values, start, scale_rows[0, 0], weights[0],
-                     biases[0], full[0][start:start + n])
+        sparse_block(csr, start, scale_rows[0, 0], weights[0], biases[0],
+                     full[0][start:start + n])
         return
     if k == 1:
         scale = scale_rows[0, 0]

@@ -12,6 +12,8 @@ order of the non-zeros, so how rows or columns are grouped never changes a bit.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ...codes import DECAY_NONE
 from .common import Update, jit, jit_inline, jit_nogil
 from .layers import sgd_weights
@@ -32,6 +34,50 @@ def count_nonzeros(x, counts):
         counts[i] = count
         total += count
     return total
+
+
+@jit_nogil
+def count_nonzero_codes(raw, table, counts):
+    """`count_nonzeros` of the normalised inputs, from their raw bytes: entry (i, j) is
+    nonzero when table[j or 0, raw[i, j]] is (see `Csr`)."""
+    per_column = table.shape[0] > 1
+    zero = table.dtype.type(0.0)
+    total = 0
+    for i in range(raw.shape[0]):
+        row = raw[i]
+        count = 0
+        for j in range(raw.shape[1]):
+            if table[j if per_column else 0, row[j]] != zero:
+                count += 1
+        counts[i] = count
+        total += count
+    return total
+
+
+@jit_nogil
+def fill_csr_codes(raw, table, indptr, indices, codes):
+    """indices/codes of the nonzero normalised entries (`count_nonzero_codes`) row by row, in
+    column order (indptr already filled): the compact CSR form of `Csr`."""
+    per_column = table.shape[0] > 1
+    zero = table.dtype.type(0.0)
+    for i in range(raw.shape[0]):
+        row = raw[i]
+        p = indptr[i]
+        for j in range(raw.shape[1]):
+            code = row[j]
+            if table[j if per_column else 0, code] != zero:
+                indices[p] = j
+                codes[p] = code
+                p += 1
+
+
+@jit_inline
+def csr_value(csr, p):
+    """Entry p's value of a `Csr`: values[p], or in the compact form its code's normalised
+    value in its column."""
+    if csr.table.shape[1] == 1:
+        return csr.values[p]
+    return csr.table[csr.indices[p] if csr.table.shape[0] > 1 else 0, csr.codes[p]]
 
 
 @jit_nogil
@@ -56,7 +102,7 @@ def csr_row(csr, index, row):
     for j in range(row.shape[0]):
         row[j] = zero
     for p in range(csr.indptr[index], csr.indptr[index + 1]):
-        row[csr.indices[p]] = csr.values[p]
+        row[csr.indices[p]] = csr_value(csr, p)
     return row
 
 
@@ -143,13 +189,17 @@ def sparse_affine_rows(indptr, indices, values, w, b, u):
 
 
 @jit
-def sparse_block(indptr, indices, values, start, scale, w, b, u):
-    """u[i] = (x[start + i] * scale) W + b for the CSR rows of x (the evaluation's layer 1)."""
-    if scale == u.dtype.type(1.0):
-        sparse_rows_product(indptr, start, 0, indices, values, w, u)
-    else:
+def sparse_block(csr, start, scale, w, b, u):
+    """u[i] = (x[start + i] * scale) W + b for the CSR rows of x (a `Csr`; the evaluation's
+    layer 1)."""
+    indptr, indices = csr.indptr, csr.indices
+    if scale == u.dtype.type(1.0) and csr.table.shape[1] == 1:
+        sparse_rows_product(indptr, start, 0, indices, csr.values, w, u)
+    else:  # the rows' values, decoded and scaled (x * 1 is x)
         base, end = indptr[start], indptr[start + u.shape[0]]
-        scaled = values[base:end] * scale
+        scaled = np.empty(end - base, u.dtype)
+        for p in range(base, end):
+            scaled[p - base] = csr_value(csr, p) * scale
         sparse_rows_product(indptr, start, base, indices[base:end], scaled, w, u)
     add_bias(u, b)
 
@@ -160,24 +210,32 @@ PREFETCH_ROWS_AHEAD = 4
 
 
 @jit_inline
-def prefetch_csr_row(indptr, indices, values, source):
-    """Hint that CSR row ``source``'s indices and values will be read (a line every 16
-    entries: every line of the int32 indices and float32 values, every other of float64's)."""
-    low, high = indptr[source], indptr[source + 1]
+def prefetch_csr_row(csr, source):
+    """Hint that CSR row ``source``'s indices and values (or codes) will be read (a line
+    every 16 entries: every line of the int32 indices and float32 values, every other of
+    float64's; every 64 of the byte codes)."""
+    low, high = csr.indptr[source], csr.indptr[source + 1]
     for p in range(low, high, 16):
-        prefetch(indices, p)
-        prefetch(values, p)
+        prefetch(csr.indices, p)
+    if csr.table.shape[1] == 1:
+        for p in range(low, high, 16):
+            prefetch(csr.values, p)
+    else:
+        for p in range(low, high, 64):
+            prefetch(csr.codes, p)
 
 
 @jit
-def sparse_batch(indptr, indices, values, order, start, multiplier, batch_ptr, batch_idx,
-                 batch_val):
-    """The CSR rows of x[order[start:start+n]] * multiplier (n = len(batch_ptr) - 1).
+def sparse_batch(csr, order, start, multiplier, batch_ptr, batch_idx, batch_val):
+    """The CSR rows of x[order[start:start+n]] * multiplier (n = len(batch_ptr) - 1; x a
+    `Csr`, the batch's values decoded from a compact one).
 
     Entries whose product is exactly 0 (a dropped input) are left out; the rest are the values
     the reference's dense x * multiplier holds. A multiplier of one 1 (no input dropout) copies
     the rows as they are.
     """
+    indptr, indices, values = csr.indptr, csr.indices, csr.values
+    compact = csr.table.shape[1] > 1
     n = batch_ptr.shape[0] - 1
     zero = batch_val.dtype.type(0.0)
     per_element = multiplier.shape[1] > 1
@@ -185,23 +243,28 @@ def sparse_batch(indptr, indices, values, order, start, multiplier, batch_ptr, b
     unmasked = n > 0 and not per_element and not per_row and multiplier[0, 0] == 1
     last = min(start + n, order.shape[0])
     for i in range(min(PREFETCH_ROWS_AHEAD, n)):
-        prefetch_csr_row(indptr, indices, values, order[start + i])
+        prefetch_csr_row(csr, order[start + i])
     q = 0
     batch_ptr[0] = 0
     for i in range(n):
         if start + i + PREFETCH_ROWS_AHEAD < last:
-            prefetch_csr_row(indptr, indices, values, order[start + i + PREFETCH_ROWS_AHEAD])
+            prefetch_csr_row(csr, order[start + i + PREFETCH_ROWS_AHEAD])
         source = order[start + i]
         low, high = indptr[source], indptr[source + 1]
-        if unmasked:  # x * 1 is x, and its entries are nonzero
+        if unmasked and not compact:  # x * 1 is x, and its entries are nonzero
             batch_idx[q:q + high - low] = indices[low:high]
             batch_val[q:q + high - low] = values[low:high]
             q += high - low
+        elif unmasked:
+            for p in range(low, high):
+                batch_idx[q] = indices[p]
+                batch_val[q] = csr_value(csr, p)
+                q += 1
         else:
             mask_row = multiplier[i if per_row else 0]
             for p in range(low, high):
                 j = indices[p]
-                value = values[p] * (mask_row[j] if per_element else mask_row[0])
+                value = csr_value(csr, p) * (mask_row[j] if per_element else mask_row[0])
                 if value != zero:
                     batch_idx[q] = j
                     batch_val[q] = value
