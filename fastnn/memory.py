@@ -42,8 +42,18 @@ def available_memory() -> int | None:
 
 
 def gib(size: int) -> str:
-    """``size`` bytes as the refusals say it: in GiB, or MiB below one GiB."""
-    return f"{size / GIB:.1f} GiB" if size >= GIB else f"{size / 2**20:.0f} MiB"
+    """``size`` bytes as the refusals say it: in GiB, or MiB below one GiB, KiB below one
+    MiB."""
+    if size >= GIB:
+        return f"{size / GIB:.1f} GiB"
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 1024:.0f} KiB"
+
+
+def memory_advice(dtype: str) -> str:
+    """What a refusal of memory suggests to a run in ``dtype`` ("float32" or "float64")."""
+    if dtype == "float64":
+        return "train in float32 (dtype), or on fewer rows, or free memory"
+    return "train on fewer rows, or free memory"
 
 
 def check_memory(needed: int, what: str, error: type[FastnnError] = ConfigError,

@@ -177,12 +177,13 @@ def labels_and_one_hot(
     t: Any, n_outputs: int, what: str, output: str = "softmax_cross_entropy",
     dtype: Any = np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(integer labels, float64 one-hot) from either integer labels or one-hot rows, checked.
+    """(integer labels, one-hot rows) from either integer labels or one-hot rows, checked.
 
     Targets must be real and finite; integer labels in 0..n_outputs-1; one-hot rows (a
     classifier, ``output`` softmax_cross_entropy) one 1 and zeros otherwise. A regression
     (``output`` identity_mse) takes any finite real (N, n_outputs) rows as they are. The
-    one-hot rows of integer labels are made in ``dtype`` (exact: zeros and ones)."""
+    one-hot rows of integer labels are made in ``dtype`` (exact: zeros and ones); given rows
+    stay float64."""
     t = _dense(t, what)
     if np.iscomplexobj(t):
         raise DataError(f"{what}: complex values; give real numbers")

@@ -19,7 +19,7 @@ from .callbacks import Callback, EpochMetrics, call
 from .config import Config
 from .errors import DataError
 from .history import History
-from .memory import RunMemory, check_memory
+from .memory import RunMemory, check_memory, memory_advice
 from .model import Model
 from .network import Network
 from .plan import Plan
@@ -36,7 +36,9 @@ class DivergenceWarning(RuntimeWarning):
 
 @dataclass
 class Split:
-    """One data set on the backend: normalised inputs, one-hot targets, host labels."""
+    """One data set on the backend: normalised inputs (an array, or the numba backend's
+    `CsrRows`: ``Ops.dense_inputs`` or ``numpy.asarray`` gives the array), one-hot targets,
+    host labels."""
 
     x: Array
     t: Array
@@ -105,10 +107,10 @@ class Trainer:
     ) -> tuple[Split, Split | None, Split | None]:
         """Normalise with training statistics, one-hot the targets, carve the validation split.
 
-        The splits are the trainer's own copies on the backend (the caller's arrays are not
-        kept); with a ``workspace`` the backend prepares each split's inputs in it too (the
-        numba backend's CSR form of sparse inputs). ``sample_weight`` (one per training row)
-        goes with the training rows.
+        The splits are the trainer's own on the backend (the caller's arrays are not kept):
+        each split's inputs in the form `Ops.inputs` gives (with a ``workspace``, the numba
+        backend keeps sparse inputs in CSR form only: a `CsrRows`, which ``numpy.asarray``
+        makes an array). ``sample_weight`` (one per training row) goes with the training rows.
         """
         cfg = self.config
         if (x_test is None) != (t_test is None):
@@ -169,16 +171,16 @@ class Trainer:
         }
         if cfg.early_stopping is not None:
             parts["the validation split's copy of x_train"] = xs[0].nbytes
+        if cfg.normalize == "z_score" and cfg.normalize_axis is None:
+            parts["z_score's float64 copy of x_train"] = xs[0].size * 8  # a pairwise sum
         return RunMemory(parts)
 
     def _check_memory(self, xs: Sequence[np.ndarray]) -> None:
         """`DataError` before any work when the run would need more memory than the
         machine has free (the figure and its largest parts said)."""
         memory = self.run_memory(xs)
-        advice = ("train on fewer rows" if self.config.dtype == "float32"
-                  else "train in float32 (dtype), or on fewer rows")
         check_memory(memory.total, f"this run ({memory.describe()})", DataError,
-                     advice + ", or free memory")
+                     memory_advice(self.config.dtype))
 
     def _split(
         self, ops: Any, x: np.ndarray, target: tuple[np.ndarray, np.ndarray], what: str,

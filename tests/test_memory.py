@@ -38,6 +38,9 @@ def test_the_estimate_counts_each_part_of_a_run() -> None:
     plan = Plan.from_config(config)
     assert parts["evaluation"] == 1000 * (4 * 30 + 3 * 3) * 8 == \
         Trainer(config)._ops().evaluation_bytes(plan, 1000)  # batch norm: u, u_hat, y, z
+    z_score = Trainer(Config(n_inputs=30, n_outputs=3, normalize="z_score")).run_memory(
+        [x_train])
+    assert z_score.parts["z_score's float64 copy of x_train"] == 1000 * 30 * 8
     plain = Trainer(Config(hidden=(20, 10), n_inputs=30, n_outputs=3)).run_memory([x_train])
     assert "the validation split's copy of x_train" not in plain.parts
     assert plain.parts["evaluation"] == 1000 * (2 * 30 + 3 * 3) * 8  # u and z
@@ -49,6 +52,7 @@ def test_describe_names_the_large_parts_largest_first() -> None:
     assert run.total == 3 * gib + gib // 2 + 10
     assert run.describe() == "inputs 3.0 GiB, evaluation 512 MiB"
     assert memory.RunMemory({"none": 0}).describe() == "small parts"
+    assert memory.gib(3 * 1024) == "3 KiB"
 
 
 def test_fit_refuses_before_any_work_when_the_run_needs_more_than_is_free(
@@ -59,9 +63,9 @@ def test_fit_refuses_before_any_work_when_the_run_needs_more_than_is_free(
     trainer = Trainer(config)
     needed = trainer.run_memory([x]).total
     _limit(monkeypatch, needed - 1)
-    with pytest.raises(DataError, match=r"this run \(.*inputs normalised to float64 0 MiB.*\) "
-                                         r"needs about 0 MiB, more than the 0 MiB this machine has "
-                                         r"free; train in float32 \(dtype\), or on fewer rows"):
+    with pytest.raises(DataError, match=r"this run \(.*inputs normalised to float64 156 KiB.*\) "
+                                         r"needs about \d+ KiB, more than the \d+ KiB this machine "
+                                         r"has free; train in float32 \(dtype\), or on fewer rows"):
         trainer.fit(x, t)
     assert trainer.normalizer is None and trainer.history.epochs == 0  # nothing was done
     _limit(monkeypatch, needed + 2**20)  # the network and the run both fit: it trains
@@ -125,7 +129,13 @@ def test_evaluation_in_blocks_holds_whole_set_arrays_only_for_batch_norm() -> No
     assert ops.evaluation_bytes(Plan.from_config(config), 1000) == 0
     with_bn = Plan.from_config(Config(hidden=(20, 10), n_inputs=30, n_outputs=3,
                                       batch_norm="n"))
-    assert ops.evaluation_bytes(with_bn, 1000) == 1000 * 30 * 8  # float64
+    reference = get_backend("numpy").evaluation_bytes(with_bn, 1000)
+    # batch statistics of the whole set: the population statistics after the last epoch
+    # build the dense inputs and the reference's activations
+    assert ops.evaluation_bytes(with_bn, 1000) == 1000 * 30 * 8 + reference  # float64
+    running = Plan.from_config(Config(hidden=(20, 10), n_inputs=30, n_outputs=3,
+                                      batch_norm="n", bn_eval="running"))
+    assert ops.evaluation_bytes(running, 1000) == 1000 * 30 * 8  # the hidden layers' only
     assert ops.inputs_bytes(with_bn, 1000) == 0  # checked when their form is known
 
 
@@ -164,3 +174,53 @@ def test_a_fit_on_a_memmap_gives_the_history_of_the_array_in_memory(
     for history in histories:
         history.pop("epoch_seconds")
     assert histories[0] == histories[1]
+
+
+@pytest.mark.parametrize("density", [0.1, 0.6])
+def test_numba_refuses_the_form_it_settles_on_before_making_it(
+        monkeypatch: pytest.MonkeyPatch, density: float) -> None:
+    """Sparse inputs: their CSR form (a byte and an index per nonzero for uint8); dense ones:
+    the normalised array."""
+    pytest.importorskip("numba")
+    from fastnn.backends import get_backend
+    from fastnn.preprocessing import Normalizer
+
+    ops = get_backend("numba")
+    generator = np.random.default_rng(2)
+    raw = (generator.integers(1, 256, (400, 20)) * (generator.random((400, 20)) < density)
+           ).astype(np.uint8)
+    normalizer = Normalizer().fit(raw)
+    nonzeros = int(np.count_nonzero(raw))
+    needed = nonzeros * 5 + 8 * 400 if density < 0.35 else raw.size * 8
+    _limit(monkeypatch, needed - 1)
+    what = (f"the sparse form of 400 input rows \\({nonzeros:,} nonzeros\\)" if density < 0.35
+            else "x_train normalised to float64")
+    with pytest.raises(DataError, match=what + " needs about .* free; train in float32"):
+        ops.inputs(raw, normalizer, "float64", "x_train", ops.workspace())
+    _limit(monkeypatch, needed)
+    made = ops.inputs(raw, normalizer, "float64", "x_train", ops.workspace())
+    _limit(monkeypatch, 2**30)
+    np.testing.assert_array_equal(np.asarray(made), normalizer.transform(raw))
+
+
+def test_a_csr_rows_gives_its_rows_and_refuses_a_dense_array_that_does_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    from fastnn.backends import get_backend
+    from fastnn.backends.numba.inputs import CsrRows
+    from fastnn.preprocessing import Normalizer
+
+    raw = np.zeros((30, 8), np.uint8)
+    raw[::3, 2], raw[1::4, 5] = 200, 17
+    normalizer = Normalizer().fit(raw)
+    rows = get_backend("numba").inputs(raw, normalizer, "float32", "x", get_backend(
+        "numba").workspace())
+    assert isinstance(rows, CsrRows)
+    dense = normalizer.transform_to(raw, "float32")
+    for index in (3, slice(2, 9), np.array([[0, 4], [29, 3]]), -1):
+        np.testing.assert_array_equal(rows[index], dense[index])
+    with pytest.raises(ValueError, match="no dense array to share"):
+        np.asarray(rows, copy=False)
+    _limit(monkeypatch, 100)
+    with pytest.raises(DataError, match="the dense array of 30 normalised input rows needs"):
+        rows.dense()

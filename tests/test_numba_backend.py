@@ -404,6 +404,27 @@ def test_the_compact_form_holds_the_normalised_values_of_every_column(
         assert np.array_equal(csr_only.params[name], value), name
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_csr_only_inputs_train_densely_where_the_dtype_is_left_out_of_sparse_training(
+    numba_ops: Any, threads: int
+) -> None:
+    """sparse_train_dtypes without the run's dtype: every step gathers dense rows from the
+    CSR form (on one thread or split over two), the bits of the dense array's run."""
+    raw = (sparse_x("float64", 45, 24) * 255).astype(np.uint8)
+    dense, rows, space = _csr_only(numba_ops, raw, "float32", sparse_train_dtypes=())
+    space.threads = threads
+    t = np.eye(3, dtype="float32")[np.arange(45) % 3]
+    with_dense, csr_only = _numba_twins({"n_inputs": 24, "dtype": "float32",
+                                         "dropout_input": 0.8, "batch_norm": "bn"})
+    for epoch in (1, 2):
+        order = np.random.default_rng(epoch).permutation(45)
+        with_dense.train_epoch(dense, t, order, epoch, space)
+        csr_only.train_epoch(rows, t, order, epoch, space)
+    assert space.counters["train_dense"] == 4 and space.counters.get("sparse_steps", 0) == 0
+    for name, value in with_dense.params.items():
+        assert np.array_equal(csr_only.params[name], value), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_csr_only_inputs_with_non_finite_weights_gather_dense_rows_from_the_csr_form(
     numba_ops: Any, dtype: str
@@ -457,7 +478,7 @@ def test_dense_inputs_stay_one_array_and_the_reference_gets_one(
     np.testing.assert_array_equal(ours.forward_eval(rows), ours.forward_eval(dense))
 
 
-def test_a_numba_fit_on_sparse_inputs_keeps_no_dense_copy() -> None:
+def test_a_numba_fit_on_sparse_inputs_keeps_their_csr_form_only() -> None:
     """A fit's splits hold the CSR form only; batch norm's population statistics (summed
     over the whole set at the end) come out as from the dense array."""
     from fastnn.backends.numba.inputs import CsrRows

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
-from ...memory import check_memory
+from ...memory import check_memory, memory_advice
 from ...preprocessing import Normalizer, row_chunks
 from ..workspace import Workspace
 from .fit import same_float_arrays
@@ -40,12 +40,14 @@ def dense_csr(dtype: Any) -> Csr:
                NO_CODES, no_table(dtype))
 
 
-def csr_values(csr: Csr) -> np.ndarray:
-    """Every entry's value of a `Csr` (decoded from the compact form)."""
+def csr_values(csr: Csr, low: int = 0, high: int | None = None) -> np.ndarray:
+    """The values of a `Csr`'s entries low..high-1 (all by default; decoded from the compact
+    form)."""
+    entries = slice(low, csr.indices.size if high is None else high)
     table = csr.table
     if table.shape[1] == 1:
-        return csr.values
-    return table[csr.indices if table.shape[0] > 1 else 0, csr.codes]
+        return csr.values[entries]
+    return table[csr.indices[entries] if table.shape[0] > 1 else 0, csr.codes[entries]]
 
 
 def code_table(normalizer: Normalizer, dtype: Any, columns: int) -> np.ndarray:
@@ -82,13 +84,29 @@ class CsrRows:
         return sum(array.nbytes for array in self.csr[1:])
 
     def dense(self) -> np.ndarray:
-        """The normalised inputs as one (rows, columns) array."""
+        """The normalised inputs as one (rows, columns) array (`DataError` first when the
+        machine has not the memory for it)."""
+        check_memory(self.shape[0] * self.shape[1] * self.dtype.itemsize
+                     + 16 * self.csr.indices.size,  # the row of each entry, its value
+                     f"the dense array of {self.shape[0]:,} normalised input rows", DataError,
+                     memory_advice(self.dtype.name))
         out = np.zeros(self.shape, self.dtype)
         rows = np.repeat(np.arange(len(self)), np.diff(self.csr.indptr))
         out[rows, self.csr.indices] = csr_values(self.csr)
         return out
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """Rows (an index, a slice or an array of them) as a dense array."""
+        selected = np.arange(len(self))[index]
+        out = np.zeros((*np.shape(selected), self.shape[1]), self.dtype)
+        for place, row in np.ndenumerate(selected):
+            low, high = self.csr.indptr[row], self.csr.indptr[row + 1]
+            out[(*place, self.csr.indices[low:high])] = csr_values(self.csr, low, high)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a CsrRows holds no dense array to share: it is made anew")
         return self.dense() if dtype is None else self.dense().astype(dtype)
 
 
@@ -145,7 +163,7 @@ def _dense_inputs(x: np.ndarray, normalizer: Normalizer, dtype: Any, what: str,
     """x normalised into one array; its density attached when it was measured."""
     check_memory(x.size * np.dtype(dtype).itemsize,
                  f"{what} normalised to {np.dtype(dtype).name}", DataError,
-                 "train on fewer rows, or free memory")
+                 memory_advice(np.dtype(dtype).name))
     dense = normalizer.transform_to(x, dtype, what)
     if density is not None:
         workspace.attach(dense, (density, None))
@@ -160,7 +178,7 @@ def _csr_arrays(counts: np.ndarray, dtype: Any, value_dtype: Any
     nonzeros = int(counts.sum())
     check_memory(nonzeros * (4 + np.dtype(value_dtype).itemsize) + 8 * len(counts),
                  f"the sparse form of {len(counts):,} input rows ({nonzeros:,} nonzeros)",
-                 DataError, "train on fewer rows, or free memory")
+                 DataError, memory_advice(np.dtype(dtype).name))
     indptr = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     return indptr, np.empty(nonzeros, np.int32), np.empty(nonzeros, value_dtype)

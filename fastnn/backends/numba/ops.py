@@ -514,10 +514,16 @@ class NumbaOps(NumpyOps):
 
     def evaluation_bytes(self, plan: Plan, rows: int) -> int:
         """Blocks of rows hold little; whole-set batch-norm statistics keep every hidden
-        layer's pre-activations of the set (`evaluation`)."""
+        layer's pre-activations of the set (`evaluation`), and the population statistics
+        after the last epoch (the reference's `steps.population_statistics`) the dense
+        inputs and the reference's activations of the set."""
         if plan.batch_norm == "off":
             return 0
-        return rows * sum(plan.sizes[1:-1]) * plan.itemsize
+        held = rows * sum(plan.sizes[1:-1]) * plan.itemsize
+        if plan.tracks_running:
+            return held
+        return max(held, rows * plan.sizes[0] * plan.itemsize + super().evaluation_bytes(
+            plan, rows))
 
     def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
