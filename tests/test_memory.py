@@ -36,14 +36,18 @@ def test_the_estimate_counts_each_part_of_a_run() -> None:
     assert parts["shuffled order"] == 2 * 1000 * 8
     assert parts["the validation split's copy of x_train"] == 1000 * 30
     plan = Plan.from_config(config)
-    assert parts["evaluation"] == 1000 * (4 * 30 + 3 * 3) * 8 == \
-        Trainer(config)._ops().evaluation_bytes(plan, 1000)  # batch norm: u, u_hat, y, z
+    # a layer at a time, the widest: layer 1's u, u_hat, y and z (4 x 20; layer 2's input
+    # beside its four arrays is 20 + 4 x 10)
+    assert parts["evaluation"] == 1000 * 4 * 20 * 8 == \
+        Trainer(config)._ops().evaluation_bytes(plan, 1000)
     z_score = Trainer(Config(n_inputs=30, n_outputs=3, normalize="z_score")).run_memory(
         [x_train])
     assert z_score.parts["z_score's float64 copy of x_train"] == 1000 * 30 * 8
     plain = Trainer(Config(hidden=(20, 10), n_inputs=30, n_outputs=3)).run_memory([x_train])
     assert "the validation split's copy of x_train" not in plain.parts
-    assert plain.parts["evaluation"] == 1000 * (2 * 30 + 3 * 3) * 8  # u and z
+    assert plain.parts["evaluation"] == 1000 * (2 * 20 + 0) * 8  # layer 1's u and z
+    dropped = Trainer(Config(hidden=(20, 10), n_inputs=30, n_outputs=3, dropout_input=0.8))
+    assert dropped.run_memory([x_train]).parts["evaluation"] == 1000 * (2 * 20 + 30) * 8
 
 
 def test_describe_names_the_large_parts_largest_first() -> None:

@@ -346,12 +346,15 @@ class Ops:
 
     def evaluation_bytes(self, plan: Plan, rows: int) -> int:
         """Host bytes an evaluation of ``rows`` rows holds at once (what `fit` counts before
-        it starts). The reference: every layer's activations of the whole set at once (per
-        hidden layer u and z, with batch norm u_hat and y too; the output's u, y and the
-        loss's temporary)."""
-        per_hidden = 2 if plan.batch_norm == "off" else 4
-        hidden, outputs = sum(plan.sizes[1:-1]), plan.sizes[-1]
-        return rows * (per_hidden * hidden + 3 * outputs) * plan.itemsize
+        it starts). The reference: a layer of the whole set at a time, its input beside its
+        u and z (with batch norm u_hat and y too), the output's u, y and the loss's
+        temporary; with input dropout the scaled inputs as well."""
+        sizes, per_hidden = plan.sizes, 2 if plan.batch_norm == "off" else 4
+        layers = [(sizes[k - 1] if k > 1 else 0) + per_hidden * sizes[k]
+                  for k in range(1, len(sizes) - 1)]
+        widest = max([*layers, sizes[-2] + 3 * sizes[-1]])
+        scaled = sizes[0] if plan.dropout[0].active else 0
+        return rows * (widest + scaled) * plan.itemsize
 
     def warm_up(self, plan: Plan) -> None:
         """Compile whatever the backend compiles for ``plan``, before any timing starts

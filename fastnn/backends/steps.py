@@ -38,14 +38,16 @@ def eval_multipliers(plan: Plan) -> dict[int, float]:
 
 def forward(
     ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array,
-    multipliers: Mapping[int, Any], batch_stats: bool,
+    multipliers: Mapping[int, Any], batch_stats: bool, keep: bool = True,
 ) -> tuple[Array, list[Array], list[HiddenCache]]:
     """Output pre-activation u_L, the input of every layer, and the hidden layers' caches.
 
     ``batch_stats``: batch norm uses the statistics of ``x`` itself; else ``running``'s.
+    ``keep`` False: no inputs or caches are kept (an evaluation of a whole set then holds one
+    layer's arrays at a time; the same values).
     """
     z = ops.apply_mask(x, multipliers.get(0))
-    inputs, caches = [z], []
+    inputs, caches = ([z] if keep else []), []
     for k in range(1, plan.n_layers):
         u = ops.affine(z, params[f"W{k}"], params[f"b{k}"])
         stats = None if batch_stats or k not in running else running[k]
@@ -53,8 +55,11 @@ def forward(
             u, plan.hidden[k - 1], params.get(f"gamma{k}"), params.get(f"beta{k}"),
             multipliers.get(k), stats,
         )
-        inputs.append(z)
-        caches.append(cache)
+        del u  # with ``keep`` False the layer's arrays go as soon as the next one is made
+        if keep:
+            inputs.append(z)
+            caches.append(cache)
+        del cache
     last = plan.n_layers
     return ops.affine(z, params[f"W{last}"], params[f"b{last}"]), inputs, caches
 
@@ -152,7 +157,8 @@ def forward_eval(
     """Outputs y of a whole set in evaluation mode (article batch norm: the set's statistics)."""
     x = ops.dense_inputs(x)
     batch_stats = plan.bn_eval == "batch" or not running
-    u, _, _ = forward(ops, plan, params, running, x, eval_multipliers(plan), batch_stats)
+    u, _, _ = forward(ops, plan, params, running, x, eval_multipliers(plan), batch_stats,
+                      keep=False)
     return ops.output_forward(u, plan.output)
 
 
@@ -162,7 +168,8 @@ def forward_inference(
     """Outputs y in evaluation mode with batch norm normalising by the given per-layer
     (mean, var), so each row's output depends on that row alone."""
     x = ops.dense_inputs(x)
-    u, _, _ = forward(ops, plan, params, statistics, x, eval_multipliers(plan), batch_stats=False)
+    u, _, _ = forward(ops, plan, params, statistics, x, eval_multipliers(plan), batch_stats=False,
+                      keep=False)
     return ops.output_forward(u, plan.output)
 
 
