@@ -14,6 +14,7 @@ of each byte's normalised value per column: the very values a dense copy would h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,12 @@ def kernel_inputs(x: Any) -> Any:
     return x.placeholder if isinstance(x, CsrRows) else x
 
 
+def takes_sparse(mode: str, density: float, threshold: float) -> bool:
+    """Whether inputs of this nonzero ``density`` take the sparse path: always with
+    ``sparse_mode`` "1", else (auto) below the threshold."""
+    return mode == "1" or density < threshold
+
+
 def normalised_inputs(sparse: Any, x: np.ndarray, normalizer: Normalizer, dtype: Any,
                       what: str, workspace: Workspace) -> np.ndarray | CsrRows:
     """x normalised into ``dtype`` a block of rows at a time: the `CsrRows` of its CSR form
@@ -128,31 +135,36 @@ def normalised_inputs(sparse: Any, x: np.ndarray, normalizer: Normalizer, dtype:
     if mode == "0" or dtype not in (np.float32, np.float64) or x.size == 0:
         return _dense_inputs(x, normalizer, dtype, what, workspace, None)
     table = code_table(normalizer, dtype, x.shape[1]) if x.dtype == np.uint8 else None
+
+    def blocks() -> Iterator[tuple[slice, np.ndarray]]:
+        """The blocks of rows the kernels read: normalised, or (uint8) the raw bytes, which
+        normalise to finite values: nothing to check."""
+        if table is None:
+            yield from normalizer.blocks(x, dtype, what)
+        else:
+            for rows in row_chunks(x):
+                yield rows, np.ascontiguousarray(x[rows])
+
     counts = np.zeros(len(x), np.int64)
     found, certainly_dense = 0, threshold * x.size
-    for rows in row_chunks(x):
-        if table is None:
-            block = normalizer.transform(x[rows], what, rows.start).astype(dtype)
-            found += int(sparse.count_nonzeros(block, counts[rows]))
-        else:  # a byte normalises to a finite value: nothing to check
-            found += int(sparse.count_nonzero_codes(np.ascontiguousarray(x[rows]), table,
-                                                    counts[rows]))
+    for rows, block in blocks():
+        found += int(sparse.count_nonzeros(block, counts[rows]) if table is None
+                     else sparse.count_nonzero_codes(block, table, counts[rows]))
         if mode != "1" and found >= certainly_dense:  # dense, whatever the other rows hold
             return _dense_inputs(x, normalizer, dtype, what, workspace, None)
     density = found / x.size
-    if mode != "1" and not density < threshold:
+    if not takes_sparse(mode, density, threshold):
         return _dense_inputs(x, normalizer, dtype, what, workspace, density)
-    if table is None:
-        indptr, indices, values = _csr_arrays(counts, dtype, dtype)
-        for rows, block in normalizer.blocks(x, dtype, what):
-            sparse.fill_csr(block, indptr[rows.start:rows.stop + 1], indices, values)
-        csr = Csr(True, indptr, indices, values, NO_CODES, no_table(dtype))
-    else:
-        indptr, indices, codes = _csr_arrays(counts, dtype, np.uint8)
-        for rows in row_chunks(x):
-            sparse.fill_csr_codes(np.ascontiguousarray(x[rows]), table,
-                                  indptr[rows.start:rows.stop + 1], indices, codes)
-        csr = Csr(True, indptr, indices, np.zeros(0, dtype), codes, table)
+    # each entry's value in the dtype, or (uint8) its byte
+    indptr, indices, entries = _csr_arrays(counts, dtype, dtype if table is None else np.uint8)
+    for rows, block in blocks():
+        if table is None:
+            sparse.fill_csr(block, indptr[rows.start:rows.stop + 1], indices, entries)
+        else:
+            sparse.fill_csr_codes(block, table, indptr[rows.start:rows.stop + 1], indices,
+                                  entries)
+    csr = (Csr(True, indptr, indices, entries, NO_CODES, no_table(dtype)) if table is None
+           else Csr(True, indptr, indices, np.zeros(0, dtype), entries, table))
     inputs = CsrRows(csr, x.shape, dtype)
     workspace.attach(inputs, (density, csr))
     return inputs
@@ -194,7 +206,7 @@ def prepare_csr(sparse: Any, x: Any, workspace: Workspace) -> None:
         return
     counts = np.empty(len(x), np.int64)
     density = int(sparse.count_nonzeros(x, counts)) / x.size
-    if mode != "1" and not density < options.get("sparse_threshold", 0.35):
+    if not takes_sparse(mode, density, options.get("sparse_threshold", 0.35)):
         workspace.attach(x, (density, None))
         return
     indptr, indices, values = _csr_arrays(counts, x.dtype, x.dtype)

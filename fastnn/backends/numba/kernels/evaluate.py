@@ -84,14 +84,13 @@ def output_rows(u, t, output, predicted, start):
 
 
 @jit
-def input_rows(x, csr, start, n, scale, scratch):
+def input_rows(x, csr, start, n, scale):
     """Rows start..start+n of x times the input scale (x's own rows, uncopied, for scale 1).
-    An x of no rows (a set kept only in CSR form) has its rows made from ``csr`` (scratch
-    then has n rows whatever the scale)."""
+    An x of no rows (a set kept only in CSR form) has its rows made from ``csr``."""
     from_csr = x.shape[0] == 0
     if scale == x.dtype.type(1.0) and not from_csr:
         return x[start:start + n]
-    z = scratch[:n]
+    z = np.empty((n, x.shape[1]), x.dtype)
     for i in range(n):
         source = csr_row(csr, start + i, z[i]) if from_csr else x[start + i]
         target = z[i]
@@ -130,9 +129,7 @@ def evaluate_block(data, start, n, layers, first, full, plan, rows, blas, predic
                              u_hat_scratch, y_scratch, z)
         first = 2
     elif first == 1:
-        z = input_rows(x, csr, start, n, scales[0, 0],
-                       np.empty((n if scales[0, 0] != one or x.shape[0] == 0 else 0,
-                                 x.shape[1]), dtype))
+        z = input_rows(x, csr, start, n, scales[0, 0])
     else:
         h, d = first - 2, weights[first - 2].shape[1]
         z = full[first - 2][start:start + n]
@@ -197,10 +194,7 @@ def pre_activation_block(data, start, n, k, layers, full, plan, rows, blas):
                      full[0][start:start + n])
         return
     if k == 1:
-        scale = scale_rows[0, 0]
-        z = input_rows(x, csr, start, n, scale,
-                       np.empty((n if scale != one or x.shape[0] == 0 else 0, x.shape[1]),
-                                dtype))
+        z = input_rows(x, csr, start, n, scale_rows[0, 0])
     else:
         h, d = k - 2, weights[k - 2].shape[1]
         z = full[k - 2][start:start + n]
