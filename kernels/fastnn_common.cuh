@@ -59,6 +59,18 @@ __device__ __forceinline__ u64 stream_value(u64 key, long long i) {
     return mix64(key + (u64)i * FASTNN_GOLDEN);
 }
 
+// rng.fold_key's step: one more counter folded into a key
+__device__ __forceinline__ u64 fold_counter(u64 key, u64 counter) {
+    return mix64((key ^ counter) + FASTNN_GOLDEN);
+}
+
+// A mask kernel's key: *key_at when the launch gives one (a step's key in device memory,
+// written by step_begin: the launch's arguments then stay the same from step to step, as a
+// CUDA graph needs), else the key argument.
+__device__ __forceinline__ u64 key_from(u64 key, const u64* key_at) {
+    return key_at ? *key_at : key;
+}
+
 // element i of rng.uniform01(key, n): the top 53 bits times 2^-53
 __device__ __forceinline__ double uniform01(u64 key, long long i) {
     return (double)(stream_value(key, i) >> 11) * (1.0 / 9007199254740992.0);

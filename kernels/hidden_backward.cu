@@ -11,8 +11,9 @@
 //     const T* u_hat, const T* std_dev,         forward's u_hat_out (n, d) and std_dev (d,);
 //                                               unused (may be null) when bn is 0
 //     int drop, unsigned long long key,         the same dropout arguments as the forward
-//     int keep_count, double keep,              call: the multiplier is made again from the
-//                                               key, bit for bit
+//     const unsigned long long* key_at,         call (key_at: null, or the key in device
+//     int keep_count, double keep,              memory): the multiplier is made again from
+//                                               the key, bit for bit
 //     T* du,                                    (n, d) gradient at u (the layer's affine output)
 //     T* dgamma_nodes, T* dbeta_nodes)          (d,) per-node sums of u_hat * dy and of dy
 //                                               (bn 2 and 3; may be null otherwise)
@@ -34,8 +35,9 @@ namespace fastnn {
 template <typename T>
 __device__ __forceinline__ void hidden_backward_impl(
     const T* dz, int n, int d, int act, T alpha, const T* y, int bn, const T* gamma,
-    const T* u_hat, const T* std_dev, int drop, u64 key, int keep_count, double keep, T* du,
-    T* dgamma_nodes, T* dbeta_nodes) {
+    const T* u_hat, const T* std_dev, int drop, u64 key, const u64* key_at, int keep_count,
+    double keep, T* du, T* dgamma_nodes, T* dbeta_nodes) {
+    key = key_from(key, key_at);
     __shared__ T scratch[FASTNN_MAX_THREADS];
     __shared__ int counts[FASTNN_MAX_THREADS];
     const int row = threadIdx.y, rows_step = blockDim.y;
@@ -107,18 +109,19 @@ __device__ __forceinline__ void hidden_backward_impl(
 extern "C" __global__ void hidden_backward_f32(
     const float* dz, int n, int d, int act, float alpha, const float* y, int bn,
     const float* gamma, const float* u_hat, const float* std_dev, int drop,
-    unsigned long long key, int keep_count, double keep, float* du, float* dgamma_nodes,
-    float* dbeta_nodes) {
+    unsigned long long key, const unsigned long long* key_at, int keep_count, double keep,
+    float* du, float* dgamma_nodes, float* dbeta_nodes) {
     fastnn::hidden_backward_impl<float>(dz, n, d, act, alpha, y, bn, gamma, u_hat, std_dev, drop,
-                                        key, keep_count, keep, du, dgamma_nodes, dbeta_nodes);
+                                        key, key_at, keep_count, keep, du, dgamma_nodes,
+                                        dbeta_nodes);
 }
 
 extern "C" __global__ void hidden_backward_f64(
     const double* dz, int n, int d, int act, double alpha, const double* y, int bn,
     const double* gamma, const double* u_hat, const double* std_dev, int drop,
-    unsigned long long key, int keep_count, double keep, double* du, double* dgamma_nodes,
-    double* dbeta_nodes) {
+    unsigned long long key, const unsigned long long* key_at, int keep_count, double keep,
+    double* du, double* dgamma_nodes, double* dbeta_nodes) {
     fastnn::hidden_backward_impl<double>(dz, n, d, act, alpha, y, bn, gamma, u_hat, std_dev,
-                                         drop, key, keep_count, keep, du, dgamma_nodes,
+                                         drop, key, key_at, keep_count, keep, du, dgamma_nodes,
                                          dbeta_nodes);
 }

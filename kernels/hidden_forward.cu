@@ -13,6 +13,8 @@
 //     T* std_dev,                               (d,) max(sqrt(var), 1e-7), written (may be
 //                                               null). All four unused when bn is 0.
 //     int drop, unsigned long long key,         dropout code and the mask's 64-bit key
+//     const unsigned long long* key_at,         null, or the key in device memory (then *key_at
+//                                               replaces key: a training step's, step.cu)
 //     int keep_count, double keep,              round(keep * d) (article) and the keep ratio
 //     T* mask_out,                              the multiplier Ops keeps in HiddenCache.mask:
 //                                               drop 1: the (d,) 0/1 mask; drop 3: the (n, d)
@@ -41,8 +43,9 @@ namespace fastnn {
 template <typename T>
 __device__ __forceinline__ void hidden_forward_impl(
     const T* u, int n, int d, int act, T alpha, int bn, const T* gamma, const T* beta,
-    int stats, T* mean, T* var, T* std_dev, int drop, u64 key, int keep_count, double keep,
-    T* mask_out, T* y_out, T* u_hat_out, T* z) {
+    int stats, T* mean, T* var, T* std_dev, int drop, u64 key, const u64* key_at,
+    int keep_count, double keep, T* mask_out, T* y_out, T* u_hat_out, T* z) {
+    key = key_from(key, key_at);
     __shared__ T scratch[FASTNN_MAX_THREADS];
     __shared__ int counts[FASTNN_MAX_THREADS];
     const int y = threadIdx.y, rows_step = blockDim.y;
@@ -117,19 +120,19 @@ __device__ __forceinline__ void hidden_forward_impl(
 extern "C" __global__ void hidden_forward_f32(
     const float* u, int n, int d, int act, float alpha, int bn, const float* gamma,
     const float* beta, int stats, float* mean, float* var, float* std_dev, int drop,
-    unsigned long long key, int keep_count, double keep, float* mask_out, float* y_out,
-    float* u_hat_out, float* z) {
+    unsigned long long key, const unsigned long long* key_at, int keep_count, double keep,
+    float* mask_out, float* y_out, float* u_hat_out, float* z) {
     fastnn::hidden_forward_impl<float>(u, n, d, act, alpha, bn, gamma, beta, stats, mean, var,
-                                       std_dev, drop, key, keep_count, keep, mask_out, y_out,
-                                       u_hat_out, z);
+                                       std_dev, drop, key, key_at, keep_count, keep, mask_out,
+                                       y_out, u_hat_out, z);
 }
 
 extern "C" __global__ void hidden_forward_f64(
     const double* u, int n, int d, int act, double alpha, int bn, const double* gamma,
     const double* beta, int stats, double* mean, double* var, double* std_dev, int drop,
-    unsigned long long key, int keep_count, double keep, double* mask_out, double* y_out,
-    double* u_hat_out, double* z) {
+    unsigned long long key, const unsigned long long* key_at, int keep_count, double keep,
+    double* mask_out, double* y_out, double* u_hat_out, double* z) {
     fastnn::hidden_forward_impl<double>(u, n, d, act, alpha, bn, gamma, beta, stats, mean, var,
-                                        std_dev, drop, key, keep_count, keep, mask_out, y_out,
-                                        u_hat_out, z);
+                                        std_dev, drop, key, key_at, keep_count, keep, mask_out,
+                                        y_out, u_hat_out, z);
 }

@@ -35,7 +35,6 @@ from fastnn.backends.cuda import (
     KernelDevice,
     KernelOps,
     Launches,
-    StepValue,
     shim_device,
 )
 from fastnn.backends.cuda.launches import kernel_layout
@@ -378,8 +377,9 @@ def _named_launches() -> tuple[Launches, list[tuple[Any, ...]]]:
 def _hidden_forward_args(dtype: str) -> dict[str, Any]:
     u = np.zeros((4, 3), dtype)
     return dict(u=u, n=4, d=3, act=2, alpha=0.5, bn=0, gamma=None, beta=None, stats=0,
-                mean=None, var=None, std_dev=None, drop=1, key=StepValue("k"), keep_count=2,
-                keep=0.6, mask_out=None, y_out=None, u_hat_out=None, z=np.zeros((4, 3), dtype))
+                mean=None, var=None, std_dev=None, drop=1, key=2**64 - 1,
+                key_at=np.zeros(1, np.uint64), keep_count=2, keep=0.6, mask_out=None,
+                y_out=None, u_hat_out=None, z=np.zeros((4, 3), dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -387,23 +387,23 @@ def test_a_launch_fills_its_arguments_by_name_with_their_c_types(dtype: str) -> 
     launches, calls = _named_launches()
     arguments = _hidden_forward_args(dtype)
     launch = launches("hidden_forward", dtype, (1, 1, 1), (32, 8, 1), **arguments)
-    launch.run({"k": 7})
-    launch.run({"k": 2**64 - 1})
+    launch.run()
+    launch.run()
     (stem, grid, block, first), (_, _, _, second) = calls
     assert stem == "hidden_forward" and grid == (1, 1, 1) and block == (32, 8, 1)
     names = [p.name for p in kernel_layout("hidden_forward", np.dtype(dtype)).params]
-    assert len(first) == len(names) == 20
+    assert len(first) == len(names) == 21
     by_name = dict(zip(names, first, strict=True))
     assert by_name["u"] is arguments["u"] and by_name["gamma"] is None
+    assert by_name["key_at"] is arguments["key_at"]
     for name in ("n", "d", "act", "bn", "stats", "drop", "keep_count"):
         assert type(by_name[name]) is np.int32, name
     assert type(by_name["alpha"]) is np.dtype(dtype).type and by_name["alpha"] == np.dtype(
         dtype).type(0.5)
     assert type(by_name["keep"]) is np.float64
-    assert type(by_name["key"]) is np.uint64 and by_name["key"] == 7
-    assert dict(zip(names, second, strict=True))["key"] == np.uint64(2**64 - 1)
-    assert [a for n, a in zip(names, first, strict=True) if n != "key"] == [
-        a for n, a in zip(names, second, strict=True) if n != "key"]
+    assert type(by_name["key"]) is np.uint64 and by_name["key"] == np.uint64(2**64 - 1)
+    # a built launch runs with the very same arguments every time (what a graph replays)
+    assert first is second
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -413,7 +413,8 @@ def test_a_launch_fills_its_arguments_by_name_with_their_c_types(dtype: str) -> 
     (dict(alpha=np.zeros(1)), r"argument alpha .*needs a number"),
     (dict(u=1.0), r"argument u .*needs an array or None"),
     (dict(u=np.zeros((4, 3), np.float32)), r"argument u .*needs a float64 array; got float32"),
-    (dict(z=StepValue("z")), r"argument z .*cannot change per step"),
+    (dict(key_at=np.zeros(1, np.int64)), r"argument key_at .*needs a uint64 array; got int64"),
+    (dict(key=-1), r"argument key .*out of the range of uint64"),
     (dict(extra=1), r"kernel hidden_forward_f64: no parameter extra in hidden_forward_f64\("),
 ])
 def test_a_launch_names_the_kernel_and_the_argument_it_rejects(change: dict[str, Any],
@@ -425,7 +426,7 @@ def test_a_launch_names_the_kernel_and_the_argument_it_rejects(change: dict[str,
     assert not calls
 
 
-def test_a_launch_names_missing_arguments_and_per_step_values() -> None:
+def test_a_launch_names_missing_arguments() -> None:
     launches, calls = _named_launches()
     arguments = _hidden_forward_args("float64")
     del arguments["keep"], arguments["z"]
@@ -433,11 +434,6 @@ def test_a_launch_names_missing_arguments_and_per_step_values() -> None:
         launches("hidden_forward", "float64", (1, 1, 1), (32, 8, 1), **arguments)
     with pytest.raises(ArgumentError, match=r"no kernel 'hidden_forwards'"):
         launches("hidden_forwards", "float64", (1, 1, 1), (32, 8, 1))
-    launch = launches("hidden_forward", "float64", (1, 1, 1), (32, 8, 1),
-                      **_hidden_forward_args("float64"))
-    with pytest.raises(ArgumentError, match=r"hidden_forward_f64: no value for its per-step "
-                                            r"argument key"):
-        launch.run({})
     assert not calls
 
 
@@ -487,6 +483,76 @@ def test_the_parity_grid_on_the_shim(monkeypatch: pytest.MonkeyPatch) -> None:
         op_checks.test_loss_grads_and_evaluation_match(ops, options)
     for options in op_checks.GRID[::4]:
         op_checks.test_fit_matches_reference(ops, options)
+
+
+def _graph_run(options: dict[str, Any], graphs: bool, monkeypatch: pytest.MonkeyPatch
+               ) -> tuple[Any, dict[str, np.ndarray], Any]:
+    """A 3-epoch `Trainer` run of a grid configuration on the shim registered as "cupy",
+    each step replayed from its captured graph or launched kernel by kernel."""
+    monkeypatch.setenv("FASTNN_CUDA_GRAPHS", "1" if graphs else "0")
+    x, t = make_blobs(200, 6, 3, seed=2)
+    # the training figures evaluated: "running" figures tally every step, which the kernel
+    # epoch leaves to the reference epoch (no graph to compare)
+    config = op_checks.grid_config("cupy", options, batch_size=16, epochs=3, eta=0.05,
+                                   normalize="z_score", train_figures="evaluate")
+    if options["optimizer"].startswith("adam"):
+        config = config.replace(eta=0.01)
+    if options["activation"] in ("tanh", "relu", "softsign"):  # per-step rates from a table
+        config = config.replace(lr_schedule="cosine", warmup=1)
+    trainer = Trainer(config, threads=1)
+    history = trainer.fit(x[:150], t[:150], x[150:], t[150:])
+    assert trainer.network is not None
+    network = trainer.network
+    state = {**network.numpy_params(),
+             **network.optimizer.arrays(network.plan.optimizer.slots, network.ops),
+             **{f"running {k} {i}": host(a) for k, pair in network.running.items()
+                for i, a in enumerate(pair)}}
+    return history, state, trainer.counters
+
+
+@pytest.mark.filterwarnings("ignore::fastnn.train.DivergenceWarning")
+@pytest.mark.parametrize("options", op_checks.GRID, ids=op_checks.grid_id)
+def test_graph_replay_gives_the_bits_of_direct_launches(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step captured once (a graph per batch size: 150 rows at batch 16 end with a
+    short batch of 6) and replayed gives the same 3-epoch history, parameters, optimiser
+    slots and running statistics, bit for bit, as the same launches made one by one; both
+    ran the kernel epoch."""
+    _shim_or_skip()
+    monkeypatch.setitem(backends._INSTANCES, "cupy", ShimAsCupy(shim_device()))
+    replayed, replayed_state, replayed_counters = _graph_run(options, True, monkeypatch)
+    direct, direct_state, direct_counters = _graph_run(options, False, monkeypatch)
+    assert replayed_counters["train_kernels"] == direct_counters["train_kernels"] == 3
+    assert replayed_counters["train_graphs"] == 2 and "train_graphs" not in direct_counters
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        np.testing.assert_array_equal(getattr(replayed, key), getattr(direct, key), key)
+    assert replayed_state.keys() == direct_state.keys()
+    for name, value in direct_state.items():
+        np.testing.assert_array_equal(replayed_state[name], value, name)
+
+
+def test_a_graph_is_captured_again_when_its_arrays_change(shim_ops: KernelOps) -> None:
+    """Kept in the run's workspace across epochs, a step's graph is captured again for a new
+    parameter array (never replayed on the old one), and capturing runs nothing."""
+    config = run_config("float64", **RUNS["bn-inverted-l1"])
+    plan = Plan.from_config(config)
+    x, t, _, _ = run_data("float64")
+    params = {name: value.copy() for name, value in
+              Network(config.replace(backend="numpy")).numpy_params().items()}
+    workspace = shim_ops.workspace(threads=1)
+    order = np.arange(len(x))
+    before = {name: value.copy() for name, value in params.items()}
+    shim_ops.train_epoch(plan, params, {}, x, t, order, 1, workspace)
+    assert workspace.counters["train_graphs"] == 2  # batch 8, and the last batch of 5
+    assert not np.array_equal(params["W1"], before["W1"])
+    shim_ops.train_epoch(plan, params, {}, x, t, order, 2, workspace)
+    assert workspace.counters["train_graphs"] == 2  # the same arrays: replayed
+    params["W1"] = params["W1"].copy()
+    kept = params["W1"].copy()
+    shim_ops.train_epoch(plan, params, {}, x, t, order, 3, workspace)
+    assert workspace.counters["train_graphs"] == 4  # a new W1: captured again
+    assert not np.array_equal(params["W1"], kept)  # ... and the new array trained
 
 
 def test_ops_launch_their_kernels(shim_ops: KernelOps) -> None:

@@ -265,7 +265,7 @@ def hidden_forward(
             np.int32(BATCH_NORM_CODES[bn]), gamma, beta,
             np.int32(STATS_CODES["batch" if stats is None else "given"]),
             out["mean"], out["var"], out["std"], np.int32(DROPOUT_CODES[drop]), np.uint64(key),
-            np.int32(rng.keep_count(KEEP, d)), np.float64(KEEP), out["mask"], out["y"],
+            None, np.int32(rng.keep_count(KEEP, d)), np.float64(KEEP), out["mask"], out["y"],
             out["u_hat"], out["z"],
         ),
     )  # fmt: skip
@@ -306,7 +306,7 @@ def test_article_mask_is_bit_identical(run: Runner, d: int, keep: float, dtype: 
         f"article_mask_{suffix(dtype)}",
         (ceil_div(d, 256),),
         (256,),
-        (np.uint64(key), np.int32(d), np.int32(rng.keep_count(keep, d)), mask),
+        (np.uint64(key), None, np.int32(d), np.int32(rng.keep_count(keep, d)), mask),
     )
     expected = REF.article_mask(key, d, keep, dtype)
     np.testing.assert_array_equal(mask, expected)
@@ -349,7 +349,7 @@ def test_dropout_input(run: Runner, drop: str, dtype: str) -> None:
         f"dropout_input_{suffix(dtype)}",
         (ceil_div(n * d, 256),),
         (256,),
-        (x, np.int32(n), np.int32(d), np.int32(DROPOUT_CODES[drop]), np.uint64(key),
+        (x, np.int32(n), np.int32(d), np.int32(DROPOUT_CODES[drop]), np.uint64(key), None,
          np.float64(KEEP), article, out),
     )  # fmt: skip
     expected = REF.apply_mask(x, reference_multiplier(drop, key, n, d, dtype))
@@ -436,7 +436,7 @@ def run_hidden_backward(
         (
             dz, np.int32(n), np.int32(d), np.int32(ACTIVATION_CODES[act]), T(ALPHA),
             cache.pre_activation, np.int32(BATCH_NORM_CODES[bn]), gamma, cache.u_hat, cache.std,
-            np.int32(DROPOUT_CODES[drop]), np.uint64(key), np.int32(rng.keep_count(KEEP, d)),
+            np.int32(DROPOUT_CODES[drop]), np.uint64(key), None, np.int32(rng.keep_count(KEEP, d)),
             np.float64(KEEP), du, dgamma_nodes, dbeta_nodes,
         ),
     )  # fmt: skip
@@ -641,7 +641,7 @@ def test_optimizer_update(run: Runner, kind: str, decay: str | None, dtype: str)
             (w, grad, first, second, np.int64(w.size), np.int32(OPTIMIZER_CODES[kind]),
              T(rate), np.int32(DECAY_CODES[decay]), T(lam), T(spec.momentum), T(spec.beta1),
              T(1 - spec.beta1), T(spec.beta2), T(1 - spec.beta2), T(spec.eps),
-             T(1 - spec.beta1**step), T(1 - spec.beta2**step)))  # fmt: skip
+             T(1 - spec.beta1**step), T(1 - spec.beta2**step), None, None))  # fmt: skip
 
     for step in (1, 2, 3):
         grad = rs.standard_normal(w.shape).astype(dtype)
@@ -768,7 +768,8 @@ def test_training_step_composes(run: Runner, bn: str, drop: str, output: str, dt
     run("hidden_forward", f"hidden_forward_{s}", (ceil_div(h, 32), 1, 1), COLUMN_BLOCK,
         (k_u1, i32(n), i32(h), i32(ACTIVATION_CODES["relu"]), T(0.01), i32(BATCH_NORM_CODES[bn]),
          gamma, beta, i32(0), k_mean, k_var, k_std, i32(DROPOUT_CODES[drop]), np.uint64(key),
-         i32(rng.keep_count(KEEP, h)), np.float64(KEEP), None, k_y1, k_uhat, k_z1))  # fmt: skip
+         None, i32(rng.keep_count(KEEP, h)), np.float64(KEEP), None, k_y1, k_uhat,
+         k_z1))  # fmt: skip
     k_u2, k_du2, k_loss = blank((n, c), dtype), blank((n, c), dtype), blank(1, dtype)
     product("nn", n, c, h, k_z1, w2, k_u2, b2)
     run("output_loss", f"output_loss_grad_{s}", (1,), (128,),
@@ -784,7 +785,7 @@ def test_training_step_composes(run: Runner, bn: str, drop: str, output: str, dt
     run("hidden_backward", f"hidden_backward_{s}", (ceil_div(h, 32), 1, 1), COLUMN_BLOCK,
         (k_dz1, i32(n), i32(h), i32(ACTIVATION_CODES["relu"]), T(0.01), k_y1,
          i32(BATCH_NORM_CODES[bn]), gamma, k_uhat, k_std, i32(DROPOUT_CODES[drop]),
-         np.uint64(key), i32(rng.keep_count(KEEP, h)), np.float64(KEEP), k_du1, k_dg,
+         np.uint64(key), None, i32(rng.keep_count(KEEP, h)), np.float64(KEEP), k_du1, k_dg,
          k_db))  # fmt: skip
     k_dw1, k_db1 = blank((n_in, h), dtype), blank(h, dtype)
     product("tn", n_in, h, n, x, k_du1, k_dw1, None)
@@ -804,6 +805,113 @@ def test_training_step_composes(run: Runner, bn: str, drop: str, output: str, dt
     if bn == "node":
         assert_close(k_dg, dgamma_ref, op, dtype, "dgamma")
         assert_close(k_db, dbeta_ref, op, dtype, "dbeta")
+
+
+# ---- what changes per training step, read from device memory (step.cu) ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_values", [0, 4])
+def test_step_begin_makes_each_steps_keys_and_values(run: Runner, n_values: int,
+                                                     dtype: str) -> None:
+    """Three steps from a counter set to (epoch key, 5): the keys are rng.dropout_key's, the
+    values the table's row of the step, the counter counts."""
+    seed, epoch, layers, steps = 2**64 - 3, 7, 3, 9
+    counter = np.array([rng.fold_key(seed, rng.STREAM_DROPOUT, epoch), 5], np.uint64)
+    table = np.arange(steps * n_values, dtype=np.float64) / 3 if n_values else None
+    current, keys = blank(1, np.int64), np.zeros(layers, np.uint64)
+    values = np.full(4, np.nan)
+    for step in (5, 6, 7):
+        run("step", f"step_begin_{suffix(dtype)}", (1,), (1,),
+            (counter, table, np.int32(n_values), current, keys, np.int32(layers),
+             values))  # fmt: skip
+        assert int(current[0]) == step and int(counter[1]) == step + 1
+        assert [int(k) for k in keys] == [rng.dropout_key(seed, epoch, step, layer)
+                                          for layer in range(layers)]
+        if n_values:
+            np.testing.assert_array_equal(values, table[step * 4 : step * 4 + 4])
+        else:
+            assert np.isnan(values).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_batch_takes_the_steps_rows_of_the_order(run: Runner, dtype: str) -> None:
+    rs = np.random.default_rng(21)
+    x, t = rs.standard_normal((23, 5)).astype(dtype), rs.standard_normal((23, 3)).astype(dtype)
+    order = rs.permutation(23).astype(np.int64)
+    for step, n in ((0, 8), (2, 7)):  # a full batch, then the short last one
+        x_out, t_out = blank((n, 5), dtype), blank((n, 3), dtype)
+        run("step", f"gather_batch_{suffix(dtype)}", (2,), (256,),
+            (x, t, order, np.array([step], np.int64), np.int32(8), np.int32(n), np.int32(5),
+             np.int32(3), x_out, t_out))  # fmt: skip
+        rows = order[step * 8 : step * 8 + n]
+        np.testing.assert_array_equal(x_out, x[rows])
+        np.testing.assert_array_equal(t_out, t[rows])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("drop", ["article", "inverted"])
+def test_a_key_in_device_memory_replaces_the_key_argument(run: Runner, drop: str,
+                                                          dtype: str) -> None:
+    """article_mask, dropout_input, hidden_forward and hidden_backward given key 0 and the
+    key in device memory (key_at) write the bits they write given the key itself."""
+    rs = np.random.default_rng(22)
+    n, d, s, T = 11, 19, suffix(dtype), scalar(dtype)
+    key = rng.dropout_key(5, 1, 3, 1)
+    u = rs.standard_normal((n, d)).astype(dtype)
+    dz = rs.standard_normal((n, d)).astype(dtype)
+    code, count = np.int32(DROPOUT_CODES[drop]), np.int32(rng.keep_count(KEEP, d))
+    results = []
+    for given, key_at in ((key, None), (0, np.array([key], np.uint64))):
+        mask, dropped = blank(d, dtype), blank((n, d), dtype)
+        z, y, du = blank((n, d), dtype), blank((n, d), dtype), blank((n, d), dtype)
+        run("masks", f"article_mask_{s}", (1,), (256,),
+            (np.uint64(given), key_at, np.int32(d), count, mask))  # fmt: skip
+        run("masks", f"dropout_input_{s}", (1,), (256,),
+            (u, np.int32(n), np.int32(d), code, np.uint64(given), key_at, np.float64(KEEP),
+             mask, dropped))  # fmt: skip
+        relu, off = np.int32(ACTIVATION_CODES["relu"]), np.int32(BATCH_NORM_CODES["off"])
+        run("hidden_forward", f"hidden_forward_{s}", (1, 1, 1), COLUMN_BLOCK,
+            (u, np.int32(n), np.int32(d), relu, T(ALPHA), off, None, None, np.int32(0), None,
+             None, None, code, np.uint64(given), key_at, count, np.float64(KEEP), None, y,
+             None, z))  # fmt: skip
+        run("hidden_backward", f"hidden_backward_{s}", (1, 1, 1), COLUMN_BLOCK,
+            (dz, np.int32(n), np.int32(d), relu, T(ALPHA), y, off, None, None, None, code,
+             np.uint64(given), key_at, count, np.float64(KEEP), du, None, None))  # fmt: skip
+        results.append((mask, dropped, z, du))
+    for name, by_argument, by_memory in zip(("mask", "dropout_input", "z", "du"), *results,
+                                            strict=True):
+        np.testing.assert_array_equal(by_memory, by_argument, err_msg=name)
+    assert 0 < results[0][0].sum() < d  # the mask drops some nodes and keeps some
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizer_rates_in_device_memory_replace_the_arguments(run: Runner, kind: str,
+                                                                dtype: str) -> None:
+    """optimizer_update given rate 0, corrections 1 and the step's values in device memory
+    (rate_at, corrections_at) updates as it does given those values as arguments."""
+    rs = np.random.default_rng(23)
+    spec = OptimizerSpec(kind, beta1=0.85, beta2=0.99, eps=1e-6)
+    T, rate, step = scalar(dtype), 0.07, 3
+    corrections = (1 - spec.beta1**step, 1 - spec.beta2**step)
+    start = rs.standard_normal(40).astype(dtype)
+    grad = rs.standard_normal(40).astype(dtype)
+    results = []
+    for rate_given, corr_given, rate_at, corrections_at in (
+            (rate, corrections, None, None),
+            (0.0, (1.0, 1.0), np.array([rate]), np.array(corrections))):
+        w = start.copy()
+        first, second = np.full_like(w, 0.1), np.full_like(w, 0.2)
+        run("optimizer", f"optimizer_update_{suffix(dtype)}", (1,), (64,),
+            (w, grad, first, second, np.int64(w.size), np.int32(OPTIMIZER_CODES[kind]),
+             T(rate_given), np.int32(DECAY_CODES["l2"]), T(0.01), T(0.9), T(spec.beta1),
+             T(1 - spec.beta1), T(spec.beta2), T(1 - spec.beta2), T(spec.eps), T(corr_given[0]),
+             T(corr_given[1]), rate_at, corrections_at))  # fmt: skip
+        results.append((w, first, second))
+    for by_argument, by_memory in zip(*results, strict=True):
+        np.testing.assert_array_equal(by_memory, by_argument)
+    assert not np.array_equal(results[0][0], start)
 
 
 # ---- the sources and their codes ----
@@ -1089,3 +1197,33 @@ def test_names_and_signatures_are_validated() -> None:
     signature = kernel_signatures(read_source("hidden_forward"))["hidden_forward_f32"]
     assert str(signature).startswith("hidden_forward_f32(const float* u, int n, int d, int act")
     assert math.prod(COLUMN_BLOCK) == 256
+
+
+def test_a_capture_records_launches_and_its_graph_replays_them() -> None:
+    """Between begin_capture and end_capture nothing runs; the graph runs the recorded
+    launches in order, each time on the arrays' contents as they are then; a bad launch is
+    refused while capturing, as CUDA refuses it."""
+    function = _module(PROBES).get_function("atomics")
+    i, u = np.zeros(1, np.int32), np.zeros(1, np.uint64)
+    f, d, m = np.zeros(1, np.float32), np.zeros(1), np.zeros(1, np.int32)
+    shim.begin_capture()
+    try:
+        with pytest.raises(RuntimeError, match="capturing already"):
+            shim.begin_capture()
+        function(1, 32, (i, u, f, d, m))
+        function(2, 32, (i, u, f, d, m))
+        with pytest.raises(TypeError, match="takes 5 arguments"):
+            function(1, 32, (i, u))
+        assert i[0] == 0  # recorded, not run
+    finally:
+        graph = shim.end_capture()
+    assert len(graph) == 2
+    with pytest.raises(RuntimeError, match="not capturing"):
+        shim.end_capture()
+    graph.launch()
+    assert i[0] == 3 * 32
+    i[0] = 100
+    graph.launch()
+    assert i[0] == 100 + 3 * 32
+    function(1, 32, (i, u, f, d, m))  # no longer capturing: runs at once
+    assert i[0] == 100 + 4 * 32

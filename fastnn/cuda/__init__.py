@@ -19,20 +19,22 @@ Loading one (the CuPy backend)::
 Kernels (file: signature, then grid and block of the intended launch):
 
 masks.cu
-    article_mask(u64 key, int d, int keep_count, T* mask)
+    article_mask(u64 key, const u64* key_at, int d, int keep_count, T* mask)
         (ceil(d/256)), (256)
     bernoulli_mask(u64 key, long long count, double keep, T on_value, T* out)      1-D
-    dropout_input(const T* x, int n, int d, int drop, u64 key, double keep,
-                  const T* mask, T* out)                                          1-D
+    dropout_input(const T* x, int n, int d, int drop, u64 key, const u64* key_at,
+                  double keep, const T* mask, T* out)                             1-D
 hidden_forward.cu
     hidden_forward(const T* u, int n, int d, int act, T alpha, int bn, const T* gamma,
                    const T* beta, int stats, T* mean, T* var, T* std_dev, int drop, u64 key,
-                   int keep_count, double keep, T* mask_out, T* y_out, T* u_hat_out, T* z)
+                   const u64* key_at, int keep_count, double keep, T* mask_out, T* y_out,
+                   T* u_hat_out, T* z)
         (ceil(d/32), R), (32, 8)
 hidden_backward.cu
     hidden_backward(const T* dz, int n, int d, int act, T alpha, const T* y, int bn,
                     const T* gamma, const T* u_hat, const T* std_dev, int drop, u64 key,
-                    int keep_count, double keep, T* du, T* dgamma_nodes, T* dbeta_nodes)
+                    const u64* key_at, int keep_count, double keep, T* du, T* dgamma_nodes,
+                    T* dbeta_nodes)
         (ceil(d/32), R), (32, 8)
 output_loss.cu
     output_loss_grad(const T* u, const T* t, int n, int c, int output, T* y, T* du,
@@ -54,7 +56,8 @@ optimizer.cu
     optimizer_update(T* param, const T* grad, T* first, T* second, long long count,
                      int rule, T rate, int decay, T lam, T momentum, T beta1,
                      T beta1_rest, T beta2, T beta2_rest, T eps, T correction_first,
-                     T correction_second)                                              1-D
+                     T correction_second, const double* rate_at,
+                     const double* corrections_at)                                     1-D
 reduce.cu
     sum_reduce(const T* x, long long count, int transform, T scale, T divisor, T* out,
                int accumulate)                                               (1), (256)
@@ -62,14 +65,23 @@ gemm.cu
     gemm_nn, gemm_nt, gemm_tn(int M, int N, int K, T alpha, const T* A, int lda,
                               const T* B, int ldb, T beta, T* C, int ldc, const T* bias)
         (ceil(N/16), ceil(M/16)), (16, 16)
+step.cu
+    step_begin(u64* counter, const double* table, int n_values, long long* current,
+               u64* keys, int n_keys, double* values)                          (1), (1)
+    gather_batch(const T* x, const T* t, const long long* order,
+                 const long long* current, int batch_size, int n, int d, int c, T* x_out,
+                 T* t_out)                                                          1-D
 
 (``u64`` is ``unsigned long long``; "1-D": any 1-D launch, grid-stride loops.) The codes of
 ``act``, ``bn``, ``stats``, ``drop``, ``output``, ``decay`` and ``transform`` are the tables of
 `fastnn.backends.codes` (the enums of ``fastnn_common.cuh``). The GPU backend fills each
 launch's arguments by these parameter names (`fastnn.backends.cuda.launches`).
 The "bn" variant's scalar dgamma/dbeta is hidden_backward's node sums through sum_reduce
-(divisor d). The mask key is a launch argument: a step captured as a CUDA graph needs its
-kernel nodes' key updated before each replay.
+(divisor d). A mask key is a launch argument (``key``) or, in a training step, read from
+device memory (``key_at``: the keys step_begin makes from a step counter kept there), and so
+are the optimiser's per-step rate and corrections (``rate_at``, ``corrections_at``): every
+launch of a step then has the same arguments at every step, and the step is captured once as
+a CUDA graph and replayed (`fastnn.backends.cuda.training`).
 
 Checking without a GPU:
 

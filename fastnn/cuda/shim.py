@@ -12,6 +12,12 @@ or half a value), every pointer a C-contiguous array of the pointee's type (writ
 in reverse order, so a missing barrier changes the result; ``guard_bytes`` surrounds every
 array with canary bytes (0xFF: reading them gives NaN) and fails the launch when a kernel
 wrote to them.
+
+``begin_capture()`` / ``end_capture()`` stand for a CUDA stream capture: between them a
+thread's launches are checked and recorded, not run, and `end_capture` returns a `Graph`
+whose ``launch()`` runs them in the recorded order, with the arrays and scalars they were
+given (an array's contents as they are when the graph runs, as a CUDA graph reads its
+pointers).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ _ALIGN = 64
 _BUILD_LOCK = threading.Lock()
 _LIBRARIES: dict[str, ctypes.CDLL] = {}
 _COMPILER_IDS: dict[str, str] = {}
+_CAPTURE = threading.local()  # .launches: the list a capturing thread records into
 
 
 class ShimCompileError(RuntimeError):
@@ -346,12 +353,21 @@ class Function:
         shared_mem: int = 0,
         stream: Any = None,
     ) -> None:
-        """Launch on the CPU and return when it has finished (``stream`` is ignored)."""
+        """Launch on the CPU and return when it has finished (``stream`` is ignored); while
+        this thread captures, check the launch and record it instead (`begin_capture`)."""
         if shared_mem:
             raise NotImplementedError("the CPU shim has no dynamic shared memory")
         grid3, block3 = _dim3(grid, "grid"), _dim3(block, "block")
         args = tuple(args)
         self._check(args)
+        recording = getattr(_CAPTURE, "launches", None)
+        if recording is not None:
+            recording.append((self, grid3, block3, args))
+            return
+        self._run(grid3, block3, args)
+
+    def _run(self, grid3: tuple[int, int, int], block3: tuple[int, int, int],
+             args: tuple[Any, ...]) -> None:
         guard = self.module.guard_bytes
         buffers: list[tuple[_Buffer, str]] = []
         holders: list[Any] = []
@@ -399,3 +415,36 @@ class Function:
         buffer = _Buffer(array, guard)
         buffers.append((buffer, label))
         return buffer
+
+
+class Graph:
+    """Launches recorded between `begin_capture` and `end_capture`; ``launch()`` runs them in
+    order (what ``cupy.cuda.Graph`` is to a stream capture)."""
+
+    def __init__(self, launches: Sequence[tuple[Function, tuple[int, int, int],
+                                                tuple[int, int, int], tuple[Any, ...]]]) -> None:
+        self.launches = tuple(launches)
+
+    def __len__(self) -> int:
+        return len(self.launches)
+
+    def launch(self, stream: Any = None) -> None:
+        """Run every recorded launch, first to last (``stream`` is ignored)."""
+        for function, grid3, block3, args in self.launches:
+            function._run(grid3, block3, args)
+
+
+def begin_capture() -> None:
+    """Record this thread's launches from now on instead of running them."""
+    if getattr(_CAPTURE, "launches", None) is not None:
+        raise RuntimeError("this thread is capturing already: end_capture() first")
+    _CAPTURE.launches = []
+
+
+def end_capture() -> Graph:
+    """Stop recording this thread's launches; the `Graph` of those recorded."""
+    launches = getattr(_CAPTURE, "launches", None)
+    if launches is None:
+        raise RuntimeError("this thread is not capturing: begin_capture() first")
+    _CAPTURE.launches = None
+    return Graph(launches)

@@ -19,7 +19,7 @@ at import.
 from __future__ import annotations
 
 from .device import KernelDevice, shim_device
-from .launches import KERNEL_FILES, ArgumentError, Launch, Launches, StepValue
+from .launches import KERNEL_FILES, ArgumentError, Launch, Launches
 from .ops import KernelOps
 
 __all__ = [
@@ -29,6 +29,5 @@ __all__ = [
     "KernelOps",
     "Launch",
     "Launches",
-    "StepValue",
     "shim_device",
 ]

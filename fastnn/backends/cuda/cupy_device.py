@@ -8,6 +8,7 @@ the CPU shim (`device.shim_device`), which is how it is tested without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import cupy  # an ImportError here is turned into an install hint by the registry
@@ -26,7 +27,19 @@ def cupy_device() -> KernelDevice:
     def synchronize() -> None:
         cupy.cuda.get_current_stream().synchronize()
 
-    return KernelDevice("cupy", cupy, load, cupy.asnumpy, synchronize)
+    def capture(record: Callable[[], None]) -> Any:
+        """A graph of the launches of ``record``, captured on a stream of its own (a graph
+        launches on any stream: the epoch launches it on the current one)."""
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                record()
+            finally:
+                graph = stream.end_capture()
+        return graph
+
+    return KernelDevice("cupy", cupy, load, cupy.asnumpy, synchronize, capture)
 
 
 class CupyOps(KernelOps):

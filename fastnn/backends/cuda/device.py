@@ -5,6 +5,7 @@ kernels loaded on first use, launches built by name, the run's buffers, what the
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ class KernelDevice:
     ``get_function(name)``, whose functions launch as ``function(grid, block, args)``
     (``cupy.RawModule`` or `fastnn.cuda.shim.Module`); ``to_host`` copies a device array into a
     NumPy array (waiting for the device); ``synchronize`` waits for every launch so far.
+    ``capture(record)`` calls ``record`` (which launches kernels) while the device captures,
+    and returns a graph whose ``launch()`` replays those launches on the current stream
+    (``cupy.cuda.Graph``, `fastnn.cuda.shim.Graph`); None: the device cannot, and the epoch
+    launches each kernel itself.
     """
 
     name: str
@@ -42,17 +47,27 @@ class KernelDevice:
     load_module: Callable[[str, tuple[str, ...], tuple[str, ...]], Any]
     to_host: Callable[[Any], np.ndarray]
     synchronize: Callable[[], None]
+    capture: Callable[[Callable[[], None]], Any] | None = None
 
 
 def shim_device(thread_order: str = "forward", guard_bytes: int = 256) -> KernelDevice:
-    """NumPy arrays and the CPU shim's modules (launches run synchronously on the CPU)."""
+    """NumPy arrays and the CPU shim's modules (launches run synchronously on the CPU; a
+    capture records them, its graph replays them)."""
     from ...cuda import shim
 
     def load(code: str, options: tuple[str, ...], names: tuple[str, ...]) -> Any:
         return shim.Module(code, options, names, thread_order=thread_order,
                            guard_bytes=guard_bytes)
 
-    return KernelDevice(f"shim-{thread_order}", np, load, np.asarray, lambda: None)
+    def capture(record: Callable[[], None]) -> Any:
+        shim.begin_capture()
+        try:
+            record()
+        finally:
+            graph = shim.end_capture()
+        return graph
+
+    return KernelDevice(f"shim-{thread_order}", np, load, np.asarray, lambda: None, capture)
 
 
 class KernelBase(Ops):
@@ -67,6 +82,14 @@ class KernelBase(Ops):
         self._functions: dict[tuple[str, np.dtype], Any] = {}
         self._warmed: set[tuple[Any, ...]] = set()
         self.launch = Launches(self.kernel)
+
+    def workspace(self, threads: int | None = None) -> Workspace:
+        """A new workspace for one run; its option ``graphs`` (default: True unless
+        FASTNN_CUDA_GRAPHS is 0) captures each training step once as a graph of the device
+        and replays it, where the device can capture (`KernelDevice.capture`)."""
+        workspace = super().workspace(threads)
+        workspace.options["graphs"] = os.environ.get("FASTNN_CUDA_GRAPHS", "1") != "0"
+        return workspace
 
     def evaluation_bytes(self, plan: Plan, rows: int) -> int:
         """An evaluation's arrays live on the device: none on the host."""

@@ -67,7 +67,7 @@ class KernelEvaluation(KernelBase):
                     launches.append(launch(
                         "dropout_input", dtype, linear_grid(rows * d_in), LINEAR_BLOCK, x=a,
                         n=rows, d=d_in, drop=DROPOUT_CODES["article_eval"], key=0,
-                        keep=scales[0], mask=None, out=scaled))
+                        key_at=None, keep=scales[0], mask=None, out=scaled))
                     a = scaled
                 launches.append(launch.gemm("nn", a, params[f"W{k}"], u[start : start + rows],
                                             params[f"b{k}"], rows, d, d_in))
@@ -101,8 +101,8 @@ class KernelEvaluation(KernelBase):
                 alpha=spec.alpha, bn=bn_code(spec, gamma), gamma=gamma,
                 beta=params.get(f"beta{k}"), stats=STATS_CODES["given"], mean=mean, var=var,
                 std_dev=None, drop=DROPOUT_CODES["article_eval" if scale != 1.0 else "none"],
-                key=0, keep_count=d, keep=scale, mask_out=None, y_out=None, u_hat_out=None,
-                z=z))
+                key=0, key_at=None, keep_count=d, keep=scale, mask_out=None, y_out=None,
+                u_hat_out=None, z=z))
         # loss sum (float64) and predicted classes (int32) share one buffer: one read back
         out = buffer("out", (8 + 4 * n,), np.uint8)
         loss_sum, predicted = out[:8].view(np.float64), out[8:].view(np.int32)

@@ -8,11 +8,11 @@ and the parameter. Scalars become NumPy scalars of the parameter's C type (``int
 ``numpy.int32``, ``unsigned long long`` -> ``numpy.uint64``, ``double``, float or double for
 T); a pointer takes a device array of its pointee's dtype, or None.
 
-An argument that changes from step to step (a mask key) is given as ``StepValue(source)``:
-its slot is found by the parameter's name when the launch is built, and
-``Launch.run(values)`` puts ``values[source]`` there, cast to the parameter's type. Nothing
-else is redone per launch: the name -> slot map of each kernel is built once (`kernel_layout`)
-and a built launch keeps its tuple.
+A built launch keeps its tuple and is run as it is (`Launch.run`): nothing is redone per
+launch, and the name -> slot map of each kernel is built once (`kernel_layout`). What changes
+from one training step to the next (mask keys, rates) is read by the kernels from device
+memory (``key_at``, ``rate_at``, ``corrections_at``), so a step's launches are the same at
+every step (`fastnn.backends.cuda.training`).
 
 The `Launches` helpers (`Launches.gemm`, `column_sums`, `sgd`, `optimizer`, ...) are the
 launches the per-op overrides, the epoch and the evaluation share.
@@ -20,8 +20,7 @@ launches the per-op overrides, the epoch and the evaluation share.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +68,8 @@ KERNEL_FILES: dict[str, str] = {
     "gemm_nn": "gemm",
     "gemm_nt": "gemm",
     "gemm_tn": "gemm",
+    "step_begin": "step",
+    "gather_batch": "step",
 }
 #: the kernel name's suffix per dtype
 SUFFIX = {"float32": "f32", "float64": "f64"}
@@ -92,44 +93,19 @@ class ArgumentError(TypeError):
     """A launch's arguments do not match the kernel's signature."""
 
 
-@dataclass(frozen=True)
-class StepValue:
-    """A launch argument given per step: ``Launch.run(values)`` takes ``values[source]``."""
-
-    source: Hashable
-
-
-_NO_VALUES: Mapping[Hashable, Any] = {}
-
-
 class Launch:
-    """One kernel launch, its positional arguments built; ``changing``: (slot, parameter name,
-    source, cast) of each argument `run` fills in from its ``values``."""
+    """One kernel launch, its positional arguments built."""
 
-    __slots__ = ("args", "block", "changing", "function", "grid", "kernel")
+    __slots__ = ("args", "block", "function", "grid", "kernel")
 
     def __init__(self, kernel: str, function: Any, grid: tuple[int, int, int],
-                 block: tuple[int, int, int], args: tuple[Any, ...],
-                 changing: tuple[tuple[int, str, Hashable, Callable[[Any], Any]], ...] = ()
-                 ) -> None:
+                 block: tuple[int, int, int], args: tuple[Any, ...]) -> None:
         self.kernel, self.function, self.grid, self.block = kernel, function, grid, block
-        self.args, self.changing = args, changing
+        self.args = args
 
-    def run(self, values: Mapping[Hashable, Any] = _NO_VALUES) -> None:
-        """Launch, with this step's ``values`` in the slots of the changing arguments."""
-        args = self.args
-        if self.changing:
-            filled = list(args)
-            for slot, name, source, cast in self.changing:
-                try:
-                    filled[slot] = cast(values[source])
-                except KeyError:
-                    raise ArgumentError(
-                        f"kernel {self.kernel}: no value for its per-step argument {name} "
-                        f"(source {source!r})"
-                    ) from None
-            args = tuple(filled)
-        self.function(self.grid, self.block, args)
+    def run(self) -> None:
+        """Launch (on the device's current stream; recorded instead while it captures)."""
+        self.function(self.grid, self.block, self.args)
 
 
 _POINTER, _INTEGER, _FLOAT = "pointer", "integer", "float"
@@ -164,22 +140,15 @@ class KernelLayout:
     def signature(self) -> str:
         return f"{self.kernel}({', '.join(str(p) for p in self.params)})"
 
-    def arguments(self, named: Mapping[str, Any]
-                  ) -> tuple[tuple[Any, ...], tuple[tuple[int, str, Hashable, Any], ...]]:
-        """(the positional arguments, the changing ones) of named arguments: each checked
-        against its parameter, a scalar cast to the parameter's C type."""
+    def arguments(self, named: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The positional arguments of named arguments: each checked against its parameter,
+        a scalar cast to the parameter's C type."""
         if named.keys() != self.slots.keys():
             self._names_error(named)
         args: list[Any] = []
-        changing: list[tuple[int, str, Hashable, Any]] = []
         for slot, (name, kind, dtype, cast, low, high) in enumerate(self._checks):
             value = named[name]
-            if type(value) is StepValue:
-                if kind is _POINTER:
-                    raise self._error(slot, "cannot change per step")
-                changing.append((slot, name, value.source, cast))
-                args.append(None)
-            elif kind is _POINTER:
+            if kind is _POINTER:
                 if value is not None:
                     found = getattr(value, "dtype", None)
                     if found is None or isinstance(value, np.generic):
@@ -198,7 +167,7 @@ class KernelLayout:
                 if not isinstance(value, _NUMBERS):
                     raise self._error(slot, f"needs a number; got {type(value).__name__}")
                 args.append(cast(value))
-        return tuple(args), tuple(changing)
+        return tuple(args)
 
     def _error(self, slot: int, problem: str) -> ArgumentError:
         param = self.params[slot]
@@ -253,8 +222,8 @@ class Launches:
         """The launch of ``<stem>`` (its ``dtype`` variant) with its arguments by name."""
         dtype = np.dtype(dtype)
         layout = kernel_layout(stem, dtype)
-        args, changing = layout.arguments(named)
-        return Launch(layout.kernel, self._function(stem, dtype), grid, block, args, changing)
+        return Launch(layout.kernel, self._function(stem, dtype), grid, block,
+                      layout.arguments(named))
 
     # ---- the launches shared by the per-op overrides, the epoch and the evaluation ----
     def gemm(self, op: str, a: Array, b: Array, c: Array, bias: Array | None, m: int, n: int,
@@ -281,12 +250,13 @@ class Launches:
                     g=grad, count=count, rate=rate)
 
     def optimizer(self, param: Array, grad: Array, slots: tuple[Array, ...],
-                  spec: OptimizerSpec, rate: float | StepValue, decay: str | None, lam: float,
-                  corrections: tuple[float | StepValue, float | StepValue] = (1.0, 1.0)
-                  ) -> Launch:
+                  spec: OptimizerSpec, rate: float, decay: str | None, lam: float,
+                  corrections: tuple[float, float] = (1.0, 1.0), rate_at: Array | None = None,
+                  corrections_at: Array | None = None) -> Launch:
         """One update of param and its ``slots`` (velocity, or m and v; none for sgd) by the
         rule of ``spec`` at ``rate`` with Adam's ``corrections`` (1 - beta1^t, 1 - beta2^t);
-        the rate and corrections may be per-step values."""
+        ``rate_at`` (1,) / ``corrections_at`` (2,), float64 device arrays, replace them with
+        the values they hold when the kernel runs (a training step's)."""
         count = param.size
         first = slots[0] if slots else None
         second = slots[-1] if len(slots) > 1 else None
@@ -296,7 +266,8 @@ class Launches:
                     lam=lam, momentum=spec.momentum, beta1=spec.beta1,
                     beta1_rest=1 - spec.beta1, beta2=spec.beta2, beta2_rest=1 - spec.beta2,
                     eps=spec.eps, correction_first=corrections[0],
-                    correction_second=corrections[1])
+                    correction_second=corrections[1], rate_at=rate_at,
+                    corrections_at=corrections_at)
 
     def node_mean(self, nodes: Array, d: int, out: Array) -> Launch:
         """out (1,) = sum(nodes) / d: the "bn" variant's scalar gradient."""

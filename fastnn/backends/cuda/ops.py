@@ -52,7 +52,8 @@ class KernelOps(KernelTraining, KernelEvaluation):
             return super().article_mask(key, d, keep, dtype)
         mask = self._empty(d, dtype)
         self.launch("article_mask", dtype, (cdiv(d, LINEAR_BLOCK[0]), 1, 1), LINEAR_BLOCK,
-                    key=key, d=d, keep_count=rng.keep_count(keep, d), mask=mask).run()
+                    key=key, key_at=None, d=d, keep_count=rng.keep_count(keep, d),
+                    mask=mask).run()
         return mask
 
     def _bernoulli(self, key: int, shape: tuple[int, int], keep: float, dtype: Any,
@@ -198,7 +199,7 @@ class KernelOps(KernelTraining, KernelEvaluation):
             act=ACTIVATION_CODES[spec.activation], alpha=spec.alpha, bn=bn,
             gamma=gamma if affine else None, beta=beta if affine else None,
             stats=STATS_CODES["batch" if stats is None else "given"], mean=mean, var=var,
-            std_dev=std, drop=DROPOUT_CODES[drop], key=0, keep_count=d, keep=keep,
+            std_dev=std, drop=DROPOUT_CODES[drop], key=0, key_at=None, keep_count=d, keep=keep,
             mask_out=None, y_out=y, u_hat_out=u_hat, z=z).run()
         if array is not None:
             z *= array
@@ -235,7 +236,7 @@ class KernelOps(KernelTraining, KernelEvaluation):
             "hidden_backward", dz.dtype, (cdiv(d, 32), 1, 1), COLUMN_BLOCK, dz=dz, n=n, d=d,
             act=ACTIVATION_CODES[spec.activation], alpha=spec.alpha, y=y, bn=bn,
             gamma=gamma if sums else None, u_hat=cache.u_hat, std_dev=cache.std,
-            drop=DROPOUT_CODES[drop], key=0, keep_count=d, keep=keep, du=du,
+            drop=DROPOUT_CODES[drop], key=0, key_at=None, keep_count=d, keep=keep, du=du,
             dgamma_nodes=dgamma, dbeta_nodes=dbeta).run()
         if not sums:
             return du, None, None

@@ -1,23 +1,30 @@
-"""The whole epoch on the kernels: one training step as a fixed list of launches.
+"""The whole epoch on the kernels: one training step as a fixed list of launches, captured
+once as a graph of the device and replayed at every step.
 
-The list is built once per epoch and batch size (`KernelTraining._step`), the same kernels in
-the same order as the per-op overrides and the reference executor (`steps.train_step`): the
-batch rows are gathered on the device from the epoch's order (uploaded once per epoch), masks
-are made inside the kernels from their keys (computed on the host; each launch takes its
-layer's key through the ``key`` parameter, given per step as `step_key`), each layer is
-updated as soon as its gradients exist, loss and accuracy are never read. Nothing inside an
-epoch waits for the device. The article's update (plain SGD at the plan's rates) is the
-sgd_weight/sgd_vector kernels; every other optimiser, and SGD under a schedule, updates each
-parameter and its optimiser slots with one optimizer_update launch whose rate and Adam's bias
-corrections are per-step values computed on the host (`step_values`), as the reference
-computes them. No CUDA graph is captured: the kernels take the mask key as a
-launch argument, so a graph would need its kernel nodes' parameters updated before every
-replay.
+The list is built once per batch size (`KernelTraining._step`), the same kernels in the same
+order as the per-op overrides and the reference executor (`steps.train_step`), and every one
+of its launches takes the same arguments at every step: what changes from step to step is
+made on the device from a step counter kept there (kernels/step.cu). The step's first launch,
+step_begin, reads the counter (set by the host before the epoch: the epoch's dropout key and
+step 0), writes that step's mask keys (`Plan.mask_key`, bit for bit) and its per-step rates
+and Adam's corrections (a table the host uploads once per epoch, computed as the reference
+computes them: `step_values`) to device memory, and counts the step; gather_batch copies the
+step's rows of the epoch's order (uploaded once per epoch); the mask kernels read their
+layer's key (``key_at``), optimizer_update its rate and corrections (``rate_at``,
+``corrections_at``). Each layer is updated as soon as its gradients exist; loss and accuracy
+are never read; nothing inside an epoch waits for the device.
+
+Where the device can capture (`KernelDevice.capture`) and the run's ``graphs`` option is on,
+a step's list is captured once as a graph (``cupy.cuda.Graph``; on the CPU shim a recorded
+list) and each step launches the graph; the short last batch has a graph of its own. A graph
+is kept in the run's workspace with the arrays it was built on and is built again when any
+of them is another array (a new parameter array, another data set). Without graphs the same
+launches run one by one: the same kernels, arguments and order, the same bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +34,7 @@ from ...cuda import COLUMN_BLOCK, GEMM_TILE, LINEAR_BLOCK
 from ..codes import ACTIVATION_CODES, BATCH_NORM_CODES, DROPOUT_CODES, STATS_CODES
 from ..workspace import Workspace
 from .device import KernelBase
-from .launches import GRID_Y_MAX, Launch, StepValue, cdiv, linear_grid
+from .launches import GRID_Y_MAX, Launch, cdiv, linear_grid
 
 if TYPE_CHECKING:
     from ...plan import Plan
@@ -35,25 +42,48 @@ if TYPE_CHECKING:
 
 Array = Any
 
-
-def step_key(layer: int) -> StepValue:
-    """The ``key`` argument of a launch that draws layer ``layer``'s mask: that step's key."""
-    return StepValue(("mask key", layer))
+#: the per-step values of a stepwise epoch, in the order of a table row (kernels/step.cu)
+STEP_VALUES = ("rate", "batch-norm rate", "correction first", "correction second")
 
 
-#: the per-step arguments of the optimizer_update launches
-RATE, BN_RATE = StepValue("rate"), StepValue("batch-norm rate")
-CORRECTIONS = (StepValue("correction first"), StepValue("correction second"))
-
-
-def step_values(plan: Plan, factor: float, update: int) -> dict[Hashable, float]:
-    """The optimizer_update launches' per-step values: the rates times the schedule's factor
-    and Adam's bias corrections 1 - beta^t of update ``update``, in Python floats as
-    `steps.train_step` and `Ops.optimizer_update` compute them."""
+def step_values(plan: Plan, factor: float, update: int) -> tuple[float, float, float, float]:
+    """One step's `STEP_VALUES`: the rates times the schedule's factor and Adam's bias
+    corrections 1 - beta^t of update ``update``, in Python floats as `steps.train_step` and
+    `Ops.optimizer_update` compute them."""
     spec = plan.optimizer
-    return {RATE.source: plan.eta * factor, BN_RATE.source: plan.bn_rate * factor,
-            CORRECTIONS[0].source: 1 - spec.beta1**update,
-            CORRECTIONS[1].source: 1 - spec.beta2**update}
+    return (plan.eta * factor, plan.bn_rate * factor, 1 - spec.beta1**update,
+            1 - spec.beta2**update)
+
+
+@dataclass
+class _StepState:
+    """The device memory the step's launches read what changes from step to step from."""
+
+    counter: Array  # (2,) uint64: the epoch's dropout key, the index of the next step
+    current: Array  # (1,) int64: the index of the step running
+    keys: Array  # (len(plan.dropout),) uint64: the step's mask key of each layer
+    values: Array  # (4,) float64: the step's STEP_VALUES
+    table: Array | None  # (steps * 4,) float64: every step's STEP_VALUES; None: plain SGD
+    order: Array  # (rows,) int64: the epoch's order
+
+
+@dataclass
+class _Program:
+    """A training step: its launches and, when captured, their graph; ``made``: what it was
+    built on (the plan, whether it was captured, every array its launches take)."""
+
+    made: tuple[Any, ...]
+    launches: list[Launch]
+    graph: Any
+    counted: bool = False  # in the workspace's "train_graphs" counter
+
+    def launch(self) -> None:
+        """Run the step: its graph, or its launches one by one."""
+        if self.graph is not None:
+            self.graph.launch()
+            return
+        for each in self.launches:
+            each.run()
 
 
 @dataclass
@@ -121,43 +151,73 @@ class KernelTraining(KernelBase):
             layers.append(layer)
         return _Batch(x, t, mask0, layers)
 
+    def _step_state(self, plan: Plan, workspace: Workspace, rows: int, steps: int,
+                    stepwise: bool) -> _StepState:
+        """The step counter, keys, values, table and order buffers of an epoch of ``rows``
+        rows in ``steps`` steps."""
+        def buffer(name: str, shape: tuple[int, ...], dtype: Any) -> Array:
+            return self._buffer(workspace, ("step", name), shape, dtype)
+
+        width = len(STEP_VALUES)
+        return _StepState(
+            counter=buffer("counter", (2,), np.uint64), current=buffer("current", (1,), np.int64),
+            keys=buffer("keys", (len(plan.dropout),), np.uint64),
+            values=buffer("values", (width,), np.float64),
+            table=buffer("table", (steps * width,), np.float64) if stepwise else None,
+            order=buffer("order", (rows,), np.int64))
+
     def _step(self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
-              batch: _Batch, n: int, slots: Mapping[str, tuple[Array, ...]] | None = None
-              ) -> list[Launch]:
-        """Every launch of one training step on the first n rows of the batch buffers, in the
-        reference's order (`steps.train_step`); mask keys are given per step (`step_key`).
-        ``slots``: each parameter's optimiser slots, to update by optimizer_update launches
-        at per-step rates (`step_values`); None: plain SGD at the plan's rates."""
+              x: Array, t: Array, batch: _Batch, state: _StepState, n: int,
+              slots: Mapping[str, tuple[Array, ...]] | None = None) -> list[Launch]:
+        """Every launch of one training step on a batch of n rows, in the reference's order
+        (`steps.train_step`), after step_begin and gather_batch; each launch's arguments are
+        the same at every step (`_StepState`). ``slots``: each parameter's optimiser slots,
+        updated by optimizer_update launches at the step's rates (``state.values``); None:
+        plain SGD at the plan's rates."""
         dtype, sizes, n_layers = np.dtype(plan.dtype), plan.sizes, plan.n_layers
         launch = self.launch
         drop = DROPOUT_CODES["inverted" if plan.dropout_mode == "inverted" else "article"]
         bn = BATCH_NORM_CODES[plan.batch_norm]
         article = drop == DROPOUT_CODES["article"]
-        launches: list[Launch] = []
+        values = state.values
+        n_values = 0 if state.table is None else len(STEP_VALUES)
+        launches: list[Launch] = [
+            launch("step_begin", dtype, (1, 1, 1), (1, 1, 1), counter=state.counter,
+                   table=state.table, n_values=n_values, current=state.current,
+                   keys=state.keys, n_keys=len(state.keys), values=values),
+            launch("gather_batch", dtype, linear_grid(n * (sizes[0] + sizes[-1])),
+                   LINEAR_BLOCK, x=x, t=t, order=state.order, current=state.current,
+                   batch_size=plan.batch_size, n=n, d=sizes[0], c=sizes[-1],
+                   x_out=batch.x[:n], t_out=batch.t[:n]),
+        ]
+
+        def key_at(layer: int) -> Array:
+            return state.keys[layer : layer + 1]
 
         def update(name: str, grad: Array, bn: bool = False, decay: bool = False) -> Launch:
             param = params[name]
             if slots is None:
                 return launch.sgd(param, grad, plan.bn_rate if bn else plan.eta,
                                   plan.decay if decay else None, plan.lam)
-            return launch.optimizer(param, grad, slots.get(name, ()), plan.optimizer,
-                                    BN_RATE if bn else RATE, plan.decay if decay else None,
-                                    plan.lam, CORRECTIONS)
+            rate_at = values[1:2] if bn else values[0:1]
+            return launch.optimizer(param, grad, slots.get(name, ()), plan.optimizer, 0.0,
+                                    plan.decay if decay else None, plan.lam,
+                                    rate_at=rate_at, corrections_at=values[2:4])
 
         layers, mask0 = batch.layers, batch.mask0
-        x = batch.x[:n]
+        rows_in = batch.x[:n]  # the gathered batch, dropped in place
         spec0 = plan.dropout[0]
         if spec0.active:  # the input layer's dropout, in place
             d0 = sizes[0]
             if article:
                 launches.append(launch(
                     "article_mask", dtype, (cdiv(d0, LINEAR_BLOCK[0]), 1, 1), LINEAR_BLOCK,
-                    key=step_key(0), d=d0, keep_count=spec0.keep_count, mask=mask0))
+                    key=0, key_at=key_at(0), d=d0, keep_count=spec0.keep_count, mask=mask0))
             launches.append(launch(
-                "dropout_input", dtype, linear_grid(n * d0), LINEAR_BLOCK, x=x, n=n, d=d0,
-                drop=drop, key=step_key(0), keep=spec0.keep, mask=mask0 if article else None,
-                out=x))
-        inputs = [x]
+                "dropout_input", dtype, linear_grid(n * d0), LINEAR_BLOCK, x=rows_in, n=n, d=d0,
+                drop=drop, key=0, key_at=key_at(0), keep=spec0.keep,
+                mask=mask0 if article else None, out=rows_in))
+        inputs = [rows_in]
         # forward
         for k in range(1, n_layers + 1):
             layer, d = layers[k], sizes[k]
@@ -175,8 +235,9 @@ class KernelTraining(KernelBase):
                 stats=STATS_CODES["batch"], mean=layer.mean,
                 var=layer.var, std_dev=layer.std,
                 drop=drop if dropout.active else DROPOUT_CODES["none"],
-                key=step_key(k) if dropout.active else 0, keep_count=dropout.keep_count,
-                keep=dropout.keep, mask_out=None, y_out=None if layer.y is None else layer.y[:n],
+                key=0, key_at=key_at(k) if dropout.active else None,
+                keep_count=dropout.keep_count, keep=dropout.keep, mask_out=None,
+                y_out=None if layer.y is None else layer.y[:n],
                 u_hat_out=None if layer.u_hat is None else layer.u_hat[:n], z=z))
             inputs.append(z)
         # the output's gradient
@@ -208,8 +269,8 @@ class KernelTraining(KernelBase):
                 y=below.u[:n] if below.y is None else below.y[:n], bn=bn, gamma=gamma,
                 u_hat=None if below.u_hat is None else below.u_hat[:n], std_dev=below.std,
                 drop=drop if dropout.active else DROPOUT_CODES["none"],
-                key=step_key(j) if dropout.active else 0, keep_count=dropout.keep_count,
-                keep=dropout.keep, du=below.du[:n],
+                key=0, key_at=key_at(j) if dropout.active else None,
+                keep_count=dropout.keep_count, keep=dropout.keep, du=below.du[:n],
                 dgamma_nodes=below.dgamma_nodes if nodes else None,
                 dbeta_nodes=below.dbeta_nodes if nodes else None))
             if nodes:
@@ -234,10 +295,10 @@ class KernelTraining(KernelBase):
         optimizer: OptimizerState | None = None, rate_factors: Any = None,
         weights: Array | None = None, tally: Any = None,
     ) -> None:
-        """The reference epoch as kernel launches: per step, the batch gathered on the device
-        from the order uploaded once, then the step's fixed launch list with that step's mask
-        keys (and, past plain SGD, its rates and Adam's corrections). Nothing is read back.
-        Row weights, a ``tally``, or arrays the kernels do not take: the reference epoch."""
+        """The reference epoch as kernel launches: the order, the step counter and (past
+        plain SGD) every step's rates and Adam's corrections uploaded once, then per step
+        the step's graph (or its launches). Nothing is read back. Row weights, a ``tally``,
+        or arrays the kernels do not take: the reference epoch."""
         stepwise = not plan.plain_sgd or rate_factors is not None
         n_steps = cdiv(len(order), plan.batch_size)
         if (weights is not None or tally is not None
@@ -261,34 +322,60 @@ class KernelTraining(KernelBase):
         if total == 0:
             return
         xp = self.xp
-        indices = xp.asarray(np.ascontiguousarray(host_order, dtype=np.int64))  # one upload
-        buffers = self._train_buffers(plan, workspace)
-        programs: dict[int, list[Launch]] = {}
-        slots = (optimizer.slots if optimizer is not None else {}) if stepwise else None
         adaptive = plan.optimizer.kind != "sgd"
-        first_update = optimizer.steps + 1 if adaptive else 1
-        # the layers whose masks are drawn, and where each one's key goes
-        sources = [(spec.layer, step_key(spec.layer).source) for spec in plan.dropout
-                   if spec.active]
-        for step, start in enumerate(range(0, total, plan.batch_size)):
-            rows = min(plan.batch_size, total - start)
-            program = programs.get(rows)
-            if program is None:
-                program = programs[rows] = self._step(plan, params, running, buffers, rows,
-                                                      slots)
-            batch = indices[start : start + rows]
-            xp.take(x, batch, axis=0, out=buffers.x[:rows])
-            xp.take(t, batch, axis=0, out=buffers.t[:rows])
-            values: dict[Hashable, Any] = {source: plan.mask_key(epoch, step, layer)
-                                           for layer, source in sources}
-            if stepwise:
-                factor = 1.0 if rate_factors is None else float(rate_factors[step])
-                values.update(step_values(plan, factor, first_update + step))
-            for launch in program:
-                launch.run(values)
-        if adaptive:
+        state = self._step_state(plan, workspace, total, n_steps, stepwise)
+        # the epoch's uploads: its order, its dropout key and step 0, its per-step values
+        state.order[...] = xp.asarray(np.ascontiguousarray(host_order, dtype=np.int64))
+        state.counter[...] = xp.asarray(np.array([plan.epoch_key(epoch), 0], dtype=np.uint64))
+        if state.table is not None:
+            first_update = optimizer.steps + 1 if adaptive and optimizer is not None else 1
+            factors = np.ones(n_steps) if rate_factors is None else rate_factors
+            table = [step_values(plan, float(factors[step]), first_update + step)
+                     for step in range(n_steps)]
+            state.table[...] = xp.asarray(np.array(table, dtype=np.float64).reshape(-1))
+        buffers = self._train_buffers(plan, workspace)
+        slots = (optimizer.slots if optimizer is not None else {}) if stepwise else None
+        capture = self.device.capture if workspace.options.get("graphs", True) else None
+        full, last = plan.batch_size, total - (n_steps - 1) * plan.batch_size
+        programs = {rows: self._program(plan, params, running, x, t, buffers, state, rows,
+                                        slots, workspace, capture)
+                    for rows in {min(full, total), last}}
+        for start in range(0, total, full):
+            programs[min(full, total - start)].launch()
+        if adaptive and optimizer is not None:
             optimizer.steps += n_steps
         workspace.count("train_kernels")
+
+    def _program(self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
+                 x: Array, t: Array, batch: _Batch, state: _StepState, rows: int,
+                 slots: Mapping[str, tuple[Array, ...]] | None, workspace: Workspace,
+                 capture: Any) -> Any:
+        """The step of ``rows`` rows as something to ``launch()``: its graph when ``capture``
+        is given, else its launch list; kept in the workspace while every array it was built
+        on is the same."""
+        arrays = (x, t, *params.values(), *(a for pair in running.values() for a in pair),
+                  *(a for group in (slots or {}).values() for a in group),
+                  *vars(state).values(), batch.x, batch.t, batch.mask0,
+                  *(a for layer in batch.layers for a in vars(layer).values()))
+        made = (plan, capture is not None, arrays)
+
+        def same(program: _Program) -> bool:
+            plan_, captured, arrays_ = program.made
+            return (plan_ is plan and captured == made[1] and len(arrays_) == len(arrays)
+                    and all(a is b for a, b in zip(arrays_, arrays, strict=True)))
+
+        def build() -> _Program:
+            launches = self._step(plan, params, running, x, t, batch, state, rows, slots)
+            graph = None if capture is None else capture(
+                lambda: [each.run() for each in launches])
+            return _Program(made, launches, graph)
+
+        program = workspace.buffer(("cuda-kernels", self.device.name, "train program", rows),
+                                   build, same)
+        if program.graph is not None and program.counted is False:
+            program.counted = True
+            workspace.count("train_graphs")  # graphs captured (outside the buffer lock)
+        return program
 
     def _slots_fit(self, plan: Plan, params: Mapping[str, Array],
                    optimizer: OptimizerState | None) -> bool:
