@@ -10,14 +10,19 @@ accuracies and the final parameters and running statistics must agree to 1e-10 r
 (normwise, on the largest reference value). Exit status 1 otherwise.
 
 ``bench``: one epoch as the article times it (train 60 000 rows at batch 100, then evaluate
-60 000 + 10 000 rows), 784-100-50-10, float32, batch norm off and on ("bn"), the cupy backend
-against the same work in PyTorch CUDA eager (nn.Sequential, plain SGD, whole-set evaluation
-in training mode: the statistics of the evaluated set); one table of medians beside the
-article's 4.58 s / 5.98 s per epoch.
+60 000 + 10 000 rows), 784-100-50-10, float32, batch norm off and on ("bn"): the cupy backend
+with each step replayed from its CUDA graph (the default) and launched kernel by kernel
+(FASTNN_CUDA_GRAPHS=0), against the same work in PyTorch (nn.Sequential, plain SGD,
+whole-set evaluation in training mode: the statistics of the evaluated set) run eager, with
+the step captured as a CUDA graph, and as ``torch.compile(mode="reduce-overhead")``
+(`torch_peer.epoch_runner`); one table of medians beside the article's 4.58 s / 5.98 s per
+epoch and the targets of 15 ms / 25 ms. A peer that fails says so in the table; the others
+stand.
 
 ``--dry-run`` runs the same code on the CPU: the kernel path on the CPU shim stands in for
-the cupy backend, PyTorch runs on the CPU (when installed), on 120 rows with hidden layers of
-16 and 8 nodes; it checks that this script works, not any GPU figure.
+the cupy backend, PyTorch runs eager on the CPU (when installed; its graph and compile peers
+need CUDA and are left out), on 120 rows with hidden layers of 16 and 8 nodes; it checks that
+this script works, not any GPU figure.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from fastnn import Config, Network, Trainer
 from fastnn.datasets import load_idx_folder
 
 ARTICLE_SECONDS_PER_EPOCH = {"off": 229.0 / 50, "bn": 299.0 / 50}  # 3:49 and 4:59 for 50 epochs
+#: the epoch this backend aims at on an H100/H200, float32
+TARGET_SECONDS_PER_EPOCH = {"off": 0.015, "bn": 0.025}
+#: the PyTorch peers: mode of `torch_peer.epoch_runner` -> column
+TORCH_MODES = {"eager": "torch eager", "graph": "torch graph", "compile": "torch compile"}
 TOLERANCE = 1e-10
 HIDDEN = (100, 50)
 BATCH = 100
@@ -142,8 +151,9 @@ def scaled(folder: str, dry_run: bool) -> tuple[np.ndarray, ...]:
 
 
 def time_cupy(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int,
-              hidden: tuple[int, ...]) -> list[float]:
-    """Seconds of each timed epoch of the cupy backend (one untimed epoch first)."""
+              hidden: tuple[int, ...], graphs: bool = True) -> list[float]:
+    """Seconds of each timed epoch of the cupy backend (one untimed epoch first), each step
+    replayed from its graph (``graphs``) or launched kernel by kernel."""
     config = Config(backend="cupy", dtype="float32", batch_norm=batch_norm, hidden=hidden,
                     batch_size=BATCH, normalize="none")
     net = Network(config)
@@ -153,6 +163,7 @@ def time_cupy(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int,
     x, t = ops.asarray(x), ops.asarray(eye[labels])
     x_test, t_test = ops.asarray(x_test), ops.asarray(eye[labels_test])
     workspace = ops.workspace()
+    workspace.options["graphs"] = graphs
     seconds = []
     with ops.activate(workspace):
         ops.warm_up(net.plan)
@@ -168,15 +179,16 @@ def time_cupy(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int,
 
 
 def time_torch(data: tuple[np.ndarray, ...], batch_norm: str, epochs: int, device: str,
-               hidden: tuple[int, ...]) -> list[float]:
-    """The same network, batch size, plain SGD and evaluation in PyTorch eager."""
+               hidden: tuple[int, ...], mode: str = "eager") -> list[float]:
+    """The same network, batch size, plain SGD and evaluation in PyTorch, its steps run as
+    ``mode`` ("eager", "graph", "compile") says (one untimed epoch first)."""
     import torch
 
     torch.manual_seed(0)
     x, labels, x_test, labels_test = (torch.from_numpy(a).to(device) for a in data)
     model = build_model(x.shape[1], hidden, 10, batch_norm).to(device)
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    run_epoch = epoch_runner(model, x, labels, x_test, labels_test, BATCH, synchronize)
+    run_epoch = epoch_runner(model, x, labels, x_test, labels_test, BATCH, synchronize, mode)
     seconds = []
     for epoch in range(epochs + 1):
         host_order = epoch_order(epoch, len(labels))
@@ -205,34 +217,51 @@ def bench(arguments: argparse.Namespace) -> int:
     device, torch_text = torch_device(arguments.dry_run)
     epochs = 1 if arguments.dry_run else arguments.epochs
     hidden = DRY_HIDDEN if arguments.dry_run else HIDDEN
-    rows = {}
+    modes = [] if device is None else ["eager"] if device == "cpu" else list(TORCH_MODES)
+    columns = ["cupy graph", "cupy direct", *(TORCH_MODES[mode] for mode in modes)]
+    rows: dict[str, dict[str, float | None]] = {}
+    problems: dict[str, str] = {}
     for batch_norm in ("off", "bn"):
-        cupy_s = statistics.median(time_cupy(data, batch_norm, epochs, hidden))
-        torch_s = None
-        if device is not None:
+        row: dict[str, float | None] = {
+            "cupy graph": statistics.median(time_cupy(data, batch_norm, epochs, hidden, True)),
+            "cupy direct": statistics.median(time_cupy(data, batch_norm, epochs, hidden, False)),
+        }
+        for mode in modes:
+            column = TORCH_MODES[mode]
             try:
-                torch_s = statistics.median(time_torch(data, batch_norm, epochs, device, hidden))
-            except Exception as exc:  # noqa: BLE001 - the cupy figures still stand
-                torch_text = f"failed: {type(exc).__name__}: {exc}"
-                device = None
-        rows[batch_norm] = (cupy_s, torch_s)
-        print(f"  timed BN {batch_norm}: cupy {cupy_s:.3f} s, torch "
-              f"{'-' if torch_s is None else f'{torch_s:.3f}'} s", file=sys.stderr, flush=True)
+                row[column] = statistics.median(
+                    time_torch(data, batch_norm, epochs, str(device), hidden, mode))
+            except Exception as exc:  # noqa: BLE001 - the other figures still stand
+                problems[column] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                row[column] = None
+        rows[batch_norm] = row
+        print(f"  timed BN {batch_norm}: " + ", ".join(
+            f"{column} {'-' if row[column] is None else f'{row[column]:.4f}'} s"
+            for column in columns), file=sys.stderr, flush=True)
     n, n_test = len(data[0]), len(data[2])
     print(f"one epoch: train {n} rows (batch {BATCH}), then evaluate {n} + {n_test}; "
           f"784-{'-'.join(map(str, hidden))}-10 float32; median of {epochs} epochs after one "
           "untimed")
     print(f"cupy backend: {where}; torch: {torch_text}")
-    header = f"{'BN':<4} {'cupy s':>8} {'torch s':>8} {'cupy/torch':>10} {'article s':>9}"
+    peers = [column for column in columns if column.startswith("torch")]
+    best = "best torch"
+    header = (f"{'BN':<4} " + " ".join(f"{column:>13}" for column in columns)
+              + f" {'cupy/' + best:>16} {'target s':>8} {'article s':>9}")
     print(header)
     print("-" * len(header))
-    for batch_norm, (cupy_s, torch_s) in rows.items():
-        torch_text = "-" if torch_s is None else f"{torch_s:.3f}"
-        ratio = "-" if torch_s is None else f"{cupy_s / torch_s:.2f}"
-        print(f"{batch_norm:<4} {cupy_s:>8.3f} {torch_text:>8} {ratio:>10} "
+    for batch_norm, row in rows.items():
+        figures = " ".join("{:>13}".format("-" if row[c] is None else f"{row[c]:.4f}")
+                           for c in columns)
+        measured = [row[c] for c in peers if row[c] is not None]
+        ratio = "-" if not measured else f"{row['cupy graph'] / min(measured):.2f}"
+        print(f"{batch_norm:<4} {figures} {ratio:>16} "
+              f"{TARGET_SECONDS_PER_EPOCH[batch_norm]:>8.3f} "
               f"{ARTICLE_SECONDS_PER_EPOCH[batch_norm]:>9.2f}")
+    for column, problem in problems.items():
+        print(f"{column}: failed ({problem})")
     print("article: 229 s / 50 epochs without BN, 299 s / 50 with BN (2018 desktop CPU); "
-          "BN here is the article's 'bn' variant, torch's BatchNorm1d")
+          "BN here is the article's 'bn' variant, torch's BatchNorm1d; cupy/best torch: the "
+          "cupy graph epoch over the fastest PyTorch peer's")
     return 0
 
 

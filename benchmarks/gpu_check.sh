@@ -12,12 +12,15 @@
 #   (b) 3-epoch whole runs of the cupy backend against numpy on 10 000 MNIST rows, float64,
 #       1e-10 relative (benchmarks/gpu_bench.py parity);
 #   (c) one article epoch (train 60k at batch 100, evaluate 60k + 10k), 784-100-50-10,
-#       float32, BN off and on: the cupy backend against PyTorch CUDA eager, one table
+#       float32, BN off and on: the cupy backend (each step replayed from its CUDA graph,
+#       and launched kernel by kernel) against PyTorch eager, with the step captured as a
+#       CUDA graph, and as torch.compile(mode="reduce-overhead"), one table
 #       (benchmarks/gpu_bench.py bench).
 #
 # Each step runs even when an earlier one failed; the exit status is 0 only when all passed
-# (2: bad arguments or an environment that cannot run the checks). Takes 2-5 minutes on an
-# H100 (the first CuPy compile of the kernels included); every step has a time limit.
+# (2: bad arguments or an environment that cannot run the checks). Took 2-5 minutes on an
+# H100 (the first CuPy compile of the kernels included) before (c) gained the CUDA-graph and
+# torch.compile peers, whose capture and compiling add to (c); every step has a time limit.
 #
 # --dry-run (after MNIST_DIR) runs the same three steps on the CPU, to check this script:
 # (a) the shim's whole-run tests, (b) and (c) with gpu_bench.py --dry-run (the CPU shim
@@ -147,7 +150,7 @@ run_step "(b) 3-epoch parity of cupy against numpy on MNIST (float64)" 90 \
 # (c) the epoch timing
 table="$(mktemp)"
 trap 'rm -f "$table"' EXIT
-run_step "(c) epoch time: cupy backend against PyTorch CUDA eager" 120 \
+run_step "(c) epoch time: cupy backend against PyTorch (eager, CUDA graph, compiled)" 360 \
     bash -c 'set -o pipefail; "$0" benchmarks/gpu_bench.py bench "$1" --epochs 5 $3 | tee "$2"' \
     "$PYTHON" "$MNIST_DIR" "$table" "$dry_run"
 

@@ -4,6 +4,13 @@ The same network (Linear, optional BatchNorm1d, ReLU per hidden layer, then Line
 eta 0.1, cross-entropy, and the same evaluation work: the whole training set and the test set,
 in training-mode batch norm (the statistics of the evaluated set), as the article evaluates.
 PyTorch is imported only when these are called.
+
+Three ways to run the training steps (``mode``): "eager" (each op launched from Python);
+"graph", what a PyTorch user who cares about launch cost writes on a GPU: the step (the gather
+of the batch by an index tensor, forward, backward, SGD update) captured once with
+``torch.cuda.graph`` after warm-up steps on a side stream, each step copying its indices into
+the captured index tensor and replaying (a short last batch runs eager); "compile", the step
+as ``torch.compile(mode="reduce-overhead")`` (Inductor kernels replayed as CUDA graphs).
 """
 
 from __future__ import annotations
@@ -36,14 +43,29 @@ def build_model(n_inputs: int, hidden: tuple[int, ...], n_classes: int, batch_no
 
 def epoch_runner(model: Any, x: Any, labels: Any, x_test: Any, labels_test: Any,
                  batch_size: int, synchronize: Callable[[], None] = lambda: None,
-                 ) -> Callable[[Any], None]:
+                 mode: str = "eager") -> Callable[[Any], None]:
     """A function that runs one epoch for a given row order (a torch tensor on x's device):
-    SGD over the rows in that order, then the evaluation of both sets, then ``synchronize``."""
+    SGD over the rows in that order (the steps run as ``mode`` says: "eager", "graph" or
+    "compile"), then the evaluation of both sets, then ``synchronize``. "graph" and
+    "compile" capture or compile here, with warm-up steps that train the model a little."""
     import torch
     from torch import nn
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
+
+    def step(index: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x[index]), labels[index]).backward()
+        optimizer.step()
+
+    full_step: Callable[[Any], None] = step
+    if mode == "graph":
+        full_step = _graphed_step(step, x.device, batch_size)
+    elif mode == "compile":
+        full_step = _compiled_step(step, x.device, batch_size)
+    elif mode != "eager":
+        raise ValueError(f"mode must be eager, graph or compile; got {mode!r}")
 
     def evaluate(inputs: Any, targets: Any) -> tuple[float, float]:
         with torch.no_grad():
@@ -54,11 +76,44 @@ def epoch_runner(model: Any, x: Any, labels: Any, x_test: Any, labels_test: Any,
     def run(order: Any) -> None:
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x[index]), labels[index]).backward()
-            optimizer.step()
+            (full_step if len(index) == batch_size else step)(index)
         evaluate(x, labels)
         evaluate(x_test, labels_test)
         synchronize()
 
     return run
+
+
+def _graphed_step(step: Callable[[Any], None], device: Any, batch_size: int
+                  ) -> Callable[[Any], None]:
+    """``step`` on a full batch, captured once as a CUDA graph over a static index tensor."""
+    import torch
+
+    static_index = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture (allocations, autograd state)
+            step(static_index)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(static_index)
+
+    def replay(index: Any) -> None:
+        static_index.copy_(index)
+        graph.replay()
+
+    return replay
+
+
+def _compiled_step(step: Callable[[Any], None], device: Any, batch_size: int
+                   ) -> Callable[[Any], None]:
+    """``step`` on a full batch as ``torch.compile(mode="reduce-overhead")``, warmed up."""
+    import torch
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    warm = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    for _ in range(3):
+        compiled(warm)
+    return compiled

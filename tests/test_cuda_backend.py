@@ -670,12 +670,13 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert "8 passed" in out and "parity: ok" in out and out.rstrip().endswith("all passed")
     lines = out[out.index("==== summary"):].splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("BN"))
-    assert lines[header].split() == ["BN", "cupy", "s", "torch", "s", "cupy/torch", "article",
-                                     "s"]
+    columns = lines[header].split()
+    assert columns[:5] == ["BN", "cupy", "graph", "cupy", "direct"]
+    assert columns[-6:] == ["cupy/best", "torch", "target", "s", "article", "s"]
     rows = [line.split() for line in lines[header + 2 : header + 4]]
     assert [row[0] for row in rows] == ["off", "bn"]
-    assert all(float(row[1]) > 0 for row in rows)
-    assert [row[-1] for row in rows] == ["4.58", "5.98"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+    assert [row[-2:] for row in rows] == [["0.015", "4.58"], ["0.025", "5.98"]]
 
 
 def test_gpu_check_script_arguments(tmp_path: Path) -> None:
