@@ -516,15 +516,16 @@ def test_graph_replay_gives_the_bits_of_direct_launches(
     options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every step captured once (a graph per batch size: 150 rows at batch 16 end with a
-    short batch of 6) and replayed gives the same 3-epoch history, parameters, optimiser
-    slots and running statistics, bit for bit, as the same launches made one by one; both
-    ran the kernel epoch."""
+    short batch of 6) and replayed, and each set's evaluation likewise, give the same 3-epoch
+    history, parameters, optimiser slots and running statistics, bit for bit, as the same
+    launches made one by one; both ran the kernel epoch."""
     _shim_or_skip()
     monkeypatch.setitem(backends._INSTANCES, "cupy", ShimAsCupy(shim_device()))
     replayed, replayed_state, replayed_counters = _graph_run(options, True, monkeypatch)
     direct, direct_state, direct_counters = _graph_run(options, False, monkeypatch)
     assert replayed_counters["train_kernels"] == direct_counters["train_kernels"] == 3
-    assert replayed_counters["train_graphs"] == 2 and "train_graphs" not in direct_counters
+    # captured once each: the two batch sizes' steps, the two sets' evaluations
+    assert replayed_counters["graphs"] == 2 + 2 and "graphs" not in direct_counters
     for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
         np.testing.assert_array_equal(getattr(replayed, key), getattr(direct, key), key)
     assert replayed_state.keys() == direct_state.keys()
@@ -544,14 +545,14 @@ def test_a_graph_is_captured_again_when_its_arrays_change(shim_ops: KernelOps) -
     order = np.arange(len(x))
     before = {name: value.copy() for name, value in params.items()}
     shim_ops.train_epoch(plan, params, {}, x, t, order, 1, workspace)
-    assert workspace.counters["train_graphs"] == 2  # batch 8, and the last batch of 5
+    assert workspace.counters["graphs"] == 2  # batch 8, and the last batch of 5
     assert not np.array_equal(params["W1"], before["W1"])
     shim_ops.train_epoch(plan, params, {}, x, t, order, 2, workspace)
-    assert workspace.counters["train_graphs"] == 2  # the same arrays: replayed
+    assert workspace.counters["graphs"] == 2  # the same arrays: replayed
     params["W1"] = params["W1"].copy()
     kept = params["W1"].copy()
     shim_ops.train_epoch(plan, params, {}, x, t, order, 3, workspace)
-    assert workspace.counters["train_graphs"] == 4  # a new W1: captured again
+    assert workspace.counters["graphs"] == 4  # a new W1: captured again
     assert not np.array_equal(params["W1"], kept)  # ... and the new array trained
 
 

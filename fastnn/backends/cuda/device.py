@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from ...cuda import module_args
 from ..base import Ops
 from ..codes import ACTIVATION_CODES, BATCH_NORM_CODES, OUTPUT_CODES
 from ..workspace import Workspace
-from .launches import KERNEL_FILES, SUFFIX, Launches
+from .launches import KERNEL_FILES, SUFFIX, Launch, Launches
 
 if TYPE_CHECKING:
     from ...plan import Plan
@@ -68,6 +68,49 @@ def shim_device(thread_order: str = "forward", guard_bytes: int = 256) -> Kernel
         return graph
 
     return KernelDevice(f"shim-{thread_order}", np, load, np.asarray, lambda: None, capture)
+
+
+def _address(array: Any) -> int:
+    """Where an array's first element lies (a CuPy array's device pointer, a NumPy array's
+    host address)."""
+    pointer = getattr(getattr(array, "data", None), "ptr", None)
+    return int(pointer) if pointer is not None else int(array.__array_interface__["data"][0])
+
+
+def _same_argument(a: Any, b: Any) -> bool:
+    """The same array, or a view of the same memory (same type, dtype, shape, strides and
+    address: the kept launch holds its view, so that memory is alive and nobody else's), or
+    an equal scalar of the same type, or an equal tuple."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.generic | tuple):
+        return bool(a == b)
+    if hasattr(a, "strides") and hasattr(a, "dtype"):
+        return (a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides
+                and _address(a) == _address(b))
+    return False
+
+
+@dataclass
+class Program:
+    """Launches to run as one: a training step, an evaluation. ``graph``: their captured
+    graph (None: not captured); ``made``: what they were built on (the plan, whether they
+    were captured, every array they take)."""
+
+    made: tuple[Any, ...]
+    launches: list[Launch]
+    graph: Any
+    counted: bool = False  # in the workspace's "graphs" counter
+
+    def launch(self) -> None:
+        """Run them: the graph, or the launches one by one."""
+        if self.graph is not None:
+            self.graph.launch()
+            return
+        for each in self.launches:
+            each.run()
 
 
 class KernelBase(Ops):
@@ -124,6 +167,37 @@ class KernelBase(Ops):
         self.device.synchronize()
         with self._lock:
             self._warmed.add(key)
+
+    def program(self, workspace: Workspace, name: Hashable, plan: Plan, arrays: tuple[Any, ...],
+                capture: Callable[[Callable[[], None]], Any] | None,
+                build: Callable[[], list[Launch]]) -> Program:
+        """The launches ``build`` makes, captured as one graph when ``capture`` is given; kept
+        in the workspace under ``name`` and reused while the plan and each of ``arrays`` (every
+        array the launches take; scalars and tuples compare by value) are the same objects,
+        built again otherwise (a graph holds its arrays' addresses, never stale ones)."""
+        made = (plan, capture is not None, tuple(arrays))
+
+        def same(program: Program) -> bool:
+            plan_, captured, arrays_ = program.made
+            return (plan_ is plan and captured == made[1] and len(arrays_) == len(arrays)
+                    and all(map(_same_argument, arrays_, arrays)))
+
+        def make() -> Program:
+            launches = build()
+            graph = None if capture is None else capture(
+                lambda: [each.run() for each in launches])
+            return Program(made, launches, graph)
+
+        program = workspace.buffer(("cuda-kernels", self.device.name, "program", name), make,
+                                   same)
+        if program.graph is not None and not program.counted:
+            program.counted = True
+            workspace.count("graphs")  # graphs captured (outside the workspace's lock)
+        return program
+
+    def capture_for(self, workspace: Workspace) -> Callable[[Callable[[], None]], Any] | None:
+        """The device's capture when the run's ``graphs`` option is on, else None."""
+        return self.device.capture if workspace.options.get("graphs", True) else None
 
     # ---- arrays ----
     def to_numpy(self, array: Array) -> Any:

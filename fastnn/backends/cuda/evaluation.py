@@ -40,7 +40,8 @@ class KernelEvaluation(KernelBase):
     ) -> tuple[float, Any]:
         """(data loss, predicted classes) of a whole set: layer by layer over every row (the
         products in row blocks), whole-set statistics with the colstats kernels, the output
-        through eval_output, one read of the device at the end."""
+        through eval_output, one read of the device at the end; the launches captured as one
+        graph where the device can (`KernelBase.program`)."""
         batch_stats = plan.bn_eval == "batch" or not running
         normalised = plan.batch_norm != "off"
         if not self._plan_fits(plan, params, running, x, t, normalised and not batch_stats):
@@ -107,12 +108,17 @@ class KernelEvaluation(KernelBase):
         out = buffer("out", (8 + 4 * n,), np.uint8)
         loss_sum, predicted = out[:8].view(np.float64), out[8:].view(np.int32)
         c = sizes[-1]
-        for each in launches:
-            each.run()
-        loss_sum.fill(0)
-        launch("eval_output", dtype, (cdiv(n, LINEAR_BLOCK[0]), 1, 1), LINEAR_BLOCK, u=z, t=t,
-               n=n, c=c, output=OUTPUT_CODES[plan.output], labels=None, predicted=predicted,
-               loss_sum=loss_sum, correct=None).run()
+        launches.append(launch(
+            "eval_output", dtype, (cdiv(n, LINEAR_BLOCK[0]), 1, 1), LINEAR_BLOCK, u=z, t=t, n=n,
+            c=c, output=OUTPUT_CODES[plan.output], labels=None, predicted=predicted,
+            loss_sum=loss_sum, correct=None))
+        # one graph per set size, kept while the same launches come back (the same arrays)
+        arguments = [item for each in launches
+                     for item in (each.kernel, each.grid, each.block, *each.args)]
+        program = self.program(workspace, ("evaluate", n), plan, tuple(arguments),
+                               self.capture_for(workspace), lambda: launches)
+        loss_sum.fill(0)  # eval_output adds the loss up into it
+        program.launch()
         host = np.asarray(self.device.to_host(out))
         workspace.count("evaluate_kernels")
         loss = float(host[:8].view(np.float64)[0]) / n

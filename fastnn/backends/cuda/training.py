@@ -33,7 +33,7 @@ import numpy as np
 from ...cuda import COLUMN_BLOCK, GEMM_TILE, LINEAR_BLOCK
 from ..codes import ACTIVATION_CODES, BATCH_NORM_CODES, DROPOUT_CODES, STATS_CODES
 from ..workspace import Workspace
-from .device import KernelBase
+from .device import KernelBase, Program
 from .launches import GRID_Y_MAX, Launch, cdiv, linear_grid
 
 if TYPE_CHECKING:
@@ -65,25 +65,6 @@ class _StepState:
     values: Array  # (4,) float64: the step's STEP_VALUES
     table: Array | None  # (steps * 4,) float64: every step's STEP_VALUES; None: plain SGD
     order: Array  # (rows,) int64: the epoch's order
-
-
-@dataclass
-class _Program:
-    """A training step: its launches and, when captured, their graph; ``made``: what it was
-    built on (the plan, whether it was captured, every array its launches take)."""
-
-    made: tuple[Any, ...]
-    launches: list[Launch]
-    graph: Any
-    counted: bool = False  # in the workspace's "train_graphs" counter
-
-    def launch(self) -> None:
-        """Run the step: its graph, or its launches one by one."""
-        if self.graph is not None:
-            self.graph.launch()
-            return
-        for each in self.launches:
-            each.run()
 
 
 @dataclass
@@ -335,7 +316,7 @@ class KernelTraining(KernelBase):
             state.table[...] = xp.asarray(np.array(table, dtype=np.float64).reshape(-1))
         buffers = self._train_buffers(plan, workspace)
         slots = (optimizer.slots if optimizer is not None else {}) if stepwise else None
-        capture = self.device.capture if workspace.options.get("graphs", True) else None
+        capture = self.capture_for(workspace)
         full, last = plan.batch_size, total - (n_steps - 1) * plan.batch_size
         programs = {rows: self._program(plan, params, running, x, t, buffers, state, rows,
                                         slots, workspace, capture)
@@ -349,33 +330,16 @@ class KernelTraining(KernelBase):
     def _program(self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
                  x: Array, t: Array, batch: _Batch, state: _StepState, rows: int,
                  slots: Mapping[str, tuple[Array, ...]] | None, workspace: Workspace,
-                 capture: Any) -> Any:
-        """The step of ``rows`` rows as something to ``launch()``: its graph when ``capture``
-        is given, else its launch list; kept in the workspace while every array it was built
-        on is the same."""
+                 capture: Any) -> Program:
+        """The step of ``rows`` rows (`KernelBase.program`: its graph when ``capture`` is
+        given, kept while every array it was built on is the same)."""
         arrays = (x, t, *params.values(), *(a for pair in running.values() for a in pair),
                   *(a for group in (slots or {}).values() for a in group),
                   *vars(state).values(), batch.x, batch.t, batch.mask0,
                   *(a for layer in batch.layers for a in vars(layer).values()))
-        made = (plan, capture is not None, arrays)
-
-        def same(program: _Program) -> bool:
-            plan_, captured, arrays_ = program.made
-            return (plan_ is plan and captured == made[1] and len(arrays_) == len(arrays)
-                    and all(a is b for a, b in zip(arrays_, arrays, strict=True)))
-
-        def build() -> _Program:
-            launches = self._step(plan, params, running, x, t, batch, state, rows, slots)
-            graph = None if capture is None else capture(
-                lambda: [each.run() for each in launches])
-            return _Program(made, launches, graph)
-
-        program = workspace.buffer(("cuda-kernels", self.device.name, "train program", rows),
-                                   build, same)
-        if program.graph is not None and program.counted is False:
-            program.counted = True
-            workspace.count("train_graphs")  # graphs captured (outside the buffer lock)
-        return program
+        return self.program(
+            workspace, ("train", rows), plan, arrays, capture,
+            lambda: self._step(plan, params, running, x, t, batch, state, rows, slots))
 
     def _slots_fit(self, plan: Plan, params: Mapping[str, Array],
                    optimizer: OptimizerState | None) -> bool:
