@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_bench.py parity MNIST_DIR [--rows 10000] [--epochs 3] [--dry-run]
     python benchmarks/gpu_bench.py bench MNIST_DIR [--epochs 5] [--dry-run]
+    python benchmarks/gpu_bench.py gemm MNIST_DIR [--dry-run]
 
 ``parity``: whole `Trainer` runs of the cupy backend against the numpy reference on the first
 ``--rows`` training rows (and a fifth as many test rows), float64, one configuration without
@@ -18,6 +19,13 @@ the step captured as a CUDA graph, and as ``torch.compile(mode="reduce-overhead"
 (`torch_peer.epoch_runner`); one table of medians beside the article's 4.58 s / 5.98 s per
 epoch and the targets of 15 ms / 25 ms. A peer that fails says so in the table; the others
 stand.
+
+``gemm``: the products of one article training step (784-100-50-10 at batch 100: forward
+"nn", the weight gradients "tn", the gradients below "nt") and of the evaluation's first
+layer (60 000 rows), float32: kernels/gemm.cu's launch against cuBLAS through CuPy
+(``cupy.matmul`` into the same output) at each shape, microseconds per product (median of
+rounds of 200 back to back) and the largest relative difference between the two; the figures
+that say whether cuBLAS should replace gemm.cu at these shapes. (MNIST_DIR is not read.)
 
 ``--dry-run`` runs the same code on the CPU: the kernel path on the CPU shim stands in for
 the cupy backend, PyTorch runs eager on the CPU (when installed; its graph and compile peers
@@ -265,9 +273,71 @@ def bench(arguments: argparse.Namespace) -> int:
     return 0
 
 
+#: (op, M, N, K) of the products of an article step and of the evaluation's first layer
+GEMM_SHAPES = (("nn", 100, 100, 784), ("nn", 100, 50, 100), ("nn", 100, 10, 50),
+               ("tn", 784, 100, 100), ("tn", 100, 50, 100), ("tn", 50, 10, 100),
+               ("nt", 100, 100, 50), ("nt", 100, 50, 10), ("nn", 60000, 100, 784))
+#: --dry-run: the shapes cut down for the CPU shim
+DRY_GEMM_SHAPES = (("nn", 20, 16, 40), ("tn", 40, 16, 20), ("nt", 20, 16, 8))
+
+
+def gemm_operands(xp: Any, op: str, m: int, n: int, k: int) -> tuple[Any, Any, Any]:
+    """A, B and C (m, n) of ``op``: "nn" A (m, k) B (k, n); "tn" A (k, m) B (k, n); "nt"
+    A (m, k) B (n, k); float32, filled from a seeded generator."""
+    gen = np.random.default_rng(m * 7 + n * 3 + k)
+    a_shape = (k, m) if op == "tn" else (m, k)
+    b_shape = (n, k) if op == "nt" else (k, n)
+    a, b = (xp.asarray(gen.standard_normal(shape).astype(np.float32))
+            for shape in (a_shape, b_shape))
+    return a, b, xp.zeros((m, n), np.float32)
+
+
+def gemm(arguments: argparse.Namespace) -> int:
+    where = use_cpu_shim() if arguments.dry_run else gpu_name()
+    import fastnn.backends as backends
+
+    ops = backends.get_backend("cupy")
+    xp = ops.xp
+    shapes, repeats, rounds = ((DRY_GEMM_SHAPES, 3, 2) if arguments.dry_run
+                               else (GEMM_SHAPES, 200, 5))
+
+    def per_product(run: Any) -> float:
+        times = []
+        for _ in range(rounds):
+            ops.device.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            ops.device.synchronize()
+            times.append((time.perf_counter() - start) / repeats * 1e6)
+        return statistics.median(times)
+
+    print(f"products, float32, {where}: us per product (median of {rounds} rounds of "
+          f"{repeats})" + ("; NumPy's BLAS stands in for cuBLAS" if arguments.dry_run else ""))
+    header = f"{'op':<3} {'M':>6} {'N':>5} {'K':>5} {'gemm.cu us':>11} {'cuBLAS us':>10} " \
+             f"{'gemm/cuBLAS':>11} {'max rel diff':>12}"
+    print(header)
+    print("-" * len(header))
+    for op, m, n, k in shapes:
+        a, b, c = gemm_operands(xp, op, m, n, k)
+        launch = ops.launch.gemm(op, a, b, c, None, m, n, k)
+        left = a.T if op == "tn" else a
+        right = b.T if op == "nt" else b
+        reference = xp.zeros_like(c)
+        ours = per_product(launch.run)
+        theirs = per_product(lambda: xp.matmul(left, right, out=reference))  # noqa: B023
+        launch.run()
+        ops.device.synchronize()
+        got, want = ops.to_numpy(c), ops.to_numpy(reference)
+        difference = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+        print(f"{op:<3} {m:>6} {n:>5} {k:>5} {ours:>11.1f} {theirs:>10.1f} "
+              f"{ours / theirs:>11.2f} {difference:>12.1e}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("parity", "bench"))
+    parser.add_argument("what", choices=("parity", "bench", "gemm"))
     parser.add_argument("mnist_dir", help="folder with the four MNIST IDX files (raw or .gz)")
     parser.add_argument("--rows", type=int, default=10000, help="parity: training rows")
     parser.add_argument("--epochs", type=int, default=None,
@@ -283,6 +353,8 @@ def main() -> int:
         if arguments.dry_run:
             use_cpu_shim()
         return parity(arguments)
+    if arguments.what == "gemm":
+        return gemm(arguments)
     return bench(arguments)
 
 

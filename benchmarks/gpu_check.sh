@@ -15,16 +15,19 @@
 #       float32, BN off and on: the cupy backend (each step replayed from its CUDA graph,
 #       and launched kernel by kernel) against PyTorch eager, with the step captured as a
 #       CUDA graph, and as torch.compile(mode="reduce-overhead"), one table
-#       (benchmarks/gpu_bench.py bench).
+#       (benchmarks/gpu_bench.py bench);
+#   (d) the products of one training step and of the evaluation's first layer: gemm.cu
+#       against cuBLAS through CuPy (benchmarks/gpu_bench.py gemm).
 #
 # Each step runs even when an earlier one failed; the exit status is 0 only when all passed
 # (2: bad arguments or an environment that cannot run the checks). Took 2-5 minutes on an
 # H100 (the first CuPy compile of the kernels included) before (c) gained the CUDA-graph and
 # torch.compile peers, whose capture and compiling add to (c); every step has a time limit.
 #
-# --dry-run (after MNIST_DIR) runs the same three steps on the CPU, to check this script:
-# (a) the shim's whole-run tests, (b) and (c) with gpu_bench.py --dry-run (the CPU shim
-# standing in for the cupy backend, tiny sizes); its figures mean nothing.
+# --dry-run (after MNIST_DIR) runs the same four steps on the CPU, to check this script:
+# (a) the shim's whole-run tests, (b), (c) and (d) with gpu_bench.py --dry-run (the CPU shim
+# standing in for the cupy backend, NumPy's BLAS for cuBLAS, tiny sizes); its figures mean
+# nothing.
 set -euo pipefail
 
 usage="usage: bash benchmarks/gpu_check.sh MNIST_DIR [--dry-run]  (the four MNIST IDX files,"
@@ -150,9 +153,13 @@ run_step "(b) 3-epoch parity of cupy against numpy on MNIST (float64)" 90 \
 # (c) the epoch timing
 table="$(mktemp)"
 trap 'rm -f "$table"' EXIT
-run_step "(c) epoch time: cupy backend against PyTorch (eager, CUDA graph, compiled)" 360 \
+run_step "(c) epoch time: cupy backend against PyTorch (eager, CUDA graph, compiled)" 240 \
     bash -c 'set -o pipefail; "$0" benchmarks/gpu_bench.py bench "$1" --epochs 5 $3 | tee "$2"' \
     "$PYTHON" "$MNIST_DIR" "$table" "$dry_run"
+
+# (d) the step's products: gemm.cu against cuBLAS
+run_step "(d) products: gemm.cu against cuBLAS" 60 \
+    "$PYTHON" benchmarks/gpu_bench.py gemm "$MNIST_DIR" $dry_run
 
 echo
 echo "==== summary ===="

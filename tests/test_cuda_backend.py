@@ -669,6 +669,10 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "8 passed" in out and "parity: ok" in out and out.rstrip().endswith("all passed")
+    products = out[out.index("==== (d) products"):out.index("---- (d) products")].splitlines()
+    rows = [line.split() for line in products if line[:3] in ("nn ", "tn ", "nt ")]
+    assert [row[0] for row in rows] == ["nn", "tn", "nt"]
+    assert all(float(row[-1]) < 1e-5 for row in rows)  # gemm.cu agrees with the BLAS
     lines = out[out.index("==== summary"):].splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("BN"))
     columns = lines[header].split()
