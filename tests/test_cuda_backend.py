@@ -500,7 +500,7 @@ def _graph_run(options: dict[str, Any], graphs: bool, monkeypatch: pytest.Monkey
     if options["activation"] in ("tanh", "relu", "softsign"):  # per-step rates from a table
         config = config.replace(lr_schedule="cosine", warmup=1)
     trainer = Trainer(config, threads=1)
-    history = trainer.fit(x[:150], t[:150], x[150:], t[150:])
+    history = trainer.fit(x[:70], t[:70], x[150:], t[150:])
     assert trainer.network is not None
     network = trainer.network
     state = {**network.numpy_params(),
@@ -515,7 +515,7 @@ def _graph_run(options: dict[str, Any], graphs: bool, monkeypatch: pytest.Monkey
 def test_graph_replay_gives_the_bits_of_direct_launches(
     options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every step captured once (a graph per batch size: 150 rows at batch 16 end with a
+    """Every step captured once (a graph per batch size: 70 rows at batch 16 end with a
     short batch of 6) and replayed, and each set's evaluation likewise, give the same 3-epoch
     history, parameters, optimiser slots and running statistics, bit for bit, as the same
     launches made one by one; both ran the kernel epoch."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,3 +229,140 @@ def test_a_csr_rows_gives_its_rows_and_refuses_a_dense_array_that_does_not_fit(
     _limit(monkeypatch, 100)
     with pytest.raises(DataError, match="the dense array of 30 normalised input rows needs"):
         rows.dense()
+
+
+# ---- the numpy backend: raw rows, normalised a batch or a block at a time ----
+
+
+def _normaliser(x: np.ndarray, method: str = "z_score") -> Any:
+    from fastnn.preprocessing import Normalizer
+
+    return Normalizer(method).fit(x)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_normalised_rows_give_the_bits_of_the_whole_normalised_array(dtype: str) -> None:
+    """Gathered rows, blocks (at least BLOCK_ROWS rows, the short last one joined to the one
+    before) and the dense array are `Normalizer.transform_to`'s values, bit for bit."""
+    from fastnn.backends.normalised_rows import BLOCK_ROWS, NormalisedRows
+
+    gen = np.random.default_rng(5)
+    x = gen.integers(0, 256, (2 * BLOCK_ROWS + 1234, 7), np.uint8)
+    normalizer = _normaliser(x)
+    whole = normalizer.transform_to(x, dtype)
+    rows = NormalisedRows(x, normalizer, dtype, "x_train")
+    assert rows.shape == x.shape and len(rows) == len(x) and rows.dtype == np.dtype(dtype)
+    index = gen.permutation(len(x))[:300]
+    np.testing.assert_array_equal(rows[index], whole[index])
+    assert rows[index].dtype == np.dtype(dtype)
+    blocks = list(rows.blocks())
+    assert [(b.start, b.stop) for b, _ in blocks] == [(0, BLOCK_ROWS), (BLOCK_ROWS, len(x))]
+    np.testing.assert_array_equal(np.concatenate([block for _, block in blocks]), whole)
+    assert [(b.start, b.stop) for b, _ in rows.blocks(len(x))] == [(0, len(x))]
+    np.testing.assert_array_equal(rows.dense(), whole)
+    np.testing.assert_array_equal(np.asarray(rows), whole)
+    with pytest.raises(ValueError, match="holds no normalised array to share"):
+        rows.__array__(copy=False)
+
+
+@pytest.fixture
+def raw_above(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The numpy backend keeps every set raw (as it does those above `DENSE_BYTES`)."""
+    import fastnn.backends.numpy_backend as numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "DENSE_BYTES", 0)
+    return numpy_backend
+
+
+def test_numpy_keeps_a_large_set_raw_and_a_small_one_normalised(raw_above: Any) -> None:
+    """Above `DENSE_BYTES` the fit keeps the caller's own array (no copy) and estimates no
+    inputs but one evaluation block; below it, one normalised array."""
+    from fastnn.backends import get_backend
+    from fastnn.backends.base import Ops
+    from fastnn.backends.normalised_rows import BLOCK_ROWS, NormalisedRows
+
+    x = np.random.default_rng(2).integers(0, 256, (300, 12), np.uint8)
+    config = Config(hidden=(6,), n_inputs=12, n_outputs=3, epochs=1)
+    trainer = Trainer(config, keep_splits=True)
+    trainer.fit(x, np.arange(300) % 3)
+    inputs = trainer.splits[0].x
+    assert isinstance(inputs, NormalisedRows) and inputs.raw is x
+    parts = Trainer(config).run_memory([x]).parts
+    assert parts["inputs normalised to float64"] == 0
+    layers = Ops.evaluation_bytes(get_backend("numpy"), Plan.from_config(config), 300)
+    assert parts["evaluation"] == layers + min(300, 2 * BLOCK_ROWS) * 12 * (8 + 8)
+    raw_above.DENSE_BYTES = 300 * 12 * 8  # a copy of exactly this size is made
+    trainer = Trainer(config, keep_splits=True)
+    trainer.fit(x, np.arange(300) % 3)
+    assert type(trainer.splits[0].x) is np.ndarray
+
+
+@pytest.mark.parametrize("batch_norm", ["off", "bn"])
+def test_a_blocked_evaluation_matches_the_whole_array(batch_norm: str) -> None:
+    """loss_and_classes, forward_inference and the population statistics of a set of three
+    blocks equal those of its whole normalised array to rounding (a block's product may take
+    another BLAS kernel than the whole set's)."""
+    from fastnn import Network
+    from fastnn.backends import get_backend, steps
+    from fastnn.backends.normalised_rows import BLOCK_ROWS, NormalisedRows
+
+    ops = get_backend("numpy")
+    gen = np.random.default_rng(8)
+    x = gen.integers(0, 256, (3 * BLOCK_ROWS + 17, 20), np.uint8)
+    normalizer = _normaliser(x, "min_max")
+    config = Config(hidden=(9, 5), n_inputs=20, n_outputs=4, batch_norm=batch_norm,
+                    dropout_input=0.8, dtype="float64")
+    network = Network(config)
+    plan, params = network.plan, network.numpy_params()
+    t = np.eye(4)[gen.integers(0, 4, len(x))]
+    rows = NormalisedRows(x, normalizer, "float64", None)
+    whole = normalizer.transform_to(x, "float64")
+    workspace = ops.workspace()
+    lazy = ops.loss_and_classes(plan, params, {}, rows, t, workspace)
+    dense = ops.loss_and_classes(plan, params, {}, whole, t, workspace)
+    assert lazy[0] == pytest.approx(dense[0], rel=1e-13)
+    assert int((lazy[1] != dense[1]).sum()) <= 1  # a near tie may flip
+    statistics = steps.population_statistics(ops, plan, params, rows)
+    expected = steps.population_statistics(ops, plan, params, whole)
+    assert statistics.keys() == expected.keys()
+    for k, (mean, var) in expected.items():
+        np.testing.assert_allclose(statistics[k][0], mean, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(statistics[k][1], var, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        steps.forward_inference(ops, plan, params, expected, rows),
+        steps.forward_inference(ops, plan, params, expected, whole), rtol=1e-12, atol=1e-15)
+
+
+def test_a_fit_on_raw_rows_matches_the_fit_on_the_normalised_array(raw_above: Any) -> None:
+    """Batches gathered from raw rows are the normalised array's (the same training); the
+    evaluations' blocks agree to rounding."""
+    from fastnn.backends.normalised_rows import BLOCK_ROWS
+
+    gen = np.random.default_rng(4)
+    x = gen.integers(0, 256, (2 * BLOCK_ROWS + 300, 16), np.uint8)
+    labels = gen.integers(0, 3, len(x))
+    config = Config(hidden=(8,), n_inputs=16, n_outputs=3, epochs=2, batch_size=500,
+                    normalize="z_score", dropout_hidden=0.5)
+    raw = Trainer(config).fit(x, labels, x[:900], labels[:900])
+    raw_above.DENSE_BYTES = 2**40
+    dense = Trainer(config).fit(x, labels, x[:900], labels[:900])
+    for key in ("train_loss", "test_loss"):
+        np.testing.assert_allclose(getattr(raw, key), getattr(dense, key), rtol=1e-10)
+    for key in ("train_acc", "test_acc"):
+        assert np.abs(np.subtract(getattr(raw, key), getattr(dense, key))).max() <= 2 / 900
+
+
+def test_numpy_raw_inputs_that_overflow_are_refused_before_training(raw_above: Any) -> None:
+    """A set kept raw is normalised once when it is taken (nothing kept): an overflowing test
+    row is a `DataError` naming it, before any epoch, as with the normalised copy."""
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(60, 3))
+    x[:, 0] = -np.abs(x[:, 0]) * 1e307  # training range of column 0: about [-2e307, 0]
+    x[0, 0] = -1e308
+    x_test = x[:10].copy()
+    x_test[3, 0] = 1.7e308  # 1.7e308 - (-1e308) overflows
+    trainer = Trainer(Config(hidden=(4,), n_inputs=3, n_outputs=2, epochs=1,
+                             normalize="min_max", normalize_axis=0))
+    with pytest.raises(DataError, match=r"x_test: inputs too large to normalise .* row 3"):
+        trainer.fit(x, np.arange(60) % 2, x_test, np.arange(10) % 2)
+    assert trainer.history.epochs == 0

@@ -327,6 +327,11 @@ class Ops:
         """What `inputs` returned, as one array (the reference: x itself)."""
         return x
 
+    def input_affine(self, x: Any, multiplier: Any, w: Array, b: Array) -> Array:
+        """The first layer's u = (x times the input layer's ``multiplier``) W + b of a whole
+        set in `inputs`' form (the reference: `dense_inputs`' array, in one product)."""
+        return self.affine(self.apply_mask(self.dense_inputs(x), multiplier), w, b)
+
     # ---- larger units (a fast backend may compile these whole) ----
     def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],

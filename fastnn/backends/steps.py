@@ -46,10 +46,15 @@ def forward(
     ``keep`` False: no inputs or caches are kept (an evaluation of a whole set then holds one
     layer's arrays at a time; the same values).
     """
-    z = ops.apply_mask(x, multipliers.get(0))
-    inputs, caches = ([z] if keep else []), []
+    inputs: list[Array] = []
+    caches: list[HiddenCache] = []
+    if keep:  # a batch: its masked inputs are kept for the backward pass
+        z = ops.apply_mask(x, multipliers.get(0))
+        inputs.append(z)
+        u = ops.affine(z, params["W1"], params["b1"])
+    else:  # a whole set, in `Ops.inputs`' form
+        u = ops.input_affine(x, multipliers.get(0), params["W1"], params["b1"])
     for k in range(1, plan.n_layers):
-        u = ops.affine(z, params[f"W{k}"], params[f"b{k}"])
         stats = None if batch_stats or k not in running else running[k]
         z, cache = ops.hidden_forward(
             u, plan.hidden[k - 1], params.get(f"gamma{k}"), params.get(f"beta{k}"),
@@ -60,8 +65,8 @@ def forward(
             inputs.append(z)
             caches.append(cache)
         del cache
-    last = plan.n_layers
-    return ops.affine(z, params[f"W{last}"], params[f"b{last}"]), inputs, caches
+        u = ops.affine(z, params[f"W{k + 1}"], params[f"b{k + 1}"])
+    return u, inputs, caches
 
 
 def loss_and_grads(
@@ -155,7 +160,6 @@ def forward_eval(
     ops: Ops, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any], x: Array
 ) -> Array:
     """Outputs y of a whole set in evaluation mode (article batch norm: the set's statistics)."""
-    x = ops.dense_inputs(x)
     batch_stats = plan.bn_eval == "batch" or not running
     u, _, _ = forward(ops, plan, params, running, x, eval_multipliers(plan), batch_stats,
                       keep=False)
@@ -167,7 +171,6 @@ def forward_inference(
 ) -> Array:
     """Outputs y in evaluation mode with batch norm normalising by the given per-layer
     (mean, var), so each row's output depends on that row alone."""
-    x = ops.dense_inputs(x)
     u, _, _ = forward(ops, plan, params, statistics, x, eval_multipliers(plan), batch_stats=False,
                       keep=False)
     return ops.output_forward(u, plan.output)
@@ -180,13 +183,13 @@ def population_statistics(
     below normalised with theirs: the statistics the article's whole-set evaluation of ``x``
     uses, summed in float64 (so they do not depend on how the rows lie in memory) and
     returned in the plan's dtype."""
-    x = ops.dense_inputs(x)
     xp = ops.xp
     multipliers = eval_multipliers(plan)
-    z = ops.apply_mask(x, multipliers.get(0))
     statistics: dict[int, tuple[Array, Array]] = {}
+    if plan.n_layers == 1:
+        return statistics
+    u = ops.input_affine(x, multipliers.get(0), params["W1"], params["b1"])
     for k in range(1, plan.n_layers):
-        u = ops.affine(z, params[f"W{k}"], params[f"b{k}"])
         wide = u.astype(xp.float64)
         mean = wide.mean(axis=0)
         var = ((wide - mean) ** 2).mean(axis=0)
@@ -195,4 +198,6 @@ def population_statistics(
             u, plan.hidden[k - 1], params.get(f"gamma{k}"), params.get(f"beta{k}"),
             multipliers.get(k), statistics[k],
         )
+        if k + 1 < plan.n_layers:
+            u = ops.affine(z, params[f"W{k + 1}"], params[f"b{k + 1}"])
     return statistics

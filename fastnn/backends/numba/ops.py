@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import BackendUnavailable
-from ..base import HiddenCache, HiddenSpec
+from ..base import HiddenCache, HiddenSpec, Ops
 from ..codes import ACTIVATION_CODES, BATCH_NORM_CODES, BN_SCALAR, DECAY_CODES, OUTPUT_CODES
 from ..numpy_backend import NumpyOps
 from ..workspace import Workspace
@@ -480,8 +480,8 @@ class NumbaOps(NumpyOps):
                workspace: Workspace | None) -> Any:
         """Sparse inputs as their CSR form alone (`inputs.CsrRows`, built a block of rows at
         a time: no dense copy of the set), dense ones as one array."""
-        if workspace is None:
-            return super().inputs(x, normalizer, dtype, what, workspace)
+        if workspace is None:  # one normalised array (the base's; not numpy's raw rows)
+            return Ops.inputs(self, x, normalizer, dtype, what, workspace)
         return normalised_inputs(self.kernels.sparse, x, normalizer, dtype, what, workspace)
 
     def dense_inputs(self, x: Any) -> Any:
@@ -522,8 +522,8 @@ class NumbaOps(NumpyOps):
         held = rows * sum(plan.sizes[1:-1]) * plan.itemsize
         if plan.tracks_running:
             return held
-        return max(held, rows * plan.sizes[0] * plan.itemsize + super().evaluation_bytes(
-            plan, rows))
+        return max(held, rows * plan.sizes[0] * plan.itemsize + Ops.evaluation_bytes(
+            self, plan, rows))  # the reference's layers (not numpy's raw-rows blocks)
 
     def loss_and_classes(
         self, plan: Plan, params: Mapping[str, Any], running: Mapping[int, Any],
