@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch_peer import build_model, epoch_order, epoch_runner
+from torch_peer import build_model, cudagraph_skips, epoch_order, epoch_runner
 
 from fastnn import Config, Network, Trainer
 from fastnn.datasets import load_idx_folder
@@ -267,6 +267,10 @@ def bench(arguments: argparse.Namespace) -> int:
               f"{ARTICLE_SECONDS_PER_EPOCH[batch_norm]:>9.2f}")
     for column, problem in problems.items():
         print(f"{column}: failed ({problem})")
+    if "compile" in modes:
+        skips = cudagraph_skips()
+        print(f"torch compile: {'no fallback from' if not skips else f'{skips} fallbacks from'} "
+              "CUDA graphs (torch._dynamo counters: inductor cudagraph_skips)")
     print("article: 229 s / 50 epochs without BN, 299 s / 50 with BN (2018 desktop CPU); "
           "BN here is the article's 'bn' variant, torch's BatchNorm1d; cupy/best torch: the "
           "cupy graph epoch over the fastest PyTorch peer's")

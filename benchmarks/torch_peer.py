@@ -9,8 +9,10 @@ Three ways to run the training steps (``mode``): "eager" (each op launched from 
 "graph", what a PyTorch user who cares about launch cost writes on a GPU: the step (the gather
 of the batch by an index tensor, forward, backward, SGD update) captured once with
 ``torch.cuda.graph`` after warm-up steps on a side stream, each step copying its indices into
-the captured index tensor and replaying (a short last batch runs eager); "compile", the step
-as ``torch.compile(mode="reduce-overhead")`` (Inductor kernels replayed as CUDA graphs).
+the captured index tensor and replaying (a short last batch runs eager); "compile", the
+batch gathered eagerly, then forward, backward and update as
+``torch.compile(mode="reduce-overhead")`` (Inductor kernels replayed as CUDA graphs;
+`cudagraph_skips` says whether it fell back).
 """
 
 from __future__ import annotations
@@ -59,11 +61,16 @@ def epoch_runner(model: Any, x: Any, labels: Any, x_test: Any, labels_test: Any,
         loss_fn(model(x[index]), labels[index]).backward()
         optimizer.step()
 
+    def train_on(inputs: Any, targets: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), targets).backward()
+        optimizer.step()
+
     full_step: Callable[[Any], None] = step
     if mode == "graph":
         full_step = _graphed_step(step, x.device, batch_size)
     elif mode == "compile":
-        full_step = _compiled_step(step, x.device, batch_size)
+        full_step = _compiled_step(train_on, x, labels, batch_size)
     elif mode != "eager":
         raise ValueError(f"mode must be eager, graph or compile; got {mode!r}")
 
@@ -107,13 +114,30 @@ def _graphed_step(step: Callable[[Any], None], device: Any, batch_size: int
     return replay
 
 
-def _compiled_step(step: Callable[[Any], None], device: Any, batch_size: int
-                   ) -> Callable[[Any], None]:
-    """``step`` on a full batch as ``torch.compile(mode="reduce-overhead")``, warmed up."""
+def _compiled_step(train_on: Callable[[Any, Any], None], x: Any, labels: Any,
+                   batch_size: int) -> Callable[[Any], None]:
+    """A full batch's step: the rows gathered eagerly (so that the compiled graph's inputs
+    are the batch, not the whole set, which CUDA-graph replay would copy at every step),
+    then forward, backward and update as ``torch.compile(mode="reduce-overhead")``, warmed
+    up."""
     import torch
 
-    compiled = torch.compile(step, mode="reduce-overhead")
-    warm = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    compiled = torch.compile(train_on, mode="reduce-overhead")
+    warm = torch.zeros(batch_size, dtype=torch.int64, device=x.device)
     for _ in range(3):
-        compiled(warm)
-    return compiled
+        compiled(x[warm], labels[warm])
+
+    def run(index: Any) -> None:
+        compiled(x[index], labels[index])
+
+    return run
+
+
+def cudagraph_skips() -> int:
+    """How often torch.compile's "reduce-overhead" mode fell back from CUDA graphs in this
+    process (0 when none did, or the counter is not there)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters.get("inductor", {}).get("cudagraph_skips", 0))

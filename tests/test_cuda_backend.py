@@ -38,6 +38,7 @@ from fastnn.backends.cuda import (
     shim_device,
 )
 from fastnn.backends.cuda.launches import kernel_layout
+from fastnn.backends.optimizers import OptimizerState
 from fastnn.cuda import shim
 from fastnn.errors import BackendUnavailable
 from fastnn.plan import OptimizerSpec, Plan
@@ -533,27 +534,57 @@ def test_graph_replay_gives_the_bits_of_direct_launches(
         np.testing.assert_array_equal(replayed_state[name], value, name)
 
 
-def test_a_graph_is_captured_again_when_its_arrays_change(shim_ops: KernelOps) -> None:
-    """Kept in the run's workspace across epochs, a step's graph is captured again for a new
-    parameter array (never replayed on the old one), and capturing runs nothing."""
-    config = run_config("float64", **RUNS["bn-inverted-l1"])
+#: what changes between two epochs of one workspace: each must make the step's graph anew
+CHANGES = ("nothing", "a parameter", "the data", "an optimiser slot", "running statistics",
+           "the plan")
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_graph_is_captured_again_when_what_it_was_built_on_changes(
+        shim_ops: KernelOps, change: str) -> None:
+    """Kept in the run's workspace across epochs, a step's graph is replayed while its plan
+    and arrays are the same and captured again when one is another object (never replayed
+    on the old one): both epochs match the reference making the same change."""
+    options = dict(RUNS["node-article-running-mse"], optimizer="momentum")
+    config = run_config("float64", **options)
     plan = Plan.from_config(config)
     x, t, _, _ = run_data("float64")
-    params = {name: value.copy() for name, value in
-              Network(config.replace(backend="numpy")).numpy_params().items()}
-    workspace = shim_ops.workspace(threads=1)
-    order = np.arange(len(x))
-    before = {name: value.copy() for name, value in params.items()}
-    shim_ops.train_epoch(plan, params, {}, x, t, order, 1, workspace)
-    assert workspace.counters["graphs"] == 2  # batch 8, and the last batch of 5
-    assert not np.array_equal(params["W1"], before["W1"])
-    shim_ops.train_epoch(plan, params, {}, x, t, order, 2, workspace)
-    assert workspace.counters["graphs"] == 2  # the same arrays: replayed
-    params["W1"] = params["W1"].copy()
-    kept = params["W1"].copy()
-    shim_ops.train_epoch(plan, params, {}, x, t, order, 3, workspace)
-    assert workspace.counters["graphs"] == 4  # a new W1: captured again
-    assert not np.array_equal(params["W1"], kept)  # ... and the new array trained
+    initial = Network(config.replace(backend="numpy")).numpy_params()
+    order = np.random.default_rng(3).permutation(len(x))
+    runs = {}
+    for name, ops in (("graphs", shim_ops), ("reference", REF)):
+        params = {key: value.copy() for key, value in initial.items()}
+        running = {k: (np.zeros(plan.sizes[k]), np.ones(plan.sizes[k]))
+                   for k in range(1, plan.n_layers)}
+        state = OptimizerState.zeros(plan.optimizer.slots, plan.param_shapes(), ops, "float64")
+        workspace = ops.workspace(threads=1)
+        data = [x, t]
+        ops.train_epoch(plan, params, running, *data, order, 1, workspace, state)
+        captured = workspace.counters["graphs"]
+        second = plan
+        if change == "a parameter":
+            params["W2"] = params["W2"].copy()
+        elif change == "the data":
+            data = [x[::-1].copy(), t[::-1].copy()]
+        elif change == "an optimiser slot":
+            state.slots["W1"] = tuple(slot.copy() for slot in state.slots["W1"])
+        elif change == "running statistics":
+            running[1] = (running[1][0].copy(), running[1][1].copy())
+        elif change == "the plan":  # the same shapes, another rate and decay
+            second = Plan.from_config(config.replace(batch_norm_eta=0.02,
+                                                     weight_decay=("l2", 0.05)))
+        ops.train_epoch(second, params, running, *data, order, 2, workspace, state)
+        runs[name] = (params, running, state, captured, workspace.counters["graphs"])
+    params, running, state, captured, total = runs["graphs"]
+    ref_params, ref_running, ref_state, _, _ = runs["reference"]
+    assert captured == 2  # batch 8, and the last batch of 5
+    assert total == (2 if change == "nothing" else 4)
+    assert_all_close("train_epoch", params, ref_params, "float64")
+    assert_all_close("train_epoch", state.arrays(plan.optimizer.slots, shim_ops),
+                     ref_state.arrays(plan.optimizer.slots, REF), "float64")
+    for k, (mean, var) in ref_running.items():
+        assert_close("train_epoch", running[k][0], mean, "float64", f"running mean {k}")
+        assert_close("train_epoch", running[k][1], var, "float64", f"running var {k}")
 
 
 def test_ops_launch_their_kernels(shim_ops: KernelOps) -> None:

@@ -912,6 +912,16 @@ def test_optimizer_rates_in_device_memory_replace_the_arguments(run: Runner, kin
     for by_argument, by_memory in zip(*results, strict=True):
         np.testing.assert_array_equal(by_memory, by_argument)
     assert not np.array_equal(results[0][0], start)
+    # a step's rate of 0 in device memory (given rate 1): nothing changes, even for an
+    # infinite gradient
+    w, first, second = start.copy(), np.full_like(start, 0.1), np.full_like(start, 0.2)
+    run("optimizer", f"optimizer_update_{suffix(dtype)}", (1,), (64,),
+        (w, np.full_like(w, np.inf), first, second, np.int64(w.size),
+         np.int32(OPTIMIZER_CODES[kind]), T(1.0), np.int32(DECAY_CODES["l2"]), T(0.01), T(0.9),
+         T(spec.beta1), T(1 - spec.beta1), T(spec.beta2), T(1 - spec.beta2), T(spec.eps),
+         T(corrections[0]), T(corrections[1]), np.array([0.0]), None))  # fmt: skip
+    np.testing.assert_array_equal(w, start)
+    assert (first == T(0.1)).all() and (second == T(0.2)).all()
 
 
 # ---- the sources and their codes ----

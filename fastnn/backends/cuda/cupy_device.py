@@ -29,15 +29,24 @@ def cupy_device() -> KernelDevice:
 
     def capture(record: Callable[[], None]) -> Any:
         """A graph of the launches of ``record``, captured on a stream of its own (a graph
-        launches on any stream: the epoch launches it on the current one)."""
+        launches on any stream: the epoch launches it on the current one), in the
+        thread-local mode: an allocation or a wait in this thread during the capture is an
+        error, not a silent part of the graph."""
         stream = cupy.cuda.Stream(non_blocking=True)
+        runtime = cupy.cuda.runtime
+        mode = getattr(runtime, "streamCaptureModeThreadLocal",
+                       getattr(runtime, "streamCaptureModeRelaxed", None))
         with stream:
-            stream.begin_capture()
+            stream.begin_capture(mode)
             try:
                 record()
-            finally:
-                graph = stream.end_capture()
-        return graph
+            except BaseException:
+                try:  # end the capture, but report what broke it
+                    stream.end_capture()
+                except Exception:  # noqa: BLE001, S110 - the first error is the one to see
+                    pass
+                raise
+            return stream.end_capture()
 
     return KernelDevice("cupy", cupy, load, cupy.asnumpy, synchronize, capture)
 
