@@ -269,16 +269,22 @@ def _tune_on_dask_worker(search: Any, seed: int, threads_by_worker: dict[str, in
 
 
 def _stop_workers(pool: Any) -> None:
-    """Cancel what has not started and kill the worker processes of a process pool now."""
+    """Cancel what has not started and kill the worker processes of a process pool now; then
+    wait (10 s at most) for the pool's manager thread to wind up. Left running, it can close
+    its wake-up pipe while the interpreter's exit hook writes to it (CPython 3.11 takes no
+    lock there), which prints an OSError traceback after the one-line message."""
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown forgets it
     if hasattr(pool, "kill_workers"):  # Python 3.14+
         pool.kill_workers()
-        return
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # before 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.kill()
-    for process in processes:
-        process.join(timeout=10)
+    else:
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # before 3.14
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join(timeout=10)
+    if manager is not None and manager is not threading.current_thread():
+        manager.join(timeout=10)
 
 
 @contextmanager
