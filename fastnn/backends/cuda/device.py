@@ -78,7 +78,7 @@ def _address(array: Any) -> int:
 
 
 def _same_argument(a: Any, b: Any) -> bool:
-    """The same array, or a view of the same memory (same type, dtype, shape, strides and
+    """The same object, or a view of the same memory (same type, dtype, shape, strides and
     address: the kept launch holds its view, so that memory is alive and nobody else's), or
     an equal scalar of the same type, or an equal tuple."""
     if a is b:
@@ -96,8 +96,8 @@ def _same_argument(a: Any, b: Any) -> bool:
 @dataclass
 class Program:
     """Launches to run as one: a training step, an evaluation. ``graph``: their captured
-    graph (None: not captured); ``made``: what they were built on (the plan, whether they
-    were captured, every array they take)."""
+    graph (None: not captured); ``made``: whether they were captured, then every launch's
+    function, grid, block and arguments (what `KernelBase.program` compares)."""
 
     made: tuple[Any, ...]
     launches: list[Launch]
@@ -168,22 +168,22 @@ class KernelBase(Ops):
         with self._lock:
             self._warmed.add(key)
 
-    def program(self, workspace: Workspace, name: Hashable, plan: Plan, arrays: tuple[Any, ...],
-                capture: Callable[[Callable[[], None]], Any] | None,
-                build: Callable[[], list[Launch]]) -> Program:
-        """The launches ``build`` makes, captured as one graph when ``capture`` is given; kept
-        in the workspace under ``name`` and reused while the plan and each of ``arrays`` (every
-        array the launches take; scalars and tuples compare by value) are the same objects,
-        built again otherwise (a graph holds its arrays' addresses, never stale ones)."""
-        made = (plan, capture is not None, tuple(arrays))
+    def program(self, workspace: Workspace, name: Hashable, launches: list[Launch],
+                capture: Callable[[Callable[[], None]], Any] | None) -> Program:
+        """``launches`` to run as one, captured as one graph when ``capture`` is given; kept in
+        the workspace under ``name`` and reused while the same launches come back (the same
+        kernels, grids and blocks, every array the same or a view of the same memory, every
+        scalar equal), captured again otherwise (a graph holds its arrays' addresses, never
+        stale ones)."""
+        made = (capture is not None,
+                *(item for each in launches
+                  for item in (each.function, each.grid, each.block, *each.args)))
 
         def same(program: Program) -> bool:
-            plan_, captured, arrays_ = program.made
-            return (plan_ is plan and captured == made[1] and len(arrays_) == len(arrays)
-                    and all(map(_same_argument, arrays_, arrays)))
+            return (len(program.made) == len(made)
+                    and all(map(_same_argument, program.made, made)))
 
         def make() -> Program:
-            launches = build()
             graph = None if capture is None else capture(
                 lambda: [each.run() for each in launches])
             return Program(made, launches, graph)

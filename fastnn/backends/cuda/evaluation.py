@@ -112,11 +112,9 @@ class KernelEvaluation(KernelBase):
             "eval_output", dtype, (cdiv(n, LINEAR_BLOCK[0]), 1, 1), LINEAR_BLOCK, u=z, t=t, n=n,
             c=c, output=OUTPUT_CODES[plan.output], labels=None, predicted=predicted,
             loss_sum=loss_sum, correct=None))
-        # one graph per set size, kept while the same launches come back (the same arrays)
-        arguments = [item for each in launches
-                     for item in (each.kernel, each.grid, each.block, *each.args)]
-        program = self.program(workspace, ("evaluate", n), plan, tuple(arguments),
-                               self.capture_for(workspace), lambda: launches)
+        # one graph per set size, kept while the same launches come back
+        program = self.program(workspace, ("evaluate", n), launches,
+                               self.capture_for(workspace))
         loss_sum.fill(0)  # eval_output adds the loss up into it
         program.launch()
         host = np.asarray(self.device.to_host(out))

@@ -1,25 +1,26 @@
 """The whole epoch on the kernels: one training step as a fixed list of launches, captured
 once as a graph of the device and replayed at every step.
 
-The list is built once per batch size (`KernelTraining._step`), the same kernels in the same
-order as the per-op overrides and the reference executor (`steps.train_step`), and every one
-of its launches takes the same arguments at every step: what changes from step to step is
+The list is built per epoch and batch size (`KernelTraining._step`), the same kernels in the
+same order as the per-op overrides and the reference executor (`steps.train_step`), and every
+one of its launches takes the same arguments at every step: what changes from step to step is
 made on the device from a step counter kept there (kernels/step.cu). The step's first launch,
 step_begin, reads the counter (set by the host before the epoch: the epoch's dropout key and
-step 0), writes that step's mask keys (`Plan.mask_key`, bit for bit) and its per-step rates
-and Adam's corrections (a table the host uploads once per epoch, computed as the reference
-computes them: `step_values`) to device memory, and counts the step; gather_batch copies the
-step's rows of the epoch's order (uploaded once per epoch); the mask kernels read their
-layer's key (``key_at``), optimizer_update its rate and corrections (``rate_at``,
-``corrections_at``). Each layer is updated as soon as its gradients exist; loss and accuracy
-are never read; nothing inside an epoch waits for the device.
+step 0), writes that step's mask keys (`Plan.mask_key`, bit for bit) and its per-step rates and
+Adam's corrections (a table the host uploads once per epoch, computed as the reference computes
+them: `step_values`) to device memory, and counts the step; gather_batch copies the step's rows
+of the epoch's order (uploaded once per epoch); the mask kernels read their layer's key
+(``key_at``), optimizer_update its rate and corrections (``rate_at``, ``corrections_at``). Each
+layer is updated as soon as its gradients exist; loss and accuracy are never read; nothing
+inside an epoch waits for the device.
 
 Where the device can capture (`KernelDevice.capture`) and the run's ``graphs`` option is on,
 a step's list is captured once as a graph (``cupy.cuda.Graph``; on the CPU shim a recorded
 list) and each step launches the graph; the short last batch has a graph of its own. A graph
-is kept in the run's workspace with the arrays it was built on and is built again when any
-of them is another array (a new parameter array, another data set). Without graphs the same
-launches run one by one: the same kernels, arguments and order, the same bits.
+is kept in the run's workspace and replayed while the epoch builds the same launches (the same
+arrays, or views of the same memory, and equal scalars: `KernelBase.program`), captured again
+when one differs (a new parameter array, another data set, another rate). Without graphs the
+same launches run one by one: the same kernels, arguments and order, the same bits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from ...cuda import COLUMN_BLOCK, GEMM_TILE, LINEAR_BLOCK
 from ..codes import ACTIVATION_CODES, BATCH_NORM_CODES, DROPOUT_CODES, STATS_CODES
 from ..workspace import Workspace
-from .device import KernelBase, Program
+from .device import KernelBase
 from .launches import GRID_Y_MAX, Launch, cdiv, linear_grid
 
 if TYPE_CHECKING:
@@ -318,28 +319,15 @@ class KernelTraining(KernelBase):
         slots = (optimizer.slots if optimizer is not None else {}) if stepwise else None
         capture = self.capture_for(workspace)
         full, last = plan.batch_size, total - (n_steps - 1) * plan.batch_size
-        programs = {rows: self._program(plan, params, running, x, t, buffers, state, rows,
-                                        slots, workspace, capture)
+        programs = {rows: self.program(workspace, ("train", rows),
+                                       self._step(plan, params, running, x, t, buffers, state,
+                                                  rows, slots), capture)
                     for rows in {min(full, total), last}}
         for start in range(0, total, full):
             programs[min(full, total - start)].launch()
         if adaptive and optimizer is not None:
             optimizer.steps += n_steps
         workspace.count("train_kernels")
-
-    def _program(self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],
-                 x: Array, t: Array, batch: _Batch, state: _StepState, rows: int,
-                 slots: Mapping[str, tuple[Array, ...]] | None, workspace: Workspace,
-                 capture: Any) -> Program:
-        """The step of ``rows`` rows (`KernelBase.program`: its graph when ``capture`` is
-        given, kept while every array it was built on is the same)."""
-        arrays = (x, t, *params.values(), *(a for pair in running.values() for a in pair),
-                  *(a for group in (slots or {}).values() for a in group),
-                  *vars(state).values(), batch.x, batch.t, batch.mask0,
-                  *(a for layer in batch.layers for a in vars(layer).values()))
-        return self.program(
-            workspace, ("train", rows), plan, arrays, capture,
-            lambda: self._step(plan, params, running, x, t, batch, state, rows, slots))
 
     def _slots_fit(self, plan: Plan, params: Mapping[str, Array],
                    optimizer: OptimizerState | None) -> bool:
