@@ -56,15 +56,13 @@ def epoch_runner(model: Any, x: Any, labels: Any, x_test: Any, labels_test: Any,
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step(index: Any) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x[index]), labels[index]).backward()
-        optimizer.step()
-
     def train_on(inputs: Any, targets: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(inputs), targets).backward()
         optimizer.step()
+
+    def step(index: Any) -> None:
+        train_on(x[index], labels[index])
 
     full_step: Callable[[Any], None] = step
     if mode == "graph":
