@@ -652,6 +652,30 @@ def test_kernels_take_the_codes_of_the_one_table(monkeypatch: pytest.MonkeyPatch
     assert common._sources_digest() != digest
 
 
+def test_a_kernel_compiles_once_per_argument_type_not_per_constant() -> None:
+    """A constant argument of a kernel-to-kernel call (``0``, ``True``) reuses the callee's
+    compile for its type: after a run through the sparse and dense first layers, batch norm
+    and dropout, no kernel holds a signature with a literal type (numba would compile, and
+    link into the caller, a second copy of the callee for each constant)."""
+    from numba import types
+
+    from fastnn.backends.numba.kernels import blas, epoch, evaluate, layers, masks, sparse
+
+    for data in (sparse_blobs(200, 30, 3), make_blobs(200, 20, 3, seed=1)):
+        config = small_config("numba", n_inputs=data[0].shape[1], batch_norm="bn",
+                              dropout_input=0.8, dropout_hidden=0.6, epochs=1,
+                              dtype="float32")
+        Trainer(config).fit(*data)
+    kernels = [kernel for module in (blas, epoch, evaluate, layers, masks, sparse)
+               for kernel in vars(module).values() if hasattr(kernel, "signatures")]
+    compiled = [(kernel.__name__, signature) for kernel in kernels
+                for signature in kernel.signatures]
+    assert {name for name, _ in compiled} >= {"std_columns", "sparse_rows_product", "gemm"}
+    literal = [(name, signature) for name, signature in compiled
+               if any(isinstance(arg, types.Literal) for arg in signature)]
+    assert not literal
+
+
 def _two_spec_pair(batch_norm: str, specs: tuple[tuple[str, float, str], ...]
                    ) -> tuple[Network, Network]:
     """A numba/numpy pair whose plan gives each hidden layer its own (activation, alpha,

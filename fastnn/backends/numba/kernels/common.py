@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numba
+from numba import types
+from numba.core.registry import CPUDispatcher
 
 _HERE = Path(__file__).resolve().parent
 #: sources outside this folder whose constants the kernels compile in
@@ -126,20 +128,43 @@ def warm_records() -> dict[str, float]:
     return found
 
 
+class _Kernel(CPUDispatcher):
+    """A dispatcher that compiles one specialisation per argument type, never one per
+    constant value. numba types a constant argument of a kernel-to-kernel call (``0``,
+    ``True``) as a literal and would compile the callee again for it, and link both copies
+    into the caller: a second full compile that runs the same code. The literal types are
+    widened before the callee is looked up (a kernel's branches never depend on them)."""
+
+    def get_call_template(self, args: Any, kws: Any) -> Any:
+        return super().get_call_template(
+            tuple(types.unliteral(arg) for arg in args),
+            {name: types.unliteral(arg) for name, arg in kws.items()})
+
+
+def _kernel(function: Any, **options: Any) -> Any:
+    """A lazily compiled `_Kernel` of ``function`` (nopython, NumPy's float error model,
+    cached when possible) with numba's jit ``options``."""
+    kernel = _Kernel(py_func=function, locals={}, targetoptions={
+        "nopython": True, "boundscheck": None, "error_model": "numpy", **options})
+    if CACHE_ENABLED:
+        kernel.enable_caching()
+    return kernel
+
+
 def jit(function: Any) -> Any:
     """Lazily compiled nopython kernel (NumPy's float error model, cached when possible)."""
-    return numba.njit(cache=CACHE_ENABLED, error_model="numpy")(function)
+    return _kernel(function)
 
 
 def jit_nogil(function: Any) -> Any:
     """`jit` that releases the GIL, so that Python threads may run it at once."""
-    return numba.njit(cache=CACHE_ENABLED, error_model="numpy", nogil=True)(function)
+    return _kernel(function, nogil=True)
 
 
 def jit_inline(function: Any) -> Any:
     """`jit` inlined into each kernel that calls it (a small hot helper: no call overhead,
     its loops optimised with the caller's)."""
-    return numba.njit(cache=CACHE_ENABLED, error_model="numpy", inline="always")(function)
+    return _kernel(function, inline="always")
 
 
 # ---- constants every kernel module shares (the integer codes: `fastnn.backends.codes`) ----
