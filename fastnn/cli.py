@@ -840,7 +840,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         compiled = compiled_kernels()
         print("numba kernels compiled on this machine (a first run of another dtype or depth "
-              "compiles for about a minute):")
+              "compiles for 30 to 60 s):")
         for variant, seconds in compiled.items():
             print(f"  {variant} (compiling took {seconds:.0f} s)")
         if not compiled:

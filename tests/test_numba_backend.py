@@ -670,10 +670,60 @@ def test_a_kernel_compiles_once_per_argument_type_not_per_constant() -> None:
                for kernel in vars(module).values() if hasattr(kernel, "signatures")]
     compiled = [(kernel.__name__, signature) for kernel in kernels
                 for signature in kernel.signatures]
+    if epoch.train_epoch_part.stats.cache_hits and not layers.std_columns.signatures:
+        pytest.skip("the epoch came from the on-disk cache: its callees were not compiled here")
     assert {name for name, _ in compiled} >= {"std_columns", "sparse_rows_product", "gemm"}
     literal = [(name, signature) for name, signature in compiled
                if any(isinstance(arg, types.Literal) for arg in signature)]
     assert not literal
+
+
+def _halve(values, into):
+    for i in range(values.shape[0]):
+        into[i] = values[i] * 0.5
+
+
+def _halve_twice(values, into):
+    for _ in range(2):
+        _halve_kernel(values, into)  # noqa: F821 (a kernel the test puts in the globals)
+        values = into.copy()
+
+
+def test_a_driver_kernel_goes_through_the_light_pipeline_and_others_do_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `jit_driver` kernel's own code (its wrappers too) and its linked module take
+    `light_pipeline`'s passes; the kernel it calls takes numba's own; both compute what they
+    say."""
+    from fastnn.backends.numba.kernels import light_pipeline
+
+    seen: list[tuple[str, str]] = []
+    functions, module = light_pipeline._light_functions, light_pipeline._light_module
+    monkeypatch.setattr(light_pipeline, "_light_functions", lambda library, ll_module: (
+        seen.append(("functions", library.name)), functions(library, ll_module))[1])
+    monkeypatch.setattr(light_pipeline, "_light_module", lambda library: (
+        seen.append(("module", library.name)), module(library))[1])
+    monkeypatch.setattr(common, "CACHE_ENABLED", False)  # nothing written beside the tests
+    monkeypatch.setitem(globals(), "_halve_kernel", common.jit(_halve))
+    driver = common.jit_driver(_halve_twice)
+    values, into = np.arange(6.0), np.empty(6)
+    driver(values, into)
+    assert into.tolist() == (np.arange(6.0) / 4).tolist()
+    assert {name for _, name in seen} == {"_halve_twice"}
+    assert {kind for kind, _ in seen} == {"functions", "module"}
+
+
+def test_the_epoch_and_evaluation_drivers_stay_cacheable() -> None:
+    """The light pipeline leaves no constant address in the drivers' code (numba refuses to
+    cache a kernel that keeps one: every first run would compile again)."""
+    from fastnn.backends.numba.kernels import epoch, evaluate
+
+    data = sparse_blobs(200, 30, 3)
+    config = small_config("numba", n_inputs=data[0].shape[1], epochs=1, dtype="float32")
+    Trainer(config).fit(*data)
+    drivers = (epoch.train_epoch_part, evaluate.evaluate_block, evaluate.evaluate_setup)
+    assert all(driver.overloads for driver in drivers)
+    assert not [driver.__name__ for driver in drivers for result in driver.overloads.values()
+                if result.library.has_dynamic_globals]
 
 
 def _two_spec_pair(batch_norm: str, specs: tuple[tuple[str, float, str], ...]
@@ -762,7 +812,7 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch,
     ops.warm_up(plan)
     depth = f"{plan.n_layers - 1} hidden layers"
     assert terminal.text == (f"\ncompiling kernels for {plan.dtype}, {depth} (first run only; "
-                             "about a minute on 2 cores)\n")
+                             "30 to 60 s on 2 cores)\n")
     ops.warm_up(plan)  # already warm: no second notice
     assert terminal.text.count("compiling") == 1
     monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 5.0)

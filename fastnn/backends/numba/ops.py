@@ -560,6 +560,6 @@ def _say_compiling(variant: str, earlier: list[float]) -> None:
     """Tell a person at a terminal why the first run waits and for about how long (what
     compiling took here before, else what it takes on a 2-core machine), on its own line."""
     took = (f"about {round(statistics.median(earlier))} s, as before on this machine" if earlier
-            else "about a minute on 2 cores")
+            else "30 to 60 s on 2 cores")
     print(f"\ncompiling kernels for {describe_variant(variant)} (first run only; {took})",
           file=sys.stderr, flush=True)

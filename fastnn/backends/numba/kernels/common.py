@@ -25,6 +25,8 @@ import numba
 from numba import types
 from numba.core.registry import CPUDispatcher
 
+from . import light_pipeline
+
 _HERE = Path(__file__).resolve().parent
 #: sources outside this folder whose constants the kernels compile in
 _CONSTANT_SOURCES = (_HERE.parent.parent / "codes.py",)
@@ -158,6 +160,13 @@ def jit(function: Any) -> Any:
 
 def jit_nogil(function: Any) -> Any:
     """`jit` that releases the GIL, so that Python threads may run it at once."""
+    return _kernel(function, nogil=True)
+
+
+def jit_driver(function: Any) -> Any:
+    """`jit_nogil` for a kernel whose work is in the kernels it calls (a loop around them):
+    its own code is compiled with `light_pipeline`'s passes, not numba's O3 twice."""
+    light_pipeline.register(function)
     return _kernel(function, nogil=True)
 
 

@@ -48,7 +48,7 @@ from .common import (
     Statistics,
     Update,
     jit,
-    jit_nogil,
+    jit_driver,
 )
 from .layers import (
     affine,
@@ -146,7 +146,7 @@ def gather_batch(x, csr, t, order, start, masked, multiplier, z0, t_batch):
             target[j] = source[j]
 
 
-@jit_nogil
+@jit_driver
 def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, blas, buffers,
                      parts):
     """This thread's parts of every step of one epoch over the rows of x in ``order``,

@@ -12,7 +12,7 @@ import numpy as np
 
 from ...codes import BN_OFF, OUTPUT_IDENTITY
 from .blas import gemm
-from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, jit, jit_nogil
+from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, jit, jit_driver
 from .layers import (
     activate_row,
     argmax_row,
@@ -99,7 +99,7 @@ def input_rows(x, csr, start, n, scale):
     return z
 
 
-@jit_nogil
+@jit_driver
 def evaluate_block(data, start, n, layers, first, full, plan, rows, blas, predicted):
     """Rows start..start+n from layer ``first`` on: the summed loss terms (float64) of their
     outputs; predicted[start:start+n] receives their classes.
@@ -148,7 +148,7 @@ def evaluate_block(data, start, n, layers, first, full, plan, rows, blas, predic
     return output_rows(z, t[start:start + n], plan.output, predicted, start)
 
 
-@jit
+@jit_driver
 def evaluate_setup(layers, bn, batch_stats, scales, rows):
     """Fill the per-layer rows `evaluate_block` reads (an `EvalRows`, all (L, widest)).
 
@@ -178,7 +178,7 @@ def evaluate_setup(layers, bn, batch_stats, scales, rows):
             std_columns(Statistics(means[k, :d], running_vars[k], stds[k, :d]), 0, d)
 
 
-@jit_nogil
+@jit_driver
 def pre_activation_block(data, start, n, k, layers, full, plan, rows, blas):
     """full[k - 1][start:start+n] = hidden layer k's pre-activations of those rows; for k > 1
     full[k - 2]'s rows are first normalised and activated in place (their statistics known).
