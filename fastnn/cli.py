@@ -836,11 +836,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, reason in backends.items():
         print(f"  {name:12s} {'available' if reason is None else 'unavailable: ' + reason}")
     if backends.get("numba") is None:
-        from .backends.numba.ops import compiled_kernels
+        from .backends.numba.ops import FIRST_COMPILE, compiled_kernels
 
         compiled = compiled_kernels()
         print("numba kernels compiled on this machine (a first run of another dtype or depth "
-              "compiles for 30 to 60 s):")
+              f"compiles for {FIRST_COMPILE}):")
         for variant, seconds in compiled.items():
             print(f"  {variant} (compiling took {seconds:.0f} s)")
         if not compiled:

@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 
 #: seconds of warm-up after which "compiling kernels" is said (a cache hit takes far less)
 COMPILE_NOTICE_AFTER = 1.5
+#: how long a first compile of one plan's kernels takes where this machine has no record yet
+FIRST_COMPILE = "30 to 60 s on 2 cores"
 
 
 #: the options of a new workspace (FASTNN_NUMBA_SPARSE sets ``sparse_mode``); see the docstring
@@ -560,6 +562,6 @@ def _say_compiling(variant: str, earlier: list[float]) -> None:
     """Tell a person at a terminal why the first run waits and for about how long (what
     compiling took here before, else what it takes on a 2-core machine), on its own line."""
     took = (f"about {round(statistics.median(earlier))} s, as before on this machine" if earlier
-            else "30 to 60 s on 2 cores")
+            else FIRST_COMPILE)
     print(f"\ncompiling kernels for {describe_variant(variant)} (first run only; {took})",
           file=sys.stderr, flush=True)

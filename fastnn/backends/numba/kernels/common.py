@@ -167,7 +167,7 @@ def jit_driver(function: Any) -> Any:
     """`jit_nogil` for a kernel whose work is in the kernels it calls (a loop around them):
     its own code is compiled with `light_pipeline`'s passes, not numba's O3 twice."""
     light_pipeline.register(function)
-    return _kernel(function, nogil=True)
+    return jit_nogil(function)
 
 
 def jit_inline(function: Any) -> Any:

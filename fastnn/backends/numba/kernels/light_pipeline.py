@@ -33,7 +33,7 @@ MODULE_PASSES = ("instruction_combine", "simplify_cfg", "aggressive_dce",
 #: of their code and of numba's wrappers around it (from Python, from C)
 _REGISTERED: dict[str, tuple[str, ...]] = {}
 _LOCK = threading.Lock()
-_INSTALLED = [False]
+_installed = False
 
 
 def mangled_prefix(function: Any) -> str:
@@ -45,12 +45,13 @@ def mangled_prefix(function: Any) -> str:
 def register(function: Any) -> None:
     """Compile ``function`` (a Python function about to become a kernel) with the light
     pipeline; installs the hooks on first use."""
+    global _installed
     with _LOCK:
         prefix = mangled_prefix(function)
         _REGISTERED[function.__qualname__] = (prefix, f"_ZN7cpython{prefix[3:]}",
                                               f"cfunc.{prefix}")
-        if not _INSTALLED[0]:
-            _INSTALLED[0] = True
+        if not _installed:
+            _installed = True
             _install()
 
 
