@@ -230,7 +230,7 @@ class Trainer:
         )
         try:
             with net.ops.activate(workspace), np.errstate(all="ignore"):
-                net.ops.warm_up(net.plan)
+                net.ops.warm_up(net.plan, weighted=train.weights is not None)
                 if resume is None:
                     self.history = History()
                     start = time.perf_counter()

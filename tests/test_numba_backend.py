@@ -652,30 +652,18 @@ def test_kernels_take_the_codes_of_the_one_table(monkeypatch: pytest.MonkeyPatch
     assert common._sources_digest() != digest
 
 
-def test_a_kernel_compiles_once_per_argument_type_not_per_constant() -> None:
+def test_a_kernel_compiles_once_per_argument_type_not_per_constant(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A constant argument of a kernel-to-kernel call (``0``, ``True``) reuses the callee's
-    compile for its type: after a run through the sparse and dense first layers, batch norm
-    and dropout, no kernel holds a signature with a literal type (numba would compile, and
-    link into the caller, a second copy of the callee for each constant)."""
-    from numba import types
-
-    from fastnn.backends.numba.kernels import blas, epoch, evaluate, layers, masks, sparse
-
-    for data in (sparse_blobs(200, 30, 3), make_blobs(200, 20, 3, seed=1)):
-        config = small_config("numba", n_inputs=data[0].shape[1], batch_norm="bn",
-                              dropout_input=0.8, dropout_hidden=0.6, epochs=1,
-                              dtype="float32")
-        Trainer(config).fit(*data)
-    kernels = [kernel for module in (blas, epoch, evaluate, layers, masks, sparse)
-               for kernel in vars(module).values() if hasattr(kernel, "signatures")]
-    compiled = [(kernel.__name__, signature) for kernel in kernels
-                for signature in kernel.signatures]
-    if epoch.train_epoch_part.stats.cache_hits and not layers.std_columns.signatures:
-        pytest.skip("the epoch came from the on-disk cache: its callees were not compiled here")
-    assert {name for name, _ in compiled} >= {"std_columns", "sparse_rows_product", "gemm"}
-    literal = [(name, signature) for name, signature in compiled
-               if any(isinstance(arg, types.Literal) for arg in signature)]
-    assert not literal
+    compile for its type: the epoch loops of runs through the sparse and dense first layers,
+    batch norm and dropout link in no kernel compiled for a literal type (numba would compile,
+    and link into the caller, a second copy of the callee for each constant)."""
+    code = _epoch_loop_code(monkeypatch, batch_norm="bn", dropout_input=0.8, dropout_hidden=0.6,
+                            dense_too=True)
+    functions = [line for line in code.splitlines() if line.startswith(("define", "declare"))]
+    assert all(any(name in line for line in functions)
+               for name in ("std_columns", "sparse_rows_product", "gemm"))
+    assert not [line for line in functions if "Literal" in line]
 
 
 def _halve(values, into):
@@ -687,6 +675,30 @@ def _halve_twice(values, into):
     for _ in range(2):
         _halve_kernel(values, into)  # noqa: F821 (a kernel the test puts in the globals)
         values = into.copy()
+
+
+def test_a_kernel_that_kernels_call_compiles_apart_without_the_python_wrapper(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel called from another kernel compiles only its `from_kernels` sibling, whose
+    code has no CPython wrapper and whose name (so its cache files) is its own; called from
+    Python it compiles, with the wrapper, once more; both compute what they say."""
+    monkeypatch.setattr(common, "CACHE_ENABLED", False)  # nothing written beside the tests
+    halve = common.jit(_halve)
+    monkeypatch.setitem(globals(), "_halve_kernel", halve)
+    twice = common.jit(_halve_twice)
+    values, into = np.arange(6.0), np.empty(6)
+    twice(values, into)
+    assert into.tolist() == (np.arange(6.0) / 4).tolist()
+    assert not halve.signatures and len(halve.from_kernels.signatures) == 1
+    assert halve.from_kernels.py_func.__qualname__ == "_halve" + common.CALLEE_SUFFIX
+    halve(values, into)
+    assert into.tolist() == (np.arange(6.0) / 2).tolist()
+
+    def has_wrapper(kernel: Any) -> bool:
+        (result,) = kernel.overloads.values()
+        return result.fndesc.llvm_cpython_wrapper_name in result.library.get_llvm_str()
+
+    assert has_wrapper(halve) and has_wrapper(twice) and not has_wrapper(halve.from_kernels)
 
 
 def test_a_driver_kernel_goes_through_the_light_pipeline_and_others_do_not(
@@ -712,6 +724,49 @@ def test_a_driver_kernel_goes_through_the_light_pipeline_and_others_do_not(
     assert {kind for kind, _ in seen} == {"functions", "module"}
 
 
+def _epoch_loop_code(monkeypatch: pytest.MonkeyPatch, dense_too: bool = False,
+                     **changes: Any) -> str:
+    """The LLVM code of the epoch loops fresh (uncached) compiles give small runs of
+    ``changes`` on sparse inputs (and on dense ones: ``dense_too``), their callees linked in
+    (they load from the cache, or compile and are cached)."""
+    from fastnn.backends.numba.kernels import blas, epoch, evaluate, layers, masks, sparse
+
+    kernels = [kernel for module in (blas, epoch, evaluate, layers, masks, sparse)
+               for kernel in vars(module).values() if hasattr(kernel, "signatures")]
+    assert all(kernel.from_kernels for kernel in kernels)  # made (cached) now, not later
+    monkeypatch.setattr(common, "CACHE_ENABLED", False)  # the loops alone compile afresh
+    monkeypatch.setattr(epoch, "_LOOPS", {})
+    sets = (sparse_blobs(60, 30, 3), make_blobs(60, 20, 3, seed=1))
+    for x, t in sets[:2 if dense_too else 1]:
+        Trainer(small_config("numba", n_inputs=x.shape[1], epochs=1, dtype="float32",
+                             **changes)).fit(x, t)
+    return "".join(result.library.get_llvm_str() for loop in epoch.epoch_loops().values()
+                   for result in loop.overloads.values())
+
+
+def test_an_epoch_loop_compiles_only_the_kernels_its_plan_calls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop of plain SGD without batch norm or dropout has none of the kernels of batch
+    norm, optimisers with state, dropout masks or row weights in it; the loop of a plan with
+    all of them calls each."""
+    others = ("batch_norm_backward_sums", "normalise_activate", "optimizer_update",
+              "fill_article_mask", "weighted_output_grad_rows")
+    plain = _epoch_loop_code(monkeypatch)
+    assert "activate_rows" in plain and not [name for name in others if name in plain]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "fit", _weighted_fit(Trainer.fit))
+        rich = _epoch_loop_code(patch, batch_norm="bn", optimizer="adam", eta=0.001,
+                                dropout_hidden=0.6)
+    assert [name for name in others if name not in rich] == []
+
+
+def _weighted_fit(fit: Any) -> Any:
+    """`Trainer.fit` with every training row weighted 1."""
+    def weighted(self: Trainer, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
+        return fit(self, x, t, *args, sample_weight=np.ones(len(x)), **kwargs)
+    return weighted
+
+
 def test_the_epoch_and_evaluation_drivers_stay_cacheable() -> None:
     """The light pipeline leaves no constant address in the drivers' code (numba refuses to
     cache a kernel that keeps one: every first run would compile again)."""
@@ -720,7 +775,7 @@ def test_the_epoch_and_evaluation_drivers_stay_cacheable() -> None:
     data = sparse_blobs(200, 30, 3)
     config = small_config("numba", n_inputs=data[0].shape[1], epochs=1, dtype="float32")
     Trainer(config).fit(*data)
-    drivers = (epoch.train_epoch_part, evaluate.evaluate_block, evaluate.evaluate_setup)
+    drivers = (*epoch.epoch_loops().values(), evaluate.evaluate_block, evaluate.evaluate_setup)
     assert all(driver.overloads for driver in drivers)
     assert not [driver.__name__ for driver in drivers for result in driver.overloads.values()
                 if result.library.has_dynamic_globals]
@@ -808,17 +863,39 @@ def test_compile_notice_only_while_compiling(monkeypatch: pytest.MonkeyPatch,
     plan = Network(small_config("numpy", batch_norm="node")).plan
     monkeypatch.setattr(common, "cache_folder", lambda: tmp_path)  # no earlier records
     monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 0.0)
-    monkeypatch.setattr(ops, "run_probe", lambda plan, dtype: __import__("time").sleep(0.3))
+    monkeypatch.setattr(ops, "run_probe", lambda plan, dtype, **_: __import__("time").sleep(0.3))
     ops.warm_up(plan)
     depth = f"{plan.n_layers - 1} hidden layers"
-    assert terminal.text == (f"\ncompiling kernels for {plan.dtype}, {depth} (first run only; "
-                             "30 to 60 s on 2 cores)\n")
+    assert terminal.text == (f"\ncompiling kernels for {plan.dtype}, {depth}, batch norm "
+                             "(first run only; "
+                             f"{backend_module.FIRST_COMPILE})\n")
     ops.warm_up(plan)  # already warm: no second notice
     assert terminal.text.count("compiling") == 1
     monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 5.0)
     fresh = backend_module.NumbaOps()
+    monkeypatch.setattr(fresh, "run_probe", lambda plan, dtype, **_: None)
     fresh.warm_up(plan)  # a fast (cached) warm-up
     assert terminal.text.count("compiling") == 1
+
+
+def test_a_kernel_set_is_named_by_dtype_depth_and_the_epoch_loops_choices() -> None:
+    """The warm record's name and `fastnn info`'s description of a kernel set: the dtype, the
+    depth and each choice of the epoch loop that differs from plain SGD; a plan with weighted
+    rows is another set than the same plan without."""
+    ops = backend_module.NumbaOps()
+    plain = Network(small_config("numpy", hidden=(8,))).plan
+    variant = ops.epoch_variant(plain, np.float32, False)
+    assert backend_module.warm_variant("float32", 1, variant) == "float32-1-hidden"
+    assert backend_module.describe_variant("float32-1-hidden") == "float32, 1 hidden layer"
+    rich = Network(small_config("numpy", batch_norm="bn", bn_eval="running", optimizer="adam",
+                                eta=0.001, dropout_hidden=0.5)).plan
+    name = backend_module.warm_variant(
+        "float64", 2, ops.epoch_variant(rich, np.float64, True))
+    assert name == "float64-2-hidden-bn+optimizer+dropout+weighted"
+    assert backend_module.describe_variant(name) == (
+        "float64, 2 hidden layers, batch norm, an optimiser with state, dropout, row weights")
+    assert backend_module.warm_variant(
+        "float64", 2, ops.epoch_variant(rich, np.float64, False)) != name
 
 
 def test_compiled_kernels_are_recorded_beside_the_cache(
@@ -833,7 +910,7 @@ def test_compiled_kernels_are_recorded_beside_the_cache(
     assert backend_module.compiled_kernels() == {}
     ops = backend_module.NumbaOps()
     monkeypatch.setattr(backend_module, "COMPILE_NOTICE_AFTER", 0.1)
-    monkeypatch.setattr(ops, "run_probe", lambda plan, dtype: __import__("time").sleep(0.4))
+    monkeypatch.setattr(ops, "run_probe", lambda plan, dtype, **_: __import__("time").sleep(0.4))
     ops.warm_up(plan)
     name = f"{plan.dtype}, {plan.n_layers - 1} hidden layers"
     compiled = backend_module.compiled_kernels()

@@ -361,13 +361,14 @@ class Ops:
         scaled = sizes[0] if plan.dropout[0].active else 0
         return rows * (widest + scaled) * plan.itemsize
 
-    def warm_up(self, plan: Plan) -> None:
-        """Compile whatever the backend compiles for ``plan``, before any timing starts
-        (reference: nothing)."""
+    def warm_up(self, plan: Plan, *, weighted: bool = False) -> None:
+        """Compile whatever the backend compiles for ``plan`` (its training rows weighted or
+        not), before any timing starts (reference: nothing)."""
 
-    def run_probe(self, plan: Plan, dtype: Any) -> None:
+    def run_probe(self, plan: Plan, dtype: Any, *, weighted: bool = False) -> None:
         """A 3-row epoch and evaluation of ``plan`` on throw-away arrays (what a compiling
-        backend's `warm_up` runs so that every kernel of the plan is built)."""
+        backend's `warm_up` runs so that every kernel of the plan is built), its rows weighted
+        when asked."""
         import numpy
 
         xp, rows = self.xp, 3
@@ -385,11 +386,14 @@ class Ops:
         x, t = self.asarray(x), self.asarray(t)
         workspace = self.workspace(threads=1)
         training = (plan, params, running, x, t, numpy.arange(rows), 0, workspace)
+        extras: dict[str, Any] = {}
         if not plan.plain_sgd:  # the optimiser's state and a scheduled rate
             state = OptimizerState.zeros(plan.optimizer.slots, plan.param_shapes(), self, dtype)
-            training = (*training, state, numpy.ones(1))
+            extras.update(optimizer=state, rate_factors=numpy.ones(1))
+        if weighted:
+            extras["weights"] = xp.ones(rows, dtype)
         with numpy.errstate(all="ignore"):
-            self.train_epoch(*training)
+            self.train_epoch(*training, **extras)
             self.loss_and_classes(plan, params, running, x, t, workspace)
 
     def train_epoch(

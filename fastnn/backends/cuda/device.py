@@ -155,15 +155,15 @@ class KernelBase(Ops):
                 self._functions[(stem, dtype)] = found
         return found
 
-    def warm_up(self, plan: Plan) -> None:
+    def warm_up(self, plan: Plan, *, weighted: bool = False) -> None:
         """Load (compile) every kernel the plan uses and run each once: a 3-row epoch and an
         evaluation on throw-away arrays."""
         dtype = np.dtype(plan.dtype)
         key = (dtype.name, plan.n_layers, plan.batch_norm, plan.dropout_mode, plan.output,
-               plan.tracks_running, plan.plain_sgd)
+               plan.tracks_running, plan.plain_sgd, weighted)
         if dtype not in FLOATS or key in self._warmed:
             return
-        self.run_probe(plan, dtype)
+        self.run_probe(plan, dtype, weighted=weighted)
         self.device.synchronize()
         with self._lock:
             self._warmed.add(key)

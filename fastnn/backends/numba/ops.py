@@ -157,13 +157,16 @@ class NumbaOps(NumpyOps):
         Evaluation shares its blocks among the run's threads instead."""
         return 1
 
-    def warm_up(self, plan: Plan) -> None:
-        """Compile (or load from the cache) the epoch and evaluation kernels of this plan."""
+    def warm_up(self, plan: Plan, *, weighted: bool = False) -> None:
+        """Compile (or load from the cache) the epoch and evaluation kernels of this plan:
+        its epoch loop is the one of the plan's choices (`kernels.epoch.EpochVariant`), of rows
+        weighted or not."""
         dtype = np.dtype(plan.dtype)
-        key = (dtype.name, plan.n_layers, plan.batch_norm, plan.dropout_mode, plan.output)
+        variant = warm_variant(dtype.name, plan.n_layers - 1,
+                               self.epoch_variant(plan, dtype, weighted))
+        key = (variant, plan.batch_norm, plan.dropout_mode, plan.output, plan.tracks_running)
         if dtype not in FLOAT_DTYPES or key in self._warmed:
             return
-        variant = warm_variant(dtype.name, plan.n_layers - 1)
         known = common.warm_records()
         notice = None
         if sys.stderr is not None and sys.stderr.isatty():
@@ -173,7 +176,7 @@ class NumbaOps(NumpyOps):
             notice.start()
         start = time.perf_counter()
         try:
-            self.run_probe(plan, dtype)
+            self.run_probe(plan, dtype, weighted=weighted)
         finally:
             if notice is not None:
                 notice.cancel()
@@ -182,6 +185,12 @@ class NumbaOps(NumpyOps):
             common.record_warm(variant, seconds)
         with self._lock:
             self._warmed.add(key)
+
+    def epoch_variant(self, plan: Plan, dtype: Any, weighted: bool) -> Any:
+        """The `EpochVariant` a run of ``plan`` trains with, its rows weighted or not."""
+        record = training.step_plan(plan, 0, dtype, plan.tracks_running, training.no_rates(),
+                                    weighted)
+        return self.kernels.epoch.epoch_variant(record)
 
     # ---- random masks ----
     def article_mask(self, key: int, d: int, keep: float, dtype: str) -> Any:
@@ -541,9 +550,20 @@ class NumbaOps(NumpyOps):
         return result
 
 
-def warm_variant(dtype: str, hidden_layers: int) -> str:
-    """The name of the kernels a plan compiles: one set per dtype and network depth."""
-    return f"{dtype}-{hidden_layers}-hidden"
+#: the short name (in a warm record's name) and the description of each choice of an
+#: `EpochVariant` that differs from plain SGD without batch norm, dropout or weights
+_CHOICES = {
+    "batch_norm": ("bn", "batch norm"), "plain_sgd": ("optimizer", "an optimiser with state"),
+    "dropout": ("dropout", "dropout"), "weighted": ("weighted", "row weights"),
+}
+
+
+def warm_variant(dtype: str, hidden_layers: int, epoch_variant: Any) -> str:
+    """The name of the kernels a plan compiles: one set per dtype, network depth and epoch
+    variant (``float32-2-hidden``, ``float64-1-hidden-bn+optimizer``)."""
+    chosen = [short for field, (short, _) in _CHOICES.items()
+              if getattr(epoch_variant, field) != (field == "plain_sgd")]
+    return f"{dtype}-{hidden_layers}-hidden" + (f"-{'+'.join(chosen)}" if chosen else "")
 
 
 def compiled_kernels() -> dict[str, float]:
@@ -553,9 +573,12 @@ def compiled_kernels() -> dict[str, float]:
 
 
 def describe_variant(variant: str) -> str:
-    """``float32-2-hidden`` as "float32, 2 hidden layers"."""
-    dtype, layers, _ = variant.split("-")
-    return f"{dtype}, {layers} hidden layer{'' if layers == '1' else 's'}"
+    """``float32-2-hidden`` as "float32, 2 hidden layers", ``float32-1-hidden-bn+dropout``
+    as "float32, 1 hidden layer, batch norm, dropout"."""
+    dtype, layers, _, *chosen = variant.split("-")
+    described = {short: text for short, text in _CHOICES.values()}
+    choices = [described.get(short, short) for part in chosen for short in part.split("+")]
+    return ", ".join([dtype, f"{layers} hidden layer{'' if layers == '1' else 's'}", *choices])
 
 
 def _say_compiling(variant: str, earlier: list[float]) -> None:

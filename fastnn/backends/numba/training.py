@@ -70,6 +70,11 @@ def step_rates(plan: Plan, n_steps: int, rate_factors: Any, first_update: int) -
     return StepRates(rates, bn_rates, first, second)
 
 
+def no_rates() -> StepRates:
+    """Per-step rates of no steps: a `StepPlan`'s stand-in until an epoch brings its own."""
+    return StepRates(*(np.zeros(0, np.float64) for _ in StepRates._fields))
+
+
 def step_plan(plan: Plan, epoch: int, dtype: Any, update_running: bool, rates: StepRates,
               weighted: bool, tally: np.ndarray | None = None) -> StepPlan:
     """What every step of ``epoch`` does, as codes and scalars of the dtype (``tally``: where
@@ -116,8 +121,7 @@ def run_record(plan: Plan, x: np.ndarray, weights: np.ndarray | None, update_run
     options = workspace.options
     sparse_allowed = not (options.get("sparse_mode") == "auto"
                           and x.dtype.name not in options.get("sparse_train_dtypes", ()))
-    placeholder = StepRates(*(np.zeros(0, np.float64) for _ in StepRates._fields))
-    record = step_plan(plan, 0, x.dtype, update_running, placeholder, weights is not None)
+    record = step_plan(plan, 0, x.dtype, update_running, no_rates(), weights is not None)
     return RunRecord(record, tuple(record.keep_ratios), sparse_allowed,
                      np.ones(1, x.dtype) if weights is None else weights, blas_for(x.dtype))
 
@@ -217,7 +221,8 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
         lambda: step_buffers(*shape[:4], plan_record.keep_ratios, *shape[5:]), lambda _: True)
     arguments = (Data(array, t, csr, run.row_weights), order, layers, slots, plan_record,
                  run.blas, buffers, parts)
-    sparse_steps = run_parts(kernels.epoch.train_epoch_part, kernels.sync, threads, arguments)
+    loop = kernels.epoch.epoch_loop(kernels.epoch.epoch_variant(plan_record))
+    sparse_steps = run_parts(loop, kernels.sync, threads, arguments)
     if optimizer is not None and plan.optimizer.slots:
         optimizer.steps += n_steps
     workspace.count("sparse_steps", sparse_steps)

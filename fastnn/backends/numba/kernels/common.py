@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import types as pytypes
 from collections import namedtuple
 from pathlib import Path
 from typing import Any
@@ -130,12 +132,14 @@ def warm_records() -> dict[str, float]:
     return found
 
 
-class _Kernel(CPUDispatcher):
-    """A dispatcher that compiles one specialisation per argument type, never one per
-    constant value. numba types a constant argument of a kernel-to-kernel call (``0``,
-    ``True``) as a literal and would compile the callee again for it, and link both copies
-    into the caller: a second full compile that runs the same code. The literal types are
-    widened before the callee is looked up (a kernel's branches never depend on them)."""
+class _CalleeKernel(CPUDispatcher):
+    """A kernel as other kernels call it: compiled without numba's CPython wrapper (the code
+    that unboxes Python arguments, as large as the kernel itself for a kernel that takes
+    records of arrays), and once per argument type, never once per constant value. numba types
+    a constant argument of a kernel-to-kernel call (``0``, ``True``) as a literal and would
+    compile the callee again for it, and link both copies into the caller: a second full
+    compile that runs the same code. The literal types are widened before the callee is looked
+    up (a kernel's branches never depend on them)."""
 
     def get_call_template(self, args: Any, kws: Any) -> Any:
         return super().get_call_template(
@@ -143,11 +147,63 @@ class _Kernel(CPUDispatcher):
             {name: types.unliteral(arg) for name, arg in kws.items()})
 
 
-def _kernel(function: Any, **options: Any) -> Any:
+#: the qualified-name suffix of a kernel's copy that other kernels call (its own cache entries)
+CALLEE_SUFFIX = ".from_kernels"
+
+
+class _Kernel(CPUDispatcher):
+    """A kernel as Python calls it. A kernel that calls it is compiled against its
+    `from_kernels` sibling instead (numba types a global dispatcher by ``_numba_type_``): the
+    same function, compiled apart, without the wrapper Python calls need, cached under its own
+    name. A production run calls only the drivers from Python, so every other kernel compiles
+    once, without a wrapper nobody calls."""
+
+    def __init__(self, py_func: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(py_func, *args, **kwargs)
+        self._callee: _CalleeKernel | None = None
+        self._callee_lock = threading.Lock()
+
+    @property
+    def from_kernels(self) -> _CalleeKernel:
+        """The sibling other kernels call (made on first use; compiles nothing itself)."""
+        with self._callee_lock:
+            if self._callee is None:
+                self._callee = _sibling(self.py_func, self.targetoptions)
+            return self._callee
+
+    @property
+    def _numba_type_(self) -> Any:
+        return types.Dispatcher(self.from_kernels)
+
+
+def _sibling(function: Any, targetoptions: dict[str, Any]) -> _CalleeKernel:
+    """A `_CalleeKernel` of a copy of ``function`` whose qualified name ends in
+    `CALLEE_SUFFIX`: its compiled code and cache files are its own, never taken for the
+    Python-callable kernel's."""
+    copy = pytypes.FunctionType(function.__code__, function.__globals__, function.__name__,
+                                function.__defaults__, function.__closure__)
+    copy.__qualname__ = function.__qualname__ + CALLEE_SUFFIX
+    copy.__module__, copy.__doc__ = function.__module__, function.__doc__
+    copy.__kwdefaults__ = function.__kwdefaults__
+    if light_pipeline.registered(function):
+        light_pipeline.register(copy)
+    kernel = _CalleeKernel(py_func=copy, locals={}, targetoptions={
+        **targetoptions, "no_cpython_wrapper": True})
+    if CACHE_ENABLED:
+        kernel.enable_caching()
+    return kernel
+
+
+def _kernel(function: Any, light: bool = False, **options: Any) -> Any:
     """A lazily compiled `_Kernel` of ``function`` (nopython, NumPy's float error model,
-    cached when possible) with numba's jit ``options``."""
-    kernel = _Kernel(py_func=function, locals={}, targetoptions={
-        "nopython": True, "boundscheck": None, "error_model": "numpy", **options})
+    cached when possible) with numba's jit ``options``; ``light``: its own code takes
+    `light_pipeline`'s passes. No kernel gets numba's C-callable wrapper (nothing here calls a
+    kernel through a C function pointer)."""
+    if light:
+        light_pipeline.register(function)
+    kernel = _Kernel(function, locals={}, targetoptions={
+        "nopython": True, "boundscheck": None, "error_model": "numpy", "no_cfunc_wrapper": True,
+        **options})
     if CACHE_ENABLED:
         kernel.enable_caching()
     return kernel
@@ -166,14 +222,22 @@ def jit_nogil(function: Any) -> Any:
 def jit_driver(function: Any) -> Any:
     """`jit_nogil` for a kernel whose work is in the kernels it calls (a loop around them):
     its own code is compiled with `light_pipeline`'s passes, not numba's O3 twice."""
-    light_pipeline.register(function)
-    return jit_nogil(function)
+    return _kernel(function, light=True, nogil=True)
 
 
 def jit_inline(function: Any) -> Any:
     """`jit` inlined into each kernel that calls it (a small hot helper: no call overhead,
     its loops optimised with the caller's)."""
     return _kernel(function, inline="always")
+
+
+@jit_inline
+def copy_into(source: Any, target: Any) -> None:
+    """target[j] = source[j] for every j of two (d,) arrays. Kernels copy with this loop, not a
+    slice assignment from an array: numba compiles that with a shape-mismatch message built by
+    string formatting, which cost a first run about 1.7 s of compiling."""
+    for j in range(target.shape[0]):
+        target[j] = source[j]
 
 
 # ---- constants every kernel module shares (the integer codes: `fastnn.backends.codes`) ----

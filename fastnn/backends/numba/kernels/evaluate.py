@@ -12,7 +12,7 @@ import numpy as np
 
 from ...codes import BN_OFF, OUTPUT_IDENTITY
 from .blas import gemm
-from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, jit, jit_driver
+from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, copy_into, jit, jit_driver
 from .layers import (
     activate_row,
     argmax_row,
@@ -169,12 +169,12 @@ def evaluate_setup(layers, bn, batch_stats, scales, rows):
         scale_rows[k, :] = scales[k]
     for k in range(n_layers):
         d = weights[k].shape[1]
-        gamma_rows[k, :d] = expand_parameter(gammas[k], d)
-        beta_rows[k, :d] = expand_parameter(betas[k], d)
+        copy_into(expand_parameter(gammas[k], d), gamma_rows[k, :d])
+        copy_into(expand_parameter(betas[k], d), beta_rows[k, :d])
     if bn != BN_OFF and not batch_stats:
         for k in range(n_layers - 1):
             d = weights[k].shape[1]
-            means[k, :d] = running_means[k]
+            copy_into(running_means[k], means[k, :d])
             std_columns(Statistics(means[k, :d], running_vars[k], stds[k, :d]), 0, d)
 
 

@@ -32,7 +32,7 @@ from ...codes import (
     OUTPUT_IDENTITY,
 )
 from .blas import gemm
-from .common import BN_STD_FLOOR, LOG_FLOOR, ColumnMeans, jit
+from .common import BN_STD_FLOOR, LOG_FLOOR, ColumnMeans, copy_into, jit
 from .elementary import exp
 
 # ---- activations, a row at a time (the branch sits outside the loop, so loops vectorise) ----
@@ -130,7 +130,7 @@ def parameter_columns(values, low, high):
     if values.shape[0] == 1:
         out[:] = values[0]
     else:
-        out[:] = values[low:high]
+        copy_into(values[low:high], out)
     return out
 
 
@@ -199,17 +199,24 @@ def hidden_forward(u, activation, norm, batch_stats, stats, normalised, multipli
     and y receive the normalised values when its ``store``; else they are not touched).
     ``multiplier`` is (1 or n, 1 or d): a scalar, a per-node mask or a per-element mask.
     """
-    n, d = u.shape
+    d = u.shape[1]
     if norm.bn == BN_OFF:
-        act, alpha = activation.code, activation.alpha
-        expanded = np.empty(d, u.dtype)
-        for i in range(n):
-            activate_row(u[i], act, alpha, multiplier_row(multiplier, i, expanded), z[i])
+        activate_rows(u, activation, multiplier, z)
         return
     if batch_stats:
         batch_statistics(u, stats)
     std_columns(stats, 0, d)
     normalise_activate(u, activation, norm, stats, normalised, multiplier, z, 0, d)
+
+
+@jit
+def activate_rows(u, activation, multiplier, z):
+    """z = act(u) * multiplier, row by row (`hidden_forward` without batch norm; the
+    `Activation` ``activation``, a (1 or n, 1 or d) ``multiplier``)."""
+    act, alpha = activation.code, activation.alpha
+    expanded = np.empty(u.shape[1], u.dtype)
+    for i in range(u.shape[0]):
+        activate_row(u[i], act, alpha, multiplier_row(multiplier, i, expanded), z[i])
 
 
 @jit
@@ -269,18 +276,24 @@ def hidden_backward(dz, multiplier, activation, norm, forward, du, node_sums):
     `BatchNorm`): the layer's gamma now, g = gamma * dy. With BN and gamma, ``node_sums`` (a
     `GammaBeta`) receives the per-node sums of u_hat*dy and dy.
     """
-    n, d = dz.shape
+    d = dz.shape[1]
     if norm.bn == BN_OFF:
-        act, alpha, y = activation.code, activation.alpha, forward.y
-        expanded = np.empty(d, dz.dtype)
-        for i in range(n):
-            derivative_row(dz[i], y[i], act, alpha, multiplier_row(multiplier, i, expanded),
-                           du[i])
+        derivative_rows(dz, multiplier, activation, forward.y, du)
         return
     column_means = ColumnMeans(np.empty(d, dz.dtype), np.empty(d, dz.dtype))
     batch_norm_backward_sums(dz, multiplier, activation, norm, forward, False, du, node_sums,
                              column_means, 0, d)
     batch_norm_backward_finish(norm, forward, du, column_means, 0, d)
+
+
+@jit
+def derivative_rows(dz, multiplier, activation, y, du):
+    """du = (dz * multiplier) * act'(y), row by row (`hidden_backward` without batch norm:
+    ``y`` is the activation's input)."""
+    act, alpha = activation.code, activation.alpha
+    expanded = np.empty(dz.shape[1], dz.dtype)
+    for i in range(dz.shape[0]):
+        derivative_row(dz[i], y[i], act, alpha, multiplier_row(multiplier, i, expanded), du[i])
 
 
 @jit
@@ -382,8 +395,8 @@ def layer_parameter_grads(bn, node_sums, grads):
         dgamma[0] = total_gamma / count
         dbeta[0] = total_beta / count
     else:
-        dgamma[:] = dgamma_nodes
-        dbeta[:] = dbeta_nodes
+        copy_into(dgamma_nodes, dgamma)
+        copy_into(dbeta_nodes, dbeta)
 
 
 # ---- affine, output, loss ----
@@ -393,7 +406,7 @@ def layer_parameter_grads(bn, node_sums, grads):
 def fill_rows(out, row):
     """Every row of out = row."""
     for i in range(out.shape[0]):
-        out[i, :] = row
+        copy_into(row, out[i])
 
 
 @jit
@@ -476,7 +489,7 @@ def output_forward(u, output, y):
     n, d = u.shape
     for i in range(n):
         if output == OUTPUT_IDENTITY:
-            y[i, :] = u[i, :]
+            copy_into(u[i], y[i])
             continue
         top = u[i, 0]
         for j in range(1, d):

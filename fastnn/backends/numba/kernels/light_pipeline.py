@@ -55,6 +55,12 @@ def register(function: Any) -> None:
             _install()
 
 
+def registered(function: Any) -> bool:
+    """Whether ``function`` was registered."""
+    with _LOCK:
+        return function.__qualname__ in _REGISTERED
+
+
 def _is_registered(library: Any, module: Any) -> bool:
     """Whether ``library`` is a registered kernel's and ``module`` defines that kernel."""
     prefixes = _REGISTERED.get(getattr(library, "name", None))

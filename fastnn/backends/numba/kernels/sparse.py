@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...codes import DECAY_NONE
-from .common import Update, jit, jit_inline, jit_nogil
+from .common import Update, copy_into, jit, jit_inline, jit_nogil
 from .layers import sgd_weights
 from .simd import lanes, load, load_row, muladd, prefetch, store, zeros
 
@@ -252,8 +252,8 @@ def sparse_batch(csr, order, start, multiplier, batch_ptr, batch_idx, batch_val)
         source = order[start + i]
         low, high = indptr[source], indptr[source + 1]
         if unmasked and not compact:  # x * 1 is x, and its entries are nonzero
-            batch_idx[q:q + high - low] = indices[low:high]
-            batch_val[q:q + high - low] = values[low:high]
+            copy_into(indices[low:high], batch_idx[q:q + high - low])
+            copy_into(values[low:high], batch_val[q:q + high - low])
             q += high - low
         elif unmasked:
             for p in range(low, high):
@@ -305,7 +305,7 @@ def transpose_part(batch):
         col_ptr[batch.idx[q] + 1] += 1
     for j in range(d):
         col_ptr[j + 1] += col_ptr[j]
-    fill[:] = col_ptr[:d]
+    copy_into(col_ptr[:d], fill)
     for i in range(batch.span[1]):
         for q in range(batch.ptr[i], batch.ptr[i + 1]):
             j = batch.idx[q]
@@ -371,7 +371,7 @@ def sparse_weight_grad(parts, me, low, high, du, dw):
         else:
             for chunk in range(0, (m + step - 1) // step, 8):
                 product_chunks(rows, values, 0, count, du, acc, chunk)
-        dw[j, :] = acc
+        copy_into(acc, dw[j])
 
 
 @jit
