@@ -775,7 +775,7 @@ def test_the_epoch_and_evaluation_drivers_stay_cacheable() -> None:
     data = sparse_blobs(200, 30, 3)
     config = small_config("numba", n_inputs=data[0].shape[1], epochs=1, dtype="float32")
     Trainer(config).fit(*data)
-    drivers = (*epoch.epoch_loops().values(), evaluate.evaluate_block, evaluate.evaluate_setup)
+    drivers = (*epoch.epoch_loops().values(), evaluate.evaluate_block)
     assert all(driver.overloads for driver in drivers)
     assert not [driver.__name__ for driver in drivers for result in driver.overloads.values()
                 if result.library.has_dynamic_globals]

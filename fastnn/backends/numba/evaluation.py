@@ -19,7 +19,7 @@ from ..codes import BATCH_NORM_CODES, OUTPUT_CODES
 from ..workspace import Workspace
 from .fit import hidden_activations, layers_record, live_arrays, plan_fits, remembered
 from .inputs import first_layer, kernel_inputs
-from .kernels.common import Data, EvalPlan, EvalRows
+from .kernels.common import BN_STD_FLOOR, Data, EvalPlan, EvalRows, Layers
 
 if TYPE_CHECKING:
     from ...plan import Plan
@@ -53,10 +53,7 @@ def loss_and_classes(
         output=OUTPUT_CODES[plan.output],
         batch_stats=batch_stats,
     )
-    widest = max(sizes[1:])
-    rows = EvalRows(*(np.empty((n_layers, widest), dtype) for _ in range(5)))
-    kernels.evaluate_setup(layers, eval_plan.bn, batch_stats,
-                           np.array(plan.eval_scales(), dtype), rows)
+    rows = eval_rows(layers, with_running, np.array(plan.eval_scales(), dtype), max(sizes[1:]))
     whole_set = plan.batch_norm != "off" and batch_stats
     placeholder = np.ones((1, 1), dtype)
     full = tuple(
@@ -99,6 +96,33 @@ def loss_and_classes(
     identity = eval_plan.output == OUTPUT_CODES["identity_mse"]
     loss = 0.5 * total / n_rows if identity else -total / n_rows
     return float(dtype.type(loss)), predicted
+
+
+def eval_rows(layers: Layers, with_running: bool, scales: np.ndarray, widest: int) -> EvalRows:
+    """The per-layer rows `kernels.evaluate.evaluate_block` reads, all (L, widest) in the
+    dtype of ``scales``: scales[0, 0] the input's scale and scales[k] hidden layer k's (1
+    elsewhere), the expanded gammas and betas, and (``with_running``) the running means and
+    floored stds, max(sqrt(var), 1e-7) (else means 0 and stds 1). Once per evaluation, so in
+    NumPy: a kernel would only add to a first run's compile."""
+    n_layers, dtype = len(layers.weights), scales.dtype
+    rows = EvalRows(*(np.empty((n_layers, widest), dtype) for _ in range(5)))
+    rows.scales[:] = 1
+    rows.means[:] = 0
+    rows.stds[:] = 1
+    rows.scales[0, 0] = scales[0]
+    rows.scales[1:] = scales[1:n_layers, None]
+    for k in range(n_layers):
+        d = layers.weights[k].shape[1]
+        rows.gammas[k, :d] = layers.gammas[k]
+        rows.betas[k, :d] = layers.betas[k]
+    if with_running:
+        floor = dtype.type(BN_STD_FLOOR)
+        for k in range(n_layers - 1):
+            d = layers.weights[k].shape[1]
+            rows.means[k, :d] = layers.running_means[k]
+            root = np.sqrt(layers.running_vars[k])
+            rows.stds[k, :d] = np.where(root < floor, floor, root)  # NaN stays NaN
+    return rows
 
 
 def run_blocks(n_blocks: int, threads: int, run: Any) -> None:

@@ -12,12 +12,11 @@ import numpy as np
 
 from ...codes import BN_OFF, OUTPUT_IDENTITY
 from .blas import gemm
-from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, copy_into, jit, jit_driver
+from .common import LOG_FLOOR, Activation, EvalLayer, Statistics, jit, jit_driver
 from .layers import (
     activate_row,
     argmax_row,
     batch_statistics,
-    expand_parameter,
     fill_rows,
     normalise_row,
     output_forward,
@@ -108,8 +107,8 @@ def evaluate_block(data, start, n, layers, first, full, plan, rows, blas, predic
     ``layers``: the `Layers` record. ``first`` is 1 (from the input x) or L (the output
     layer): then hidden layer L - 1's pre-activations of these rows are in full[L - 2], and
     are normalised and activated here (in place). ``plan`` is an `EvalPlan`, ``rows`` the
-    `EvalRows` of `evaluate_setup`. Blocks are independent: threads may run them at once (the
-    GIL is released).
+    `EvalRows` of `fastnn.backends.numba.evaluation.eval_rows`. Blocks are independent:
+    threads may run them at once (the GIL is released).
     """
     x, t, csr = data.x, data.t, data.csr
     weights, biases = layers.weights, layers.biases
@@ -146,36 +145,6 @@ def evaluate_block(data, start, n, layers, first, full, plan, rows, blas, predic
                              eval_layer(rows, h, d), u_hat_scratch, y_scratch, u)
         z = u
     return output_rows(z, t[start:start + n], plan.output, predicted, start)
-
-
-@jit_driver
-def evaluate_setup(layers, bn, batch_stats, scales, rows):
-    """Fill the per-layer rows `evaluate_block` reads (an `EvalRows`, all (L, widest)).
-
-    rows.scales[0, 0] is the input's scale, rows.scales[k] hidden layer k's; gamma/beta rows
-    are the expanded parameters; with fixed (running) statistics, means and stds receive them.
-    """
-    weights, gammas, betas = layers.weights, layers.gammas, layers.betas
-    running_means, running_vars = layers.running_means, layers.running_vars
-    scale_rows, means, stds, gamma_rows, beta_rows = (rows.scales, rows.means, rows.stds,
-                                                      rows.gammas, rows.betas)
-    n_layers = len(weights)
-    dtype = scale_rows.dtype
-    scale_rows[:, :] = dtype.type(1.0)
-    means[:, :] = dtype.type(0.0)
-    stds[:, :] = dtype.type(1.0)
-    scale_rows[0, 0] = scales[0]
-    for k in range(1, n_layers):
-        scale_rows[k, :] = scales[k]
-    for k in range(n_layers):
-        d = weights[k].shape[1]
-        copy_into(expand_parameter(gammas[k], d), gamma_rows[k, :d])
-        copy_into(expand_parameter(betas[k], d), beta_rows[k, :d])
-    if bn != BN_OFF and not batch_stats:
-        for k in range(n_layers - 1):
-            d = weights[k].shape[1]
-            copy_into(running_means[k], means[k, :d])
-            std_columns(Statistics(means[k, :d], running_vars[k], stds[k, :d]), 0, d)
 
 
 @jit_driver
