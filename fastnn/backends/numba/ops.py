@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 #: seconds of warm-up after which "compiling kernels" is said (a cache hit takes far less)
 COMPILE_NOTICE_AFTER = 1.5
 #: how long a first compile of one plan's kernels takes where this machine has no record yet
-FIRST_COMPILE = "30 to 60 s on 2 cores"
+FIRST_COMPILE = "15 to 30 s on 2 cores"
 
 
 #: the options of a new workspace (FASTNN_NUMBA_SPARSE sets ``sparse_mode``); see the docstring
