@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -710,25 +713,77 @@ def test_a_driver_kernel_goes_through_the_light_pipeline_and_others_do_not(
 
     seen: list[tuple[str, str]] = []
     functions, module = light_pipeline._light_functions, light_pipeline._light_module
+    machine_code = light_pipeline._light_machine_code
     monkeypatch.setattr(light_pipeline, "_light_functions", lambda library, ll_module: (
         seen.append(("functions", library.name)), functions(library, ll_module))[1])
     monkeypatch.setattr(light_pipeline, "_light_module", lambda library: (
         seen.append(("module", library.name)), module(library))[1])
+    monkeypatch.setattr(light_pipeline, "_light_machine_code", lambda library: (
+        seen.append(("machine code", library.name)), machine_code(library))[1])
     monkeypatch.setattr(common, "CACHE_ENABLED", False)  # nothing written beside the tests
-    monkeypatch.setitem(globals(), "_halve_kernel", common.jit(_halve))
+    halve = common.jit(_halve)
+    monkeypatch.setitem(globals(), "_halve_kernel", halve)
     driver = common.jit_driver(_halve_twice)
     values, into = np.arange(6.0), np.empty(6)
     driver(values, into)
     assert into.tolist() == (np.arange(6.0) / 4).tolist()
     assert {name for _, name in seen} == {"_halve_twice"}
-    assert {kind for kind, _ in seen} == {"functions", "module"}
+    assert {kind for kind, _ in seen} == {"functions", "module", "machine code"}
+    # the driver calls the callee's own compiled code: its module declares it, defines none
+    (callee,) = halve.from_kernels.overloads.values()
+    (compiled,) = driver.overloads.values()
+    lines = compiled.library.get_llvm_str().splitlines()
+    name = callee.fndesc.mangled_name
+    assert [line for line in lines if line.startswith("declare") and name in line]
+    assert not [line for line in lines if line.startswith("define") and "_halve" in line
+                and "_halve_twice" not in line]
+
+
+_CACHED_DRIVER = """
+import sys
+import numpy as np
+from fastnn.backends.numba.kernels import common
+
+@common.jit
+def halve(values, into):
+    for i in range(values.shape[0]):
+        into[i] = values[i] * 0.5
+
+@common.jit_driver
+def halve_twice(values, into):
+    for _ in range(2):
+        halve(values, into)
+        values = into.copy()
+
+into = np.empty(4)
+halve_twice(np.arange(4.0), into)
+hits = sum(halve_twice.stats.cache_hits.values())
+print(into.tolist(), hits, len(halve.from_kernels.overloads))
+"""
+
+
+def test_a_driver_loaded_from_the_cache_first_loads_the_kernels_it_calls(
+        tmp_path: Path) -> None:
+    """A driver's cache entry lists the kernels it calls by symbol: in a new process, the
+    cached driver loads them (from the cache) before itself, and computes what it says
+    (without them in the JIT, loading it would abort the process)."""
+    (tmp_path / "toy_driver.py").write_text(_CACHED_DRIVER)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    runs = [subprocess.run([sys.executable, "-c", "import toy_driver"], env=env, text=True,
+                           capture_output=True, timeout=300) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], [(run.returncode, run.stderr[-2000:])
+                                                        for run in runs]
+    assert [run.stdout.split() for run in runs] == [
+        ["[0.0,", "0.25,", "0.5,", "0.75]", hits, "1"] for hits in ("0", "1")]
 
 
 def _epoch_loop_code(monkeypatch: pytest.MonkeyPatch, dense_too: bool = False,
                      **changes: Any) -> str:
     """The LLVM code of the epoch loops fresh (uncached) compiles give small runs of
-    ``changes`` on sparse inputs (and on dense ones: ``dense_too``), their callees linked in
-    (they load from the cache, or compile and are cached)."""
+    ``changes`` on sparse inputs (and on dense ones: ``dense_too``), with the code of every
+    kernel they call, directly or not (the callees load from the cache, or compile and are
+    cached)."""
     from fastnn.backends.numba.kernels import blas, epoch, evaluate, layers, masks, sparse
 
     kernels = [kernel for module in (blas, epoch, evaluate, layers, masks, sparse)
@@ -740,8 +795,17 @@ def _epoch_loop_code(monkeypatch: pytest.MonkeyPatch, dense_too: bool = False,
     for x, t in sets[:2 if dense_too else 1]:
         Trainer(small_config("numba", n_inputs=x.shape[1], epochs=1, dtype="float32",
                              **changes)).fit(x, t)
-    return "".join(result.library.get_llvm_str() for loop in epoch.epoch_loops().values()
-                   for result in loop.overloads.values())
+    libraries = [result.library for loop in epoch.epoch_loops().values()
+                 for result in loop.overloads.values()]
+    code = [library.get_llvm_str() for library in libraries]
+    seen = set(map(id, libraries))
+    while libraries:  # the kernels they call by symbol, and those these link in
+        for library in libraries.pop()._linking_libraries:
+            if id(library) not in seen:
+                seen.add(id(library))
+                libraries.append(library)
+                code.append(str(library._get_module_for_linking()))
+    return "".join(code)
 
 
 def test_an_epoch_loop_compiles_only_the_kernels_its_plan_calls(

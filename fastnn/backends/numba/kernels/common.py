@@ -27,7 +27,7 @@ import numba
 from numba import types
 from numba.core.registry import CPUDispatcher
 
-from . import light_pipeline
+from . import call_by_symbol, light_pipeline
 
 _HERE = Path(__file__).resolve().parent
 #: sources outside this folder whose constants the kernels compile in
@@ -146,6 +146,16 @@ class _CalleeKernel(CPUDispatcher):
             tuple(types.unliteral(arg) for arg in args),
             {name: types.unliteral(arg) for name, arg in kws.items()})
 
+    def add_overload(self, cres: Any) -> None:
+        super().add_overload(cres)
+        function = self.py_func
+        call_by_symbol.mark_callee(cres.library, function.__module__,
+                                   function.__qualname__.removesuffix(CALLEE_SUFFIX),
+                                   tuple(cres.signature.args))
+
+    def enable_caching(self) -> None:
+        _enable_caching(self)
+
 
 #: the qualified-name suffix of a kernel's copy that other kernels call (its own cache entries)
 CALLEE_SUFFIX = ".from_kernels"
@@ -175,6 +185,18 @@ class _Kernel(CPUDispatcher):
     def _numba_type_(self) -> Any:
         return types.Dispatcher(self.from_kernels)
 
+    def enable_caching(self) -> None:
+        _enable_caching(self)
+
+
+def _enable_caching(kernel: CPUDispatcher) -> None:
+    """numba's disk cache for ``kernel``; a driver's (`call_by_symbol`) loads its callees
+    before itself."""
+    if light_pipeline.registered(kernel.py_func):
+        kernel._cache = call_by_symbol.DriverCache(kernel.py_func)
+    else:
+        CPUDispatcher.enable_caching(kernel)
+
 
 def _sibling(function: Any, targetoptions: dict[str, Any]) -> _CalleeKernel:
     """A `_CalleeKernel` of a copy of ``function`` whose qualified name ends in
@@ -201,11 +223,14 @@ def _kernel(function: Any, light: bool = False, **options: Any) -> Any:
     kernel through a C function pointer)."""
     if light:
         light_pipeline.register(function)
+        call_by_symbol.install()
     kernel = _Kernel(function, locals={}, targetoptions={
         "nopython": True, "boundscheck": None, "error_model": "numpy", "no_cfunc_wrapper": True,
         **options})
     if CACHE_ENABLED:
         kernel.enable_caching()
+    if function.__closure__ is None:  # a module's kernel: drivers loaded from the cache find it
+        call_by_symbol.register_kernel(function.__module__, function.__qualname__, kernel)
     return kernel
 
 

@@ -61,6 +61,12 @@ def registered(function: Any) -> bool:
         return function.__qualname__ in _REGISTERED
 
 
+def is_driver(library: Any) -> bool:
+    """Whether ``library`` (a code library with its own code added) is a registered kernel's."""
+    module = getattr(library, "_final_module", None)
+    return module is not None and _is_registered(library, module)
+
+
 def _is_registered(library: Any, module: Any) -> bool:
     """Whether ``library`` is a registered kernel's and ``module`` defines that kernel."""
     prefixes = _REGISTERED.get(getattr(library, "name", None))
@@ -86,6 +92,21 @@ def _light_module(library: Any) -> None:
     manager.run(library._final_module, builder)
 
 
+def _light_machine_code(library: Any) -> bytes:
+    """Make ``library``'s machine code at codegen level 0 and hand it to numba's JIT as a
+    compiled object (the way numba loads a cached kernel), kept for the disk cache."""
+    import llvmlite.binding as ll
+
+    codegen = library._codegen
+    options: dict[str, Any] = {"opt": 0}
+    codegen._customize_tm_options(options)
+    machine = ll.Target.from_triple(ll.get_process_triple()).create_target_machine(**options)
+    compiled = machine.emit_object(library._final_module)
+    library.enable_object_caching()
+    library._set_compiled_object(compiled)
+    return compiled
+
+
 def _install() -> None:
     """Wrap the code library's optimisation methods (nothing when numba's differ)."""
     try:
@@ -93,6 +114,7 @@ def _install() -> None:
 
         optimize_functions = CPUCodeLibrary._optimize_functions
         optimize_final_module = CPUCodeLibrary._optimize_final_module
+        finalize_final_module = CPUCodeLibrary._finalize_final_module
     except (ImportError, AttributeError):
         return
 
@@ -114,5 +136,18 @@ def _install() -> None:
                 pass
         optimize_final_module(self)
 
+    def _finalize_final_module(self: Any) -> None:
+        compiled = None
+        if _is_registered(self, self._final_module):  # not a cached kernel's (an empty module)
+            try:
+                compiled = _light_machine_code(self)
+            except (AttributeError, TypeError, ValueError, RuntimeError):
+                compiled = None  # another numba's code library: its own machine code
+        finalize_final_module(self)
+        if compiled is not None:  # the JIT took it: keep it for the disk cache
+            self._compiled_object, self._compiled = compiled, True
+            self._disable_inspection = False  # its module is the code, not a cached stand-in
+
     CPUCodeLibrary._optimize_functions = _optimize_functions
     CPUCodeLibrary._optimize_final_module = _optimize_final_module
+    CPUCodeLibrary._finalize_final_module = _finalize_final_module
