@@ -27,7 +27,7 @@ import numba
 from numba import types
 from numba.core.registry import CPUDispatcher
 
-from . import call_by_symbol, light_pipeline
+from . import call_by_symbol, light_pipeline, shared_cache
 
 _HERE = Path(__file__).resolve().parent
 #: sources outside this folder whose constants the kernels compile in
@@ -65,6 +65,7 @@ def _drop_stale_entries(folder: Path, digest: str) -> None:
         if stamp.exists() and stamp.read_text() == digest:
             return
         for entry in (*folder.glob("*.nbi"), *folder.glob("*.nbc"),
+                      *folder.glob("*.nbi" + shared_cache.LOCK_SUFFIX),
                       *folder.glob(_WARM_RECORD.format("*"))):
             entry.unlink(missing_ok=True)
         stamp.write_text(digest)
@@ -149,9 +150,8 @@ class _CalleeKernel(CPUDispatcher):
     def add_overload(self, cres: Any) -> None:
         super().add_overload(cres)
         function = self.py_func
-        call_by_symbol.mark_callee(cres.library, function.__module__,
-                                   function.__qualname__.removesuffix(CALLEE_SUFFIX),
-                                   tuple(cres.signature.args))
+        call_by_symbol.mark_callee(cres, call_by_symbol.kernel_key(
+            function, function.__qualname__.removesuffix(CALLEE_SUFFIX)))
 
     def enable_caching(self) -> None:
         _enable_caching(self)
@@ -190,12 +190,11 @@ class _Kernel(CPUDispatcher):
 
 
 def _enable_caching(kernel: CPUDispatcher) -> None:
-    """numba's disk cache for ``kernel``; a driver's (`call_by_symbol`) loads its callees
-    before itself."""
-    if light_pipeline.registered(kernel.py_func):
-        kernel._cache = call_by_symbol.DriverCache(kernel.py_func)
-    else:
-        CPUDispatcher.enable_caching(kernel)
+    """The disk cache of ``kernel`` (`shared_cache`); a driver's (`call_by_symbol`) loads its
+    callees before itself."""
+    cache = (call_by_symbol.DriverCache if light_pipeline.registered(kernel.py_func)
+             else call_by_symbol.KernelCache)
+    kernel._cache = cache(kernel.py_func)
 
 
 def _sibling(function: Any, targetoptions: dict[str, Any]) -> _CalleeKernel:
@@ -229,8 +228,7 @@ def _kernel(function: Any, light: bool = False, **options: Any) -> Any:
         **options})
     if CACHE_ENABLED:
         kernel.enable_caching()
-    if function.__closure__ is None:  # a module's kernel: drivers loaded from the cache find it
-        call_by_symbol.register_kernel(function.__module__, function.__qualname__, kernel)
+    call_by_symbol.register_kernel(call_by_symbol.kernel_key(function), kernel)
     return kernel
 
 

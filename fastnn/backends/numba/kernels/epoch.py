@@ -34,6 +34,11 @@ bits with one thread or two.
 The loop is compiled once per `EpochVariant` (`epoch_loop`): the plan's choices that decide
 which kernels it calls are constants of its code, so a plain-SGD run without batch norm or
 dropout compiles none of the kernels of those (about a third of a first run's compile time).
+Each variant's backward pass and updates are a driver of their own, `backward_step` (named
+after the variant, so that the symbol a cached loop calls means the same code in every
+process), which `train_epoch_part` calls once per step: a first run's compile helper
+(`fastnn.backends.numba.compile_helper`) compiles it in a second process while this one
+compiles the rest of the loop.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from collections import namedtuple
 from typing import Any
 
 import numpy as np
+from numba import typeof, types
 
 from ...codes import BN_OFF, DECAY_NONE, OPT_SGD
 from .common import (
@@ -173,6 +179,8 @@ def gather_batch(x, csr, t, order, start, masked, multiplier, z0, t_batch):
 EpochVariant = namedtuple("EpochVariant", "batch_norm plain_sgd dropout weighted")
 
 _LOOPS: dict[EpochVariant, Any] = {}
+#: the `backward_step` each loop calls, by variant (made with the loop)
+_BACKWARDS: dict[EpochVariant, Any] = {}
 _LOOPS_LOCK = threading.Lock()
 
 
@@ -193,6 +201,21 @@ def epoch_loop(variant: EpochVariant) -> Any:
         return loop
 
 
+def backward_loop(variant: EpochVariant) -> Any:
+    """The compiled `backward_step` that the loop of ``variant`` calls for each step."""
+    epoch_loop(variant)
+    with _LOOPS_LOCK:
+        return _BACKWARDS[variant]
+
+
+def backward_signature(barrier: Any, arguments: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The argument types `train_epoch_part` calls its `backward_step` with, given the
+    loop's ``barrier`` and the ``arguments`` that follow it (what `training.train_epoch`
+    passes): the loop's own, each layer's width, the step and whether it went sparse."""
+    return (types.int64, types.int64, typeof(barrier), *map(typeof, arguments),
+            types.int64[::1], types.int64, types.boolean)
+
+
 def epoch_loops() -> dict[EpochVariant, Any]:
     """The epoch loops made so far, by variant."""
     with _LOOPS_LOCK:
@@ -204,6 +227,136 @@ def _epoch_loop(variant: EpochVariant) -> Any:
     they rule out before typing, so the kernels only those branches call are never compiled
     (the choices are part of the kernel's cache key)."""
     BATCH_NORM, PLAIN_SGD, DROPOUT, WEIGHTED = (bool(choice) for choice in variant)  # noqa: N806
+
+    def backward_step(me, threads, barrier, data, order, layers, slots, plan, blas, buffers,
+                      parts, sizes, step, use_sparse):
+        """The backward pass and updates of step ``step`` of `train_epoch_part` (its arguments,
+        ``sizes``: each layer's width, and whether the step took the sparse first layer): this
+        thread's parts, by rows of each W. Returns 0, or -1 when the barrier was abandoned."""
+        x, t, csr = data.x, data.t, data.csr
+        weights, biases, gammas, betas = layers.weights, layers.biases, layers.gammas, layers.betas
+        z, u, u_hat, y = buffers.z, buffers.u, buffers.u_hat, buffers.y
+        du, dz = buffers.du, buffers.dz
+        mean, var, std, multiplier = buffers.mean, buffers.var, buffers.std, buffers.multiplier
+        t_batch, db, finite = buffers.t_batch, buffers.db, buffers.finite
+        n_layers = len(weights)
+        batch_size = plan.batch_size
+        dtype = x.dtype
+        zero = dtype.type(0.0)
+        bn, has_gamma = plan.bn, plan.has_gamma
+        rule, rates = plan.rule, plan.rates
+        unused = np.ones(1, dtype)  # the forward gamma/beta of a backward that does not recompute
+        first, last = (me, me + 1) if threads > 1 else (0, PARTS)
+        input_masked = plan.keep_ratios[0] < 1.0
+        start = step * batch_size
+        n = min(batch_size, order.shape[0] - start)
+        r0, r1 = owned(n, first, last)
+        update = Update(dtype.type(rates.rates[step]), plan.decay, plan.lam)
+        bias_update = Update(update.rate, DECAY_NONE, plan.lam)
+        bn_update = Update(dtype.type(rates.bn_rates[step]), DECAY_NONE, plan.lam)
+        corrections = Corrections(dtype.type(rates.corrections_first[step]),
+                                  dtype.type(rates.corrections_second[step]))
+        # each layer updated as soon as its gradients exist
+        for k in range(n_layers, 0, -1):
+            grad = du[k][:n]
+            sparse_update = k == 1 and use_sparse and all_finite(grad)
+            if k == 1 and use_sparse and not sparse_update:  # the dense way needs x's rows
+                gather_batch(x, csr, t, order, start + r0, input_masked,
+                             rows_of(multiplier[0], r0, r1), z[0][r0:r1], t_batch[r0:r1])
+                if not wait_for_all(barrier, threads):
+                    return -1
+            h = k - 1
+            i0, i1 = owned(sizes[h], first, last)
+            dw = buffers.dw[h]
+            if sparse_update:
+                if PLAIN_SGD:
+                    mark_finite(finite, first, last, sparse_weight_update(
+                        parts, first, i0, i1, grad, weights[0], update.rate, update.decay,
+                        update.lam, dw))
+                else:
+                    sparse_weight_grad(parts, first, i0, i1, grad, dw)
+                    optimizer_update(weights[0][i0:i1], dw[i0:i1],
+                                     slots.weights_first[0][i0:i1],
+                                     slots.weights_second[0][i0:i1], rule, update,
+                                     corrections)
+                    mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
+            else:
+                for part in range(first, last):  # BLAS: always by parts (same sums)
+                    p0, p1 = part_range(sizes[h], part)
+                    if PLAIN_SGD:
+                        affine_backward_update_rows(blas, z[h][:n], weights[h], grad, update,
+                                                    k > 1, dz[h][:n], dw, p0, p1)
+                    else:
+                        affine_backward_rows(blas, z[h][:n], weights[h], grad, k > 1, dz[h][:n],
+                                             dw, p0, p1)
+                        optimizer_update(weights[h][p0:p1], dw[p0:p1],
+                                         slots.weights_first[h][p0:p1],
+                                         slots.weights_second[h][p0:p1], rule, update,
+                                         corrections)
+                if k == 1 and csr.sparse:
+                    mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
+            j0, j1 = owned(sizes[k], first, last)
+            column_sums_range(grad, db, j0, j1)
+            if PLAIN_SGD:
+                sgd_vector(biases[h][j0:j1], db[j0:j1], update.rate)
+            else:
+                optimizer_update(biases[h][j0:j1], db[j0:j1], slots.biases_first[h][j0:j1],
+                                 slots.biases_second[h][j0:j1], rule, bias_update, corrections)
+            if not wait_for_all(barrier, threads):
+                return -1
+            if k > 1:  # hidden layer h's backward
+                # through mask and activation, by rows (whole rows: the same bits whatever the
+                # split, vectorised exp/tanh included); without batch norm that is all
+                activated = y[h] if BATCH_NORM and has_gamma else (
+                    u_hat[h] if BATCH_NORM else u[h])
+                activation = Activation(plan.acts[h - 1], plan.alphas[h - 1])
+                derivative_rows(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), activation,
+                                activated[r0:r1], du[h][r0:r1])
+                if not wait_for_all(barrier, threads):
+                    return -1
+                if BATCH_NORM:  # batch norm: its sums by columns, its second pass by rows
+                    norm = BatchNorm(bn, gammas[h - 1], betas[h - 1], has_gamma)
+                    node_sums = GammaBeta(buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
+                    # what the forward pass stored, for these rows and for the whole batch
+                    own_rows = ForwardValues(False, u[h][r0:r1], mean[h], std[h], unused,
+                                             unused, u_hat[h][r0:r1], activated[r0:r1])
+                    column_means = ColumnMeans(buffers.mean_g[h], buffers.mean_gu[h])
+                    batch = ForwardValues(False, u[h][:n], mean[h], std[h], unused, unused,
+                                          u_hat[h][:n], activated[:n])
+                    batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n),
+                                             activation, norm, batch, True, du[h][:n],
+                                             node_sums, column_means, i0, i1)
+                    if not wait_for_all(barrier, threads):
+                        return -1
+                    batch_norm_backward_finish(norm, own_rows, du[h][r0:r1], column_means, 0,
+                                               sizes[h])
+                    if not wait_for_all(barrier, threads):
+                        return -1
+            if BATCH_NORM and has_gamma and k > 1 and bn_update.rate != zero and first == 0:
+                size = gammas[h - 1].shape[0]
+                dgamma, dbeta = buffers.dgamma[:size], buffers.dbeta[:size]
+                layer_parameter_grads(bn, GammaBeta(buffers.dgamma_nodes[h],
+                                                    buffers.dbeta_nodes[h]),
+                                      GammaBeta(dgamma, dbeta))
+                if PLAIN_SGD:
+                    sgd_vector(gammas[h - 1], dgamma, bn_update.rate)
+                    sgd_vector(betas[h - 1], dbeta, bn_update.rate)
+                else:
+                    optimizer_update(gammas[h - 1], dgamma, slots.gammas_first[h - 1],
+                                     slots.gammas_second[h - 1], rule, bn_update, corrections)
+                    optimizer_update(betas[h - 1], dbeta, slots.betas_first[h - 1],
+                                     slots.betas_second[h - 1], rule, bn_update, corrections)
+        if BATCH_NORM and plan.update_running and first == 0:
+            for k in range(1, n_layers):
+                update_running(Moments(layers.running_means[k - 1], layers.running_vars[k - 1]),
+                               Moments(mean[k], var[k]), plan.momentum, plan.momentum_rest)
+        return 0
+
+    # its name is its variant's: the loops of two variants call two functions, and their
+    # symbols (the same in the code of every process) must differ with their code
+    backward_step.__name__ = backward_step.__qualname__ = "backward_step_" + "_".join(
+        f"{field}{int(choice)}" for field, choice in zip(variant._fields, variant, strict=True))
+    backward_step = _BACKWARDS[variant] = jit_driver(backward_step)
 
     def train_epoch_part(me, threads, barrier, data, order, layers, slots, plan, blas, buffers,
                          parts):
@@ -221,18 +374,15 @@ def _epoch_loop(variant: EpochVariant) -> Any:
         x, t, csr = data.x, data.t, data.csr
         weights, biases, gammas, betas = layers.weights, layers.biases, layers.gammas, layers.betas
         z, u, u_hat, y = buffers.z, buffers.u, buffers.u_hat, buffers.y
-        du, dz = buffers.du, buffers.dz
+        du = buffers.du
         mean, var, std, multiplier = buffers.mean, buffers.var, buffers.std, buffers.multiplier
-        t_batch, db, finite = buffers.t_batch, buffers.db, buffers.finite
+        t_batch, finite = buffers.t_batch, buffers.finite
         row_tally = buffers.row_tally if plan.tally else buffers.row_tally[:0]
         n_layers = len(weights)
         n_rows = order.shape[0]
         batch_size = plan.batch_size
         dtype = x.dtype
-        zero = dtype.type(0.0)
         bn, has_gamma = plan.bn, plan.has_gamma
-        rule, rates = plan.rule, plan.rates
-        unused = np.ones(1, dtype)  # the forward gamma/beta of a backward that does not recompute
         # this thread's parts; what no BLAS call computes goes by their union (`owned`) in one go
         first, last = (me, me + 1) if threads > 1 else (0, PARTS)
         rows = parts[first]  # the CSR rows of the batch this thread owns (the others' stay empty)
@@ -261,11 +411,6 @@ def _epoch_loop(variant: EpochVariant) -> Any:
             use_sparse = csr.sparse and all_set(finite)
             r0, r1 = owned(n, first, last)
             # the dropout multipliers, from the keys of (epoch, step, layer)
-            update = Update(dtype.type(rates.rates[step]), plan.decay, plan.lam)
-            bias_update = Update(update.rate, DECAY_NONE, plan.lam)
-            bn_update = Update(dtype.type(rates.bn_rates[step]), DECAY_NONE, plan.lam)
-            corrections = Corrections(dtype.type(rates.corrections_first[step]),
-                                      dtype.type(rates.corrections_second[step]))
             step_key = fold_counter(plan.epoch_key, step)
             for k in range(n_layers):
                 keep = plan.keep_ratios[k]
@@ -333,100 +478,10 @@ def _epoch_loop(variant: EpochVariant) -> Any:
                 sparse_steps += 1
             if plan.tally and first == 0:  # every part's rows are in: summed in row order
                 sum_tally(row_tally[:n], plan.tallies[step])
-            # backward, by rows of each W; each layer updated as soon as its gradients exist
-            for k in range(n_layers, 0, -1):
-                grad = du[k][:n]
-                sparse_update = k == 1 and use_sparse and all_finite(grad)
-                if k == 1 and use_sparse and not sparse_update:  # the dense way needs x's rows
-                    gather_batch(x, csr, t, order, start + r0, input_masked,
-                                 rows_of(multiplier[0], r0, r1), z[0][r0:r1], t_batch[r0:r1])
-                    if not wait_for_all(barrier, threads):
-                        return -1
-                h = k - 1
-                i0, i1 = owned(sizes[h], first, last)
-                dw = buffers.dw[h]
-                if sparse_update:
-                    if PLAIN_SGD:
-                        mark_finite(finite, first, last, sparse_weight_update(
-                            parts, first, i0, i1, grad, weights[0], update.rate, update.decay,
-                            update.lam, dw))
-                    else:
-                        sparse_weight_grad(parts, first, i0, i1, grad, dw)
-                        optimizer_update(weights[0][i0:i1], dw[i0:i1],
-                                         slots.weights_first[0][i0:i1],
-                                         slots.weights_second[0][i0:i1], rule, update,
-                                         corrections)
-                        mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
-                else:
-                    for part in range(first, last):  # BLAS: always by parts (same sums)
-                        p0, p1 = part_range(sizes[h], part)
-                        if PLAIN_SGD:
-                            affine_backward_update_rows(blas, z[h][:n], weights[h], grad, update,
-                                                        k > 1, dz[h][:n], dw, p0, p1)
-                        else:
-                            affine_backward_rows(blas, z[h][:n], weights[h], grad, k > 1, dz[h][:n],
-                                                 dw, p0, p1)
-                            optimizer_update(weights[h][p0:p1], dw[p0:p1],
-                                             slots.weights_first[h][p0:p1],
-                                             slots.weights_second[h][p0:p1], rule, update,
-                                             corrections)
-                    if k == 1 and csr.sparse:
-                        mark_finite(finite, first, last, all_finite(weights[0][i0:i1]))
-                j0, j1 = owned(sizes[k], first, last)
-                column_sums_range(grad, db, j0, j1)
-                if PLAIN_SGD:
-                    sgd_vector(biases[h][j0:j1], db[j0:j1], update.rate)
-                else:
-                    optimizer_update(biases[h][j0:j1], db[j0:j1], slots.biases_first[h][j0:j1],
-                                     slots.biases_second[h][j0:j1], rule, bias_update, corrections)
-                if not wait_for_all(barrier, threads):
-                    return -1
-                if k > 1:  # hidden layer h's backward
-                    # through mask and activation, by rows (whole rows: the same bits whatever the
-                    # split, vectorised exp/tanh included); without batch norm that is all
-                    activated = y[h] if BATCH_NORM and has_gamma else (
-                        u_hat[h] if BATCH_NORM else u[h])
-                    activation = Activation(plan.acts[h - 1], plan.alphas[h - 1])
-                    derivative_rows(dz[h][r0:r1], rows_of(multiplier[h], r0, r1), activation,
-                                    activated[r0:r1], du[h][r0:r1])
-                    if not wait_for_all(barrier, threads):
-                        return -1
-                    if BATCH_NORM:  # batch norm: its sums by columns, its second pass by rows
-                        norm = BatchNorm(bn, gammas[h - 1], betas[h - 1], has_gamma)
-                        node_sums = GammaBeta(buffers.dgamma_nodes[h], buffers.dbeta_nodes[h])
-                        # what the forward pass stored, for these rows and for the whole batch
-                        own_rows = ForwardValues(False, u[h][r0:r1], mean[h], std[h], unused,
-                                                 unused, u_hat[h][r0:r1], activated[r0:r1])
-                        column_means = ColumnMeans(buffers.mean_g[h], buffers.mean_gu[h])
-                        batch = ForwardValues(False, u[h][:n], mean[h], std[h], unused, unused,
-                                              u_hat[h][:n], activated[:n])
-                        batch_norm_backward_sums(dz[h][:n], rows_of(multiplier[h], 0, n),
-                                                 activation, norm, batch, True, du[h][:n],
-                                                 node_sums, column_means, i0, i1)
-                        if not wait_for_all(barrier, threads):
-                            return -1
-                        batch_norm_backward_finish(norm, own_rows, du[h][r0:r1], column_means, 0,
-                                                   sizes[h])
-                        if not wait_for_all(barrier, threads):
-                            return -1
-                if BATCH_NORM and has_gamma and k > 1 and bn_update.rate != zero and first == 0:
-                    size = gammas[h - 1].shape[0]
-                    dgamma, dbeta = buffers.dgamma[:size], buffers.dbeta[:size]
-                    layer_parameter_grads(bn, GammaBeta(buffers.dgamma_nodes[h],
-                                                        buffers.dbeta_nodes[h]),
-                                          GammaBeta(dgamma, dbeta))
-                    if PLAIN_SGD:
-                        sgd_vector(gammas[h - 1], dgamma, bn_update.rate)
-                        sgd_vector(betas[h - 1], dbeta, bn_update.rate)
-                    else:
-                        optimizer_update(gammas[h - 1], dgamma, slots.gammas_first[h - 1],
-                                         slots.gammas_second[h - 1], rule, bn_update, corrections)
-                        optimizer_update(betas[h - 1], dbeta, slots.betas_first[h - 1],
-                                         slots.betas_second[h - 1], rule, bn_update, corrections)
-            if BATCH_NORM and plan.update_running and first == 0:
-                for k in range(1, n_layers):
-                    update_running(Moments(layers.running_means[k - 1], layers.running_vars[k - 1]),
-                                   Moments(mean[k], var[k]), plan.momentum, plan.momentum_rest)
+            # backward (its own driver: `backward_loop`)
+            if backward_step(me, threads, barrier, data, order, layers, slots, plan, blas,
+                             buffers, parts, sizes, step, use_sparse) < 0:
+                return -1
         return sparse_steps
 
     train_epoch_part.__qualname__ = train_epoch_part.__name__
