@@ -1,12 +1,14 @@
-"""Two processes compiling into one numba cache: the locked saves of the shared disk cache, and
-the cache keys every process must agree on."""
+"""The numba backend's first-run compile split between two processes: the compile helper, the
+locked saves of the shared disk cache, and the cache keys both processes must agree on."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import pytest
 
 pytest.importorskip("numba")
 
-from fastnn.backends.numba.kernels import shared_cache  # noqa: E402
+from fastnn.backends.numba import compile_helper  # noqa: E402
+from fastnn.backends.numba.kernels import common, shared_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +34,106 @@ def _run(code: str, env: dict[str, str], *args: str) -> subprocess.CompletedProc
                          text=True, capture_output=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
+
+
+# ---- a first run with the helper ----
+
+_FIRST_RUN = """
+    import hashlib, sys
+    import numpy as np
+    from fastnn import Config, Trainer
+    from fastnn.backends.numba import compile_helper
+
+    started = []
+    start = compile_helper.start
+    def recording_start(*args, **kwargs):
+        helper = start(*args, **kwargs)
+        started.append(helper)
+        return helper
+    compile_helper.start = recording_start
+
+    gen = np.random.default_rng(3)
+    x = gen.normal(size=(90, 6))
+    t = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+    trainer = Trainer(Config(hidden=(7, 5), n_inputs=6, n_outputs=3, seed=4, backend="numba",
+                             batch_size=8, epochs=2, dtype="float64"))
+    history = trainer.fit(x[:60], t[:60], x[60:], t[60:])
+    digest = hashlib.sha256(repr([history.train_loss, history.test_loss]).encode())
+    for name in sorted(trainer.network.params):
+        digest.update(np.ascontiguousarray(trainer.network.params[name]).tobytes())
+
+    ops = trainer.network.ops
+    epoch = ops.kernels.epoch
+    plan = trainer.network.plan
+    backward = epoch.backward_loop(ops.epoch_variant(plan, np.dtype(plan.dtype), False))
+    evaluate = ops.kernels.evaluate.evaluate_block
+    def counts(kernel):
+        return sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values())
+    helpers = [(helper is not None and helper.returncode) for helper in started]
+    print(digest.hexdigest(), *counts(backward.from_kernels), *counts(evaluate), *helpers)
+"""
+
+
+def test_a_first_run_loads_what_its_helper_compiled_and_learns_the_same(
+        tmp_path: Path) -> None:
+    """With an empty cache, the helper compiles the backward step and the evaluation; the run
+    loads both from the cache (hits, no misses: the helper compiled the very signatures the
+    run calls), its helper exits 0, and the run learns bit for bit what a run without a helper
+    learns. A run whose kernels are cached but whose records were lost stops its helper."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the helper runs only with two cores or more")
+    with_helper = _run(_FIRST_RUN, _env(tmp_path, **{compile_helper.SWITCH: "1"}))
+    digest, *counts = with_helper.stdout.split()
+    assert counts == ["1", "0", "1", "0", "0"]
+    warm = _run(_FIRST_RUN, _env(tmp_path, **{compile_helper.SWITCH: "1"})).stdout.split()
+    # warm: no helper; the backward step comes in with the cached epoch loop that carries it
+    assert warm[0] == digest and warm[1:] == ["0", "0", "1", "0"]
+    for record in (tmp_path / "cache").glob(common._WARM_RECORD.format("*")):
+        record.unlink()  # the kernels are cached, the records lost: a helper starts ...
+    lost = _run(_FIRST_RUN, _env(tmp_path, **{compile_helper.SWITCH: "1"})).stdout.split()
+    assert lost[:5] == warm and lost[5] in ("0", str(-signal.SIGTERM))  # ... and is stopped
+    alone = _run(_FIRST_RUN, _env(tmp_path / "alone", **{compile_helper.SWITCH: "0"}))
+    assert alone.stdout.split() == [digest, "0", "1", "0", "1"]  # compiled here
+
+
+# ---- the helper process as seen from the run ----
+
+def _helper(code: str) -> compile_helper.Helper:
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    return compile_helper.Helper(process)
+
+
+def test_a_helper_that_fails_is_not_waited_for() -> None:
+    """A helper that dies before a stage releases every wait at once (the run compiles what
+    is missing itself) and leaves no process behind."""
+    helper = _helper("import sys; sys.exit(3)")
+    begun = time.monotonic()
+    assert helper.wait("backward") and helper.wait("evaluation")
+    assert time.monotonic() - begun < compile_helper.WAIT_SECONDS / 2
+    helper.close()
+    assert helper.returncode == 3
+
+
+def test_a_helper_still_busy_at_close_is_stopped() -> None:
+    """A helper that finished one stage and then hangs is stopped by `close`."""
+    helper = _helper("import sys, time; print('backward', flush=True); time.sleep(600)")
+    assert helper.wait("backward")
+    helper.close()
+    assert helper.returncode is not None and helper.returncode < 0  # terminated
+
+
+def test_the_switch_and_a_disabled_cache_keep_the_helper_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`FASTNN_NUMBA_COMPILE_HELPER=0` or no disk cache: no helper."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setenv(compile_helper.SWITCH, "1")
+    assert compile_helper.enabled(True) == shared_cache.LOCKS
+    assert not compile_helper.enabled(False)
+    monkeypatch.setenv(compile_helper.SWITCH, "0")
+    assert not compile_helper.enabled(True)
+    monkeypatch.setenv(compile_helper.SWITCH, "1")
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert not compile_helper.enabled(True)
 
 
 # ---- locked saves ----

@@ -11,7 +11,7 @@ one run needs (prepared inputs, buffers, counters, threads) lives in its `Worksp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -365,10 +365,24 @@ class Ops:
         """Compile whatever the backend compiles for ``plan`` (its training rows weighted or
         not), before any timing starts (reference: nothing)."""
 
-    def run_probe(self, plan: Plan, dtype: Any, *, weighted: bool = False) -> None:
+    def run_probe(self, plan: Plan, dtype: Any, *, weighted: bool = False,
+                  before_evaluation: Callable[[], object] | None = None) -> None:
         """A 3-row epoch and evaluation of ``plan`` on throw-away arrays (what a compiling
         backend's `warm_up` runs so that every kernel of the plan is built), its rows weighted
-        when asked."""
+        when asked; ``before_evaluation`` runs between the two."""
+        import numpy
+
+        training, extras, evaluation = self.probe_arguments(plan, dtype, weighted=weighted)
+        with numpy.errstate(all="ignore"):
+            self.train_epoch(*training, **extras)
+            if before_evaluation is not None:
+                before_evaluation()
+            self.loss_and_classes(*evaluation)
+
+    def probe_arguments(self, plan: Plan, dtype: Any, *, weighted: bool = False
+                        ) -> tuple[tuple[Any, ...], dict[str, Any], tuple[Any, ...]]:
+        """`run_probe`'s throw-away arrays: the positional and keyword arguments of its
+        `train_epoch`, and the arguments of its `loss_and_classes`."""
         import numpy
 
         xp, rows = self.xp, 3
@@ -392,9 +406,7 @@ class Ops:
             extras.update(optimizer=state, rate_factors=numpy.ones(1))
         if weighted:
             extras["weights"] = xp.ones(rows, dtype)
-        with numpy.errstate(all="ignore"):
-            self.train_epoch(*training, **extras)
-            self.loss_and_classes(plan, params, running, x, t, workspace)
+        return training, extras, (plan, params, running, x, t, workspace)
 
     def train_epoch(
         self, plan: Plan, params: Mapping[str, Array], running: Mapping[int, Any],

@@ -44,7 +44,7 @@ from ..base import HiddenCache, HiddenSpec, Ops
 from ..codes import ACTIVATION_CODES, BATCH_NORM_CODES, BN_SCALAR, DECAY_CODES, OUTPUT_CODES
 from ..numpy_backend import NumpyOps
 from ..workspace import Workspace
-from . import evaluation, training
+from . import compile_helper, evaluation, training
 from .batch_norm_cache import LazyBatchNormCache, forward_values
 from .fit import FLOAT_DTYPES, as_multiplier, same_float_arrays
 from .inputs import CsrRows, normalised_inputs, prepare_csr
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 #: seconds of warm-up after which "compiling kernels" is said (a cache hit takes far less)
 COMPILE_NOTICE_AFTER = 1.5
 #: how long a first compile of one plan's kernels takes where this machine has no record yet
-FIRST_COMPILE = "15 to 30 s on 2 cores"
+FIRST_COMPILE = "10 to 20 s on 2 cores"
 
 
 #: the options of a new workspace (FASTNN_NUMBA_SPARSE sets ``sparse_mode``); see the docstring
@@ -174,12 +174,22 @@ class NumbaOps(NumpyOps):
                                      (variant, list(known.values())))
             notice.daemon = True
             notice.start()
+        helper, before_evaluation = None, None
+        if variant not in known and compile_helper.enabled(common.CACHE_ENABLED):
+            epoch = self.kernels.epoch
+            epoch_variant = self.epoch_variant(plan, dtype, weighted)
+            helper = compile_helper.start(plan, weighted, epoch.epoch_loop(epoch_variant),
+                                          epoch.backward_loop(epoch_variant))
+            if helper is not None:  # it compiles the evaluation meanwhile
+                before_evaluation = helper.before_evaluation
         start = time.perf_counter()
         try:
-            self.run_probe(plan, dtype, weighted=weighted)
+            self.run_probe(plan, dtype, weighted=weighted, before_evaluation=before_evaluation)
         finally:
             if notice is not None:
                 notice.cancel()
+            if helper is not None:
+                helper.close()
         seconds = time.perf_counter() - start
         if variant not in known or seconds > COMPILE_NOTICE_AFTER:
             common.record_warm(variant, seconds)

@@ -184,28 +184,51 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
     Counted in the workspace: ``sparse_steps``, ``train_threads_<threads>`` and the first
     layer's path (training runs sparse only for the ``sparse_train_dtypes`` when
     ``sparse_mode`` is "auto")."""
+    call = epoch_call(kernels, blas_for, plan, params, running, x, t, order, epoch, workspace,
+                      optimizer=optimizer, rate_factors=rate_factors, weights=weights,
+                      tally=tally)
+    if call is None:
+        return False
+    loop, arguments, n_steps = call
+    sparse_steps = run_parts(loop, kernels.sync, threads, arguments)
+    if optimizer is not None and plan.optimizer.slots:
+        optimizer.steps += n_steps
+    workspace.count("sparse_steps", sparse_steps)
+    workspace.count(f"train_threads_{threads}")
+    return True
+
+
+def epoch_call(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan,
+               params: Mapping[str, Any], running: Mapping[int, Any], x: Any, t: Any,
+               order: np.ndarray, epoch: int, workspace: Workspace, *,
+               optimizer: OptimizerState | None = None, rate_factors: Any = None,
+               weights: Any = None, tally: Any = None,
+               ) -> tuple[Any, tuple[Any, ...], int] | None:
+    """What `train_epoch` runs (its arguments as there): the epoch loop, the arguments that
+    follow (me, threads, barrier) in its call, and the epoch's step count; None when the
+    plan or the arrays do not fit."""
     update_running = plan.tracks_running and bool(running)
     array = kernel_inputs(x)  # a `CsrRows`: rows are gathered from its CSR form
     if not (plan_fits(plan, array, t, len(x)) and order.ndim == 1 and order.size
             and 0 <= order.min() and order.max() < len(x)):  # else the reference raises
-        return False
+        return None
     n_steps = -(-len(order) // plan.batch_size)
     if not (rate_factors is None or np.shape(rate_factors) == (n_steps,)):
-        return False
+        return None
     if not (tally is None or (isinstance(tally, np.ndarray) and tally.dtype == np.float64
                               and tally.shape == (n_steps, 2) and tally.flags.c_contiguous
                               and tally.flags.writeable)):
-        return False
+        return None
     if not (weights is None or (isinstance(weights, np.ndarray) and weights.dtype == x.dtype
                                 and weights.shape == (len(x),) and weights.flags.c_contiguous)):
-        return False
+        return None
     layers, slots = remembered(
         workspace, "train", (plan, x.dtype, update_running, *live_arrays(params, running,
                                                                          optimizer)),
         lambda: (layers_record(plan, params, running, x.dtype, update_running),
                  slots_record(plan, optimizer, x.dtype)))
     if layers is None or slots is None:
-        return False
+        return None
     run = remembered(workspace, "train run", (plan, x, weights, update_running),
                      lambda: run_record(plan, x, weights, update_running, workspace, blas_for))
     csr = first_layer(x, layers.weights[0], "train", workspace, run.sparse_allowed)
@@ -222,12 +245,7 @@ def train_epoch(kernels: Any, blas_for: Callable[[Any], Any], plan: Plan, params
     arguments = (Data(array, t, csr, run.row_weights), order, layers, slots, plan_record,
                  run.blas, buffers, parts)
     loop = kernels.epoch.epoch_loop(kernels.epoch.epoch_variant(plan_record))
-    sparse_steps = run_parts(loop, kernels.sync, threads, arguments)
-    if optimizer is not None and plan.optimizer.slots:
-        optimizer.steps += n_steps
-    workspace.count("sparse_steps", sparse_steps)
-    workspace.count(f"train_threads_{threads}")
-    return True
+    return loop, arguments, n_steps
 
 
 def run_parts(kernel: Any, sync: Any, threads: int, arguments: tuple[Any, ...]) -> int:

@@ -27,6 +27,7 @@ import numba
 from numba import types
 from numba.core.registry import CPUDispatcher
 
+from .. import compile_helper
 from . import call_by_symbol, light_pipeline, shared_cache
 
 _HERE = Path(__file__).resolve().parent
@@ -146,6 +147,10 @@ class _CalleeKernel(CPUDispatcher):
         return super().get_call_template(
             tuple(types.unliteral(arg) for arg in args),
             {name: types.unliteral(arg) for name, arg in kws.items()})
+
+    def compile(self, sig: Any) -> Any:
+        compile_helper.wait_for(self)  # a helper process may be compiling it
+        return super().compile(sig)
 
     def add_overload(self, cres: Any) -> None:
         super().add_overload(cres)
