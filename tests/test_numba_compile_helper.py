@@ -124,7 +124,8 @@ def test_a_helper_still_busy_at_close_is_stopped() -> None:
 
 def test_the_switch_and_a_disabled_cache_keep_the_helper_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """`FASTNN_NUMBA_COMPILE_HELPER=0` or no disk cache: no helper."""
+    """`FASTNN_NUMBA_COMPILE_HELPER=0`, no disk cache, one core, or an interpreter embedded
+    in another program (``sys.executable`` is not a Python): no helper."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setenv(compile_helper.SWITCH, "1")
     assert compile_helper.enabled(True) == shared_cache.LOCKS
@@ -133,6 +134,9 @@ def test_the_switch_and_a_disabled_cache_keep_the_helper_off(
     assert not compile_helper.enabled(True)
     monkeypatch.setenv(compile_helper.SWITCH, "1")
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert not compile_helper.enabled(True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(sys, "executable", "/opt/app/bin/embedding-app")
     assert not compile_helper.enabled(True)
 
 

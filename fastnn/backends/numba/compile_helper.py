@@ -10,10 +10,11 @@ and prints each stage's name once it is saved. Meanwhile this process compiles t
 loop's forward pass; when it reaches `backward_step` it waits for the helper's first stage and
 loads it from the cache, and it waits for the second before the probe's evaluation.
 
-The helper only ever saves time: if it cannot start, fails, ends early or takes longer than
-`WAIT_SECONDS` for a stage, this process compiles what is missing itself, and the result is
-the same code. ``FASTNN_NUMBA_COMPILE_HELPER=0`` turns it off; it never runs without a
-writable disk cache, on one core, or without `fcntl` (Windows).
+The helper never changes the result: if it cannot start, fails, ends early or takes longer
+than `WAIT_SECONDS` for a stage, this process compiles what is missing itself, and the code is
+the same. ``FASTNN_NUMBA_COMPILE_HELPER=0`` turns it off; it never runs without a writable
+disk cache, on one core, without `fcntl` (Windows), or where ``sys.executable`` is not a
+Python interpreter (an application that embeds one).
 """
 
 from __future__ import annotations
@@ -110,11 +111,13 @@ def _loaded(kernel: Any) -> int:
 
 
 def enabled(cache_enabled: bool) -> bool:
-    """Whether a helper may run here: asked for, a writable cache, two cores, locked saves."""
+    """Whether a helper may run here: asked for, a writable cache, two cores, locked saves,
+    and a Python interpreter to start (not an application that embeds one)."""
     from .kernels import shared_cache
 
     return (os.environ.get(SWITCH, "1") != "0" and cache_enabled and shared_cache.LOCKS
-            and (os.cpu_count() or 1) >= 2 and bool(sys.executable))
+            and (os.cpu_count() or 1) >= 2
+            and Path(sys.executable or "-").name.lower().startswith("python"))
 
 
 def start(plan: Any, weighted: bool, loop: Any, backward: Any) -> Helper | None:
