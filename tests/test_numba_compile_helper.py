@@ -10,6 +10,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,7 +82,7 @@ def test_a_first_run_loads_what_its_helper_compiled_and_learns_the_same(
     loads both from the cache (hits, no misses: the helper compiled the very signatures the
     run calls), its helper exits 0, and the run learns bit for bit what a run without a helper
     learns. A run whose kernels are cached but whose records were lost stops its helper."""
-    if (os.cpu_count() or 1) < 2:
+    if compile_helper._cores() < 2:
         pytest.skip("the helper runs only with two cores or more")
     with_helper = _run(_FIRST_RUN, _env(tmp_path, **{compile_helper.SWITCH: "1"}))
     digest, *counts = with_helper.stdout.split()
@@ -91,7 +93,7 @@ def test_a_first_run_loads_what_its_helper_compiled_and_learns_the_same(
     for record in (tmp_path / "cache").glob(common._WARM_RECORD.format("*")):
         record.unlink()  # the kernels are cached, the records lost: a helper starts ...
     lost = _run(_FIRST_RUN, _env(tmp_path, **{compile_helper.SWITCH: "1"})).stdout.split()
-    assert lost[:5] == warm and lost[5] in ("0", str(-signal.SIGTERM))  # ... and is stopped
+    assert lost[:5] == warm and lost[5] in ("0", str(-signal.SIGKILL))  # ... and is stopped
     alone = _run(_FIRST_RUN, _env(tmp_path / "alone", **{compile_helper.SWITCH: "0"}))
     assert alone.stdout.split() == [digest, "0", "1", "0", "1"]  # compiled here
 
@@ -119,28 +121,100 @@ def test_a_helper_still_busy_at_close_is_stopped() -> None:
     helper = _helper("import sys, time; print('backward', flush=True); time.sleep(600)")
     assert helper.wait("backward")
     helper.close()
-    assert helper.returncode is not None and helper.returncode < 0  # terminated
+    assert helper.returncode is not None and helper.returncode < 0  # killed
+
+
+def test_a_helper_heeds_the_stop_signals_its_parent_ignores(tmp_path: Path) -> None:
+    """A sweep's workers ignore SIGTERM and SIGINT, and ignored signals outlive ``exec``: the
+    helper restores both before it starts, so that stopping a sweep stops its helpers too."""
+    code = """
+        import signal
+        from fastnn.backends.numba import compile_helper
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+        compile_helper.heed_stop_signals()
+        print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+              signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    """
+    assert _run(code, _env(tmp_path)).stdout.split() == ["True", "True"]
 
 
 def test_the_switch_and_a_disabled_cache_keep_the_helper_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """`FASTNN_NUMBA_COMPILE_HELPER=0`, no disk cache, one core, or an interpreter embedded
-    in another program (``sys.executable`` is not a Python): no helper."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    """`FASTNN_NUMBA_COMPILE_HELPER=0`, no disk cache, one usable core, one thread asked for,
+    or an interpreter embedded in another program (``sys.executable`` is not a Python): no
+    helper."""
+    monkeypatch.setattr(compile_helper, "usable_cpus", lambda: 4)
+    monkeypatch.delenv("FASTNN_THREADS", raising=False)
     monkeypatch.setenv(compile_helper.SWITCH, "1")
     assert compile_helper.enabled(True) == shared_cache.LOCKS
     assert not compile_helper.enabled(False)
     monkeypatch.setenv(compile_helper.SWITCH, "0")
     assert not compile_helper.enabled(True)
     monkeypatch.setenv(compile_helper.SWITCH, "1")
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setenv("FASTNN_THREADS", "1")  # a sweep's one-thread worker
     assert not compile_helper.enabled(True)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setenv("FASTNN_THREADS", "many")  # the run itself will say what is wrong
+    assert compile_helper.enabled(True) == shared_cache.LOCKS
+    monkeypatch.delenv("FASTNN_THREADS")
+    monkeypatch.setattr(compile_helper, "usable_cpus", lambda: 1)  # taskset, a cgroup quota
+    assert not compile_helper.enabled(True)
+    monkeypatch.setattr(compile_helper, "usable_cpus", lambda: 4)
     monkeypatch.setattr(sys, "executable", "/opt/app/bin/embedding-app")
     assert not compile_helper.enabled(True)
 
 
+def test_a_helper_starts_with_this_processs_cache_and_not_the_current_folder(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A cache folder set in code (`numba.config.CACHE_DIR`) reaches the helper as
+    ``NUMBA_CACHE_DIR``, with the package's folder on its path and, from Python 3.11, ``-P``
+    (a stray ``fastnn`` in the current folder is not imported). One helper per kernel."""
+    import numba
+
+    launched: list[tuple[list[str], dict[str, str]]] = []
+    popen = subprocess.Popen
+
+    def recording_popen(command: list[str], **options: Any) -> Any:
+        launched.append((command, options["env"]))
+        return popen([sys.executable, "-c", "import sys; sys.stdin.buffer.read()"], **options)
+
+    monkeypatch.setattr(compile_helper.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "chosen"))
+    backward = SimpleNamespace(from_kernels=object())
+    helper = compile_helper.start("plan", False, None, backward)
+    assert helper is not None
+    assert compile_helper.start("plan", False, None, backward) is None  # one at a time
+    helper.close()
+    (command, env), = launched
+    assert env["NUMBA_CACHE_DIR"] == str(tmp_path / "chosen")
+    assert env[compile_helper.SWITCH] == "0" and str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert command[-2:] == ["-m", compile_helper.__name__]
+    assert ("-P" in command) == (sys.version_info >= (3, 11))
+    again = compile_helper.start("plan", False, None, backward)  # the first one closed
+    assert again is not None
+    again.close()
+
+
 # ---- locked saves ----
+
+def test_a_save_goes_on_unlocked_where_the_lock_cannot_be_had(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A lock file that cannot be opened (another user's, a read-only folder) or a file system
+    without ``flock`` (some network mounts) leaves the save to numba, unlocked, not failed."""
+    if not shared_cache.LOCKS:
+        pytest.skip("saves are numba's own without fcntl")
+    ran = []
+    with shared_cache._locked(str(tmp_path / "missing" / "index.nbi.lock")):
+        ran.append("no folder")
+
+    def no_flock(descriptor: int, operation: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(shared_cache.fcntl, "flock", no_flock)
+    with shared_cache._locked(str(tmp_path / "index.nbi.lock")):
+        ran.append("no flock")
+    assert ran == ["no folder", "no flock"]
+
 
 _SAVING = """
     import sys, time

@@ -21,11 +21,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+import numba
+
+from ...errors import ConfigError
+from ...threads import default_threads, usable_cpus
 
 #: what the helper compiles, in order (each name is printed once it is in the cache)
 STAGES = ("backward", "evaluation")
@@ -95,12 +101,10 @@ class Helper:
         try:
             self._process.wait(timeout=EXIT_SECONDS if finished else 0)
         except subprocess.TimeoutExpired:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            # killed, not asked: it may have inherited ignored SIGTERM (a sweep's worker);
+            # its saves are whole files, and its locks go with it
+            self._process.kill()
+            self._process.wait()
         if self._process.stdout is not None:
             self._process.stdout.close()
 
@@ -110,13 +114,23 @@ def _loaded(kernel: Any) -> int:
     return 0 if kernel is None else sum(kernel.stats.cache_hits.values())
 
 
+def _cores() -> int:
+    """The cores this process may use (its affinity set and cgroup quota), or fewer where
+    ``FASTNN_THREADS`` asks for fewer threads (a sweep's workers share the machine)."""
+    try:
+        return min(usable_cpus(), default_threads())
+    except ConfigError:  # a bad FASTNN_THREADS: the run itself says so
+        return usable_cpus()
+
+
 def enabled(cache_enabled: bool) -> bool:
-    """Whether a helper may run here: asked for, a writable cache, two cores, locked saves,
+    """Whether a helper may run here: asked for, a writable cache, two cores (`_cores`),
+    locked saves,
     and a Python interpreter to start (not an application that embeds one)."""
     from .kernels import shared_cache
 
     return (os.environ.get(SWITCH, "1") != "0" and cache_enabled and shared_cache.LOCKS
-            and (os.cpu_count() or 1) >= 2
+            and _cores() >= 2
             and Path(sys.executable or "-").name.lower().startswith("python"))
 
 
@@ -129,13 +143,17 @@ def start(plan: Any, weighted: bool, loop: Any, backward: Any) -> Helper | None:
     root = str(Path(__file__).resolve().parents[3])  # the folder that holds the package
     paths = [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, SWITCH: "0", "PYTHONPATH": os.pathsep.join(paths)}
+    if numba.config.CACHE_DIR:  # set here in code (or the fallback folder): the same cache
+        env["NUMBA_CACHE_DIR"] = str(numba.config.CACHE_DIR)
+    # -P (3.11+): not the current folder first on its path, where a stray fastnn could be
+    command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", __name__]
     with _LOCK:  # held while it starts: one helper per kernel
         if id(sibling) in _AWAITED:
             return None
         try:
             request = pickle.dumps((plan, weighted))
             process = subprocess.Popen(
-                [sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                command, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         except (OSError, ValueError, pickle.PicklingError):
             return None
@@ -179,12 +197,20 @@ def _compile_backward(ops: Any, training: tuple[Any, ...], extras: dict[str, Any
         epoch.backward_signature(ops.kernels.sync.new_barrier(), arguments))
 
 
+def heed_stop_signals() -> None:
+    """Restore SIGINT (KeyboardInterrupt) and SIGTERM (exit), which a helper inherits ignored
+    from a sweep's worker: stopping a sweep stops its helpers too."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main() -> int:
     """The helper: read the pickled (plan, weighted) from stdin, compile each stage."""
     import numpy as np
 
     from .. import get_backend
 
+    heed_stop_signals()
     plan, weighted = pickle.loads(sys.stdin.buffer.read())
     ops = get_backend("numba")
     training, extras, evaluation = ops.probe_arguments(plan, np.dtype(plan.dtype),

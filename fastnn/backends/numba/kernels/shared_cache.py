@@ -6,8 +6,9 @@ function at the same moment (a first run and its compile helper, `compile_helper
 runs of a cluster's workers) could each write an index without the other's entry, or both
 give one data-file number to different signatures. `KernelCache` takes an advisory lock on
 the index (``<index>.lock``, `fcntl.flock`) around each save, so that the read, the new entry
-and the write are one step. Loading needs no lock: numba replaces files whole (a reader sees the
-old index or the new one) and treats a data file not yet written as a miss. Where `fcntl` is
+and the write are one step (where the lock cannot be had, the save is numba's own). Loading
+needs no lock: numba replaces files whole (a reader sees the old index or the new one) and
+treats a data file not yet written as a miss. Where `fcntl` is
 missing (Windows), saves are numba's own and `LOCKS` is False (no compile helper runs there).
 """
 
@@ -33,16 +34,26 @@ LOCK_SUFFIX = ".lock"
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if missing)."""
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive advisory lock on ``path`` (created if missing) where the file system
+    allows it; where it does not (a lock file another user made, a mount without ``flock``),
+    the save goes on unlocked, as numba's own."""
+    descriptor = None
+    if fcntl is not None:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError:
+            descriptor = None
+    if descriptor is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:
+            os.close(descriptor)
+            descriptor = None
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
 
 
 class _LockedIndexFile(IndexDataCacheFile):
