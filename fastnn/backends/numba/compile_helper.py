@@ -37,7 +37,7 @@ from ...threads import default_threads, usable_cpus
 STAGES = ("backward", "evaluation")
 #: the longest wait for one stage before compiling it here
 WAIT_SECONDS = 180.0
-#: how long a helper that finished its stages is given to exit before it is stopped
+#: how long a helper that finished its stages is given to exit before it is killed
 EXIT_SECONDS = 5.0
 #: the environment switch ("0": no helper)
 SWITCH = "FASTNN_NUMBA_COMPILE_HELPER"
@@ -93,7 +93,7 @@ class Helper:
 
     def close(self) -> None:
         """End the helper and forget its kernels: one that finished every stage is given
-        `EXIT_SECONDS` to exit, one that did not (too slow to wait for) is stopped."""
+        `EXIT_SECONDS` to exit, one that did not (too slow to wait for) is killed."""
         with _LOCK:
             for key in [key for key, (_, helper, _) in _AWAITED.items() if helper is self]:
                 del _AWAITED[key]
@@ -125,8 +125,7 @@ def _cores() -> int:
 
 def enabled(cache_enabled: bool) -> bool:
     """Whether a helper may run here: asked for, a writable cache, two cores (`_cores`),
-    locked saves,
-    and a Python interpreter to start (not an application that embeds one)."""
+    locked saves, and a Python interpreter to start (not an application that embeds one)."""
     from .kernels import shared_cache
 
     return (os.environ.get(SWITCH, "1") != "0" and cache_enabled and shared_cache.LOCKS
@@ -137,8 +136,8 @@ def enabled(cache_enabled: bool) -> bool:
 def start(plan: Any, weighted: bool, loop: Any, backward: Any) -> Helper | None:
     """Start a helper for ``plan`` (its rows weighted or not, trained by the epoch loop
     ``loop``) whose first stage compiles ``backward`` (the loop's `backward_step`): until
-    then, compiling it here waits. None when
-    no helper could start, or one is compiling it already (another thread's run)."""
+    then, compiling it here waits. None when no helper could start, or one is compiling it
+    already (another thread's run)."""
     sibling = backward.from_kernels
     root = str(Path(__file__).resolve().parents[3])  # the folder that holds the package
     paths = [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]

@@ -162,8 +162,8 @@ class NumbaOps(NumpyOps):
         its epoch loop is the one of the plan's choices (`kernels.epoch.EpochVariant`), of rows
         weighted or not."""
         dtype = np.dtype(plan.dtype)
-        variant = warm_variant(dtype.name, plan.n_layers - 1,
-                               self.epoch_variant(plan, dtype, weighted))
+        epoch_variant = self.epoch_variant(plan, dtype, weighted)
+        variant = warm_variant(dtype.name, plan.n_layers - 1, epoch_variant)
         key = (variant, plan.batch_norm, plan.dropout_mode, plan.output, plan.tracks_running)
         if dtype not in FLOAT_DTYPES or key in self._warmed:
             return
@@ -177,7 +177,6 @@ class NumbaOps(NumpyOps):
         helper, before_evaluation = None, None
         if variant not in known and compile_helper.enabled(common.CACHE_ENABLED):
             epoch = self.kernels.epoch
-            epoch_variant = self.epoch_variant(plan, dtype, weighted)
             helper = compile_helper.start(plan, weighted, epoch.epoch_loop(epoch_variant),
                                           epoch.backward_loop(epoch_variant))
             if helper is not None:  # it compiles the evaluation meanwhile
